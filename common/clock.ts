@@ -1,0 +1,17 @@
+/**
+ * Time is passed in, never read directly by the engine or replicas, so that
+ * a simulation can drive it (STYLE.md, TigerBeetle).
+ */
+export interface Clock {
+  nowMs(): number;
+  setInterval(fn: () => void, intervalMs: number): { cancel(): void };
+}
+
+export const systemClock: Clock = {
+  nowMs: () => Date.now(),
+  setInterval(fn, intervalMs) {
+    const handle = setInterval(fn, intervalMs);
+    handle.unref();
+    return { cancel: () => clearInterval(handle) };
+  },
+};

@@ -1,0 +1,114 @@
+import { Hono, type Context } from 'hono';
+import { CorralError, type ErrorCode } from '../common/errors.ts';
+import type { EventLog } from './events.ts';
+import type { VolumeManager } from './volumes.ts';
+
+const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>> = {
+  INVALID_ARGUMENT: 400,
+  INVALID_NAME: 400,
+  INVALID_SIZE: 400,
+  OUT_OF_RANGE: 400,
+  NOT_FOUND: 404,
+  ALREADY_EXISTS: 409,
+  BUSY: 409,
+  NO_SPACE: 507,
+  SHUTTING_DOWN: 503,
+};
+
+export interface ApiOptions {
+  volumes: VolumeManager;
+  events: EventLog;
+  version: string;
+  faultInjection: boolean;
+}
+
+async function jsonBody(c: Context): Promise<Record<string, unknown>> {
+  const text = await c.req.text();
+  if (text.trim() === '') return {};
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new CorralError('INVALID_ARGUMENT', 'Request body is not valid JSON');
+  }
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw new CorralError('INVALID_ARGUMENT', 'Request body must be a JSON object');
+  }
+  return body as Record<string, unknown>;
+}
+
+function flag(value: unknown): boolean {
+  return value === true || value === 'true' || value === '1';
+}
+
+/** The control API under /v1: JSON in and out, errors as { error: { code, message } }. */
+export function createApi(options: ApiOptions): Hono {
+  const { volumes, events } = options;
+  const app = new Hono();
+
+  app.onError((err, c) => {
+    if (err instanceof CorralError) {
+      return c.json({ error: { code: err.code, message: err.message } }, STATUS[err.code] ?? 500);
+    }
+    return c.json(
+      { error: { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) } },
+      500,
+    );
+  });
+  app.notFound((c) =>
+    c.json(
+      { error: { code: 'NOT_FOUND', message: `No route ${c.req.method} ${c.req.path}` } },
+      404,
+    ),
+  );
+
+  app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));
+
+  app.get('/v1/volumes', async (c) => c.json({ volumes: await volumes.list() }));
+  app.post('/v1/volumes', async (c) => {
+    const body = await jsonBody(c);
+    const volume = await volumes.create({
+      name: body.name,
+      size: body.size,
+      replicas: body.replicas,
+      frontend: body.frontend,
+    });
+    return c.json(volume, 201);
+  });
+  app.get('/v1/volumes/:name', async (c) => c.json(await volumes.get(c.req.param('name'))));
+  app.post('/v1/volumes/:name/attach', async (c) =>
+    c.json(await volumes.attach(c.req.param('name'))),
+  );
+  app.post('/v1/volumes/:name/detach', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.detach(c.req.param('name'), { force: flag(body.force) }));
+  });
+  app.delete('/v1/volumes/:name', async (c) => {
+    await volumes.remove(c.req.param('name'), { force: flag(c.req.query('force')) });
+    return c.body(null, 204);
+  });
+
+  app.get('/v1/events', (c) => {
+    const since = c.req.query('since');
+    const volume = c.req.query('volume');
+    return c.json({
+      events: events.list({
+        ...(since !== undefined ? { sinceId: Number(since) } : {}),
+        ...(volume !== undefined ? { volume } : {}),
+      }),
+    });
+  });
+
+  if (options.faultInjection) {
+    app.post('/v1/debug/volumes/:name/fault', async (c) => {
+      const body = await jsonBody(c);
+      const mode = body.mode;
+      if (mode !== 'none' && mode !== 'throw' && mode !== 'hang') {
+        throw new CorralError('INVALID_ARGUMENT', 'mode must be none, throw or hang');
+      }
+      volumes.setFault(c.req.param('name'), mode);
+      return c.json({ ok: true });
+    });
+  }
+  return app;
+}

@@ -1,0 +1,245 @@
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+import { formatSize } from '../common/size.ts';
+import { VERSION } from '../common/version.ts';
+import { ApiError, call } from './client.ts';
+import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
+import type { DaemonEvent } from './events.ts';
+import type { VolumeInfo } from './volumes.ts';
+
+const USAGE = `corral ${VERSION} — distributed block storage
+
+  corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH]
+                [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
+  corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
+  corral volume ls [--json] | get NAME [--json]
+  corral volume attach NAME | detach NAME [--force] | rm NAME [--force]
+  corral events [--volume NAME] [--json]
+
+The CLI talks to CORRAL_API (default http://127.0.0.1:9500).`;
+
+class UsageError extends Error {}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows
+    .map((r) =>
+      r
+        .map((cell, i) => cell.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
+function volumeRows(volumes: VolumeInfo[]): string {
+  return table([
+    ['NAME', 'SIZE', 'REPLICAS', 'FRONTEND', 'STATE', 'CONNECTIONS'],
+    ...volumes.map((v) => [
+      v.name,
+      formatSize(v.sizeBytes),
+      `${v.replicas.filter((r) => r.mode === 'RW').length}/${v.replicaCount}`,
+      v.frontend,
+      v.state,
+      String(v.nbdConnections),
+    ]),
+  ]);
+}
+
+async function runDaemon(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      'data-dir': { type: 'string' },
+      listen: { type: 'string' },
+      nbd: { type: 'string' },
+      'nbd-socket': { type: 'string' },
+      'fuse-mount': { type: 'string' },
+      peer: { type: 'string', multiple: true },
+      'ensure-volume': { type: 'string', multiple: true },
+      'hang-timeout': { type: 'string' },
+    },
+    strict: true,
+  });
+  const dataDir = path.resolve(values['data-dir'] ?? defaultDataDir());
+  const config: DaemonConfig = {
+    dataDir,
+    listen: parseHostPort(values.listen ?? '127.0.0.1:9500', '--listen'),
+    nbd: parseHostPort(values.nbd ?? '127.0.0.1:10809', '--nbd'),
+    nbdSocket: path.resolve(values['nbd-socket'] ?? path.join(dataDir, 'nbd.sock')),
+    hangTimeoutMs: Number(values['hang-timeout'] ?? 30_000),
+    faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
+    ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
+      const [name, size] = spec.split('=');
+      if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);
+      return { name, size };
+    }),
+  };
+  if (!Number.isFinite(config.hangTimeoutMs) || config.hangTimeoutMs < 100) {
+    throw new UsageError('--hang-timeout takes milliseconds, at least 100');
+  }
+  const log = (line: string): void => console.error(`${new Date().toISOString()} ${line}`);
+  const daemon = await startDaemon(config, log);
+  // One machine-readable line on stdout: tests and scripts wait for it.
+  console.log(
+    `ready ${JSON.stringify({ api: daemon.api, nbd: daemon.nbd, nbdSocket: daemon.nbdSocket, pid: process.pid })}`,
+  );
+  log(
+    `corral ${VERSION} serving: API ${daemon.api}, NBD nbd://${daemon.nbd}/<volume>, socket ${daemon.nbdSocket}, data ${dataDir}`,
+  );
+  const stop = (signal: string): void => {
+    log(`${signal}: stopping (flushing every volume)`);
+    daemon.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        log(`stop failed: ${String(err)}`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+async function runClient(args: string[]): Promise<void> {
+  const api = process.env.CORRAL_API ?? 'http://127.0.0.1:9500';
+  const [noun, verb, ...rest] = args;
+  const parse = () =>
+    parseArgs({
+      args: rest,
+      options: {
+        json: { type: 'boolean' },
+        force: { type: 'boolean' },
+        size: { type: 'string' },
+        replicas: { type: 'string' },
+        frontend: { type: 'string' },
+      },
+      allowPositionals: true,
+      strict: true,
+    });
+  const print = (json: boolean, value: unknown, text: () => string): void => {
+    console.log(json ? JSON.stringify(value, null, 2) : text());
+  };
+  const need = (positionals: string[], what: string): string => {
+    const value = positionals[0];
+    if (!value) throw new UsageError(`missing ${what}`);
+    return value;
+  };
+
+  if (noun === 'volume') {
+    switch (verb) {
+      case 'create': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        if (!values.size)
+          throw new UsageError('volume create needs --size, for example --size 10G');
+        const volume = await call<VolumeInfo>(api, 'POST', '/v1/volumes', {
+          name,
+          size: values.size,
+          ...(values.replicas ? { replicas: Number(values.replicas) } : {}),
+          ...(values.frontend ? { frontend: values.frontend } : {}),
+        });
+        print(values.json === true, volume, () => volumeRows([volume]));
+        return;
+      }
+      case 'ls': {
+        const { values } = parse();
+        const { volumes } = await call<{ volumes: VolumeInfo[] }>(api, 'GET', '/v1/volumes');
+        print(values.json === true, volumes, () => volumeRows(volumes));
+        return;
+      }
+      case 'get': {
+        const { values, positionals } = parse();
+        const volume = await call<VolumeInfo>(
+          api,
+          'GET',
+          `/v1/volumes/${encodeURIComponent(need(positionals, 'volume name'))}`,
+        );
+        print(values.json === true, volume, () =>
+          [
+            volumeRows([volume]),
+            '',
+            table([
+              ['REPLICA', 'LOCATION', 'MODE', 'REVISION'],
+              ...volume.replicas.map((r) => [r.id, r.location, r.mode, r.revision]),
+            ]),
+          ].join('\n'),
+        );
+        return;
+      }
+      case 'attach':
+      case 'detach': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        const volume = await call<VolumeInfo>(
+          api,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(name)}/${verb}`,
+          verb === 'detach' ? { force: values.force === true } : undefined,
+        );
+        print(values.json === true, volume, () => volumeRows([volume]));
+        return;
+      }
+      case 'rm': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        await call(
+          api,
+          'DELETE',
+          `/v1/volumes/${encodeURIComponent(name)}${values.force ? '?force=true' : ''}`,
+        );
+        print(values.json === true, { removed: name }, () => `removed ${name}`);
+        return;
+      }
+    }
+  } else if (noun === 'events') {
+    const all = [verb, ...rest].filter((x): x is string => x !== undefined);
+    const { values } = parseArgs({
+      args: all,
+      options: { json: { type: 'boolean' }, volume: { type: 'string' } },
+      strict: true,
+    });
+    const { events } = await call<{ events: DaemonEvent[] }>(
+      api,
+      'GET',
+      `/v1/events${values.volume ? `?volume=${encodeURIComponent(values.volume)}` : ''}`,
+    );
+    print(values.json === true, events, () =>
+      table([
+        ['TIME', 'TYPE', 'VOLUME', 'MESSAGE'],
+        ...events.map((e) => [e.time, e.type, e.volume ?? '', e.message]),
+      ]),
+    );
+    return;
+  }
+  throw new UsageError(`unknown command: corral ${args.join(' ')}`);
+}
+
+async function main(argv: string[]): Promise<void> {
+  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h' || argv[0] === 'help') {
+    console.log(USAGE);
+    return;
+  }
+  if (argv[0] === '--version') {
+    console.log(VERSION);
+    return;
+  }
+  if (argv[0] === 'daemon') return runDaemon(argv.slice(1));
+  return runClient(argv);
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  if (
+    err instanceof UsageError ||
+    (err instanceof TypeError && 'code' in err && String(err.code).startsWith('ERR_PARSE_ARGS'))
+  ) {
+    console.error(`corral: ${err.message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+  if (err instanceof ApiError) {
+    console.error(`corral: ${err.message} (${err.code})`);
+    process.exit(1);
+  }
+  console.error(`corral: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+});

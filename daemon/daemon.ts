@@ -1,0 +1,103 @@
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { systemClock } from '../common/clock.ts';
+import { VERSION } from '../common/version.ts';
+import { Kv } from '../kv/kv.ts';
+import { openSpaces } from '../kv/spaces.ts';
+import { NbdServer } from '../nbd/server.ts';
+import { createApi } from './api.ts';
+import { EventLog } from './events.ts';
+import { serveHttp } from './http.ts';
+import { VolumeManager } from './volumes.ts';
+
+export interface DaemonConfig {
+  dataDir: string;
+  listen: { host: string; port: number };
+  nbd: { host: string; port: number };
+  nbdSocket: string;
+  hangTimeoutMs: number;
+  faultInjection: boolean;
+  /** Volumes to create if missing, for the quick start. */
+  ensureVolumes: Array<{ name: string; size: string }>;
+}
+
+export function defaultDataDir(): string {
+  if (process.env.CORRAL_DATA_DIR) return process.env.CORRAL_DATA_DIR;
+  const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
+  return uid === 0 ? '/var/lib/corral' : path.join(os.homedir(), '.local', 'share', 'corral');
+}
+
+export function parseHostPort(value: string, what: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(value) ?? /^()()(\d+)$/.exec(value);
+  const port = Number(match?.[3]);
+  if (!match || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new Error(
+      `Invalid ${what} address "${value}": use HOST:PORT, for example 127.0.0.1:10809`,
+    );
+  }
+  return { host: match[1] || match[2] || '127.0.0.1', port };
+}
+
+export interface RunningDaemon {
+  api: string;
+  nbd: string;
+  nbdSocket: string;
+  stop(): Promise<void>;
+}
+
+export async function startDaemon(
+  config: DaemonConfig,
+  log: (line: string) => void,
+): Promise<RunningDaemon> {
+  await fs.promises.mkdir(config.dataDir, { recursive: true });
+  const kv = await Kv.open(path.join(config.dataDir, 'meta'));
+  const spaces = openSpaces(kv);
+  const events = new EventLog();
+  // The NBD server asks the volume manager for exports and the manager asks the server for
+  // connection counts: tie the knot through these late-bound functions.
+  const late: { nbd?: NbdServer } = {};
+  const volumes = new VolumeManager({
+    spaces,
+    replicaRoot: path.join(config.dataDir, 'replicas'),
+    clock: systemClock,
+    events,
+    hangTimeoutMs: config.hangTimeoutMs,
+    faultInjection: config.faultInjection,
+    connections: (name) => late.nbd?.connectionsTo(name) ?? 0,
+    disconnect: (name) => late.nbd?.disconnect(name),
+  });
+  await volumes.start();
+  for (const v of config.ensureVolumes) {
+    if (!(await volumes.list()).some((x) => x.name === v.name))
+      await volumes.create({ name: v.name, size: v.size });
+  }
+  const nbd = new NbdServer({
+    exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
+    log: { warn: (m) => log(`warn: ${m}`) },
+  });
+  late.nbd = nbd;
+  const nbdAddr = await nbd.listenTcp(config.nbd.host, config.nbd.port);
+  await nbd.listenUnix(config.nbdSocket);
+  const app = createApi({
+    volumes,
+    events,
+    version: VERSION,
+    faultInjection: config.faultInjection,
+  });
+  const http = await serveHttp(app.fetch, config.listen.host, config.listen.port);
+
+  let stopping: Promise<void> | undefined;
+  return {
+    api: `http://${config.listen.host}:${http.port}`,
+    nbd: `${nbdAddr.address}:${nbdAddr.port}`,
+    nbdSocket: config.nbdSocket,
+    stop: () =>
+      (stopping ??= (async () => {
+        await http.close();
+        await nbd.close();
+        await volumes.stop();
+        await kv.close();
+      })()),
+  };
+}

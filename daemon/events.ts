@@ -1,0 +1,33 @@
+export interface DaemonEvent {
+  id: number;
+  time: string;
+  type: string;
+  volume?: string;
+  message: string;
+}
+
+/** Recent events, newest last; bounded so that a flapping replica cannot grow memory. */
+export class EventLog {
+  readonly #events: DaemonEvent[] = [];
+  readonly #limit: number;
+  #next = 1;
+
+  constructor(limit = 1000) {
+    this.#limit = limit;
+  }
+
+  add(event: Omit<DaemonEvent, 'id' | 'time'>): DaemonEvent {
+    const full = { id: this.#next++, time: new Date().toISOString(), ...event };
+    this.#events.push(full);
+    if (this.#events.length > this.#limit) this.#events.shift();
+    return full;
+  }
+
+  list(options?: { volume?: string; sinceId?: number }): DaemonEvent[] {
+    return this.#events.filter(
+      (e) =>
+        (options?.volume === undefined || e.volume === options.volume) &&
+        (options?.sinceId === undefined || e.id > options.sinceId),
+    );
+  }
+}

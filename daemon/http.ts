@@ -1,0 +1,74 @@
+import * as http from 'node:http';
+import * as http2 from 'node:http2';
+import * as net from 'node:net';
+import { getRequestListener } from '@hono/node-server';
+
+type Fetch = (request: Request) => Response | Promise<Response>;
+
+export interface HttpServer {
+  port: number;
+  close(): Promise<void>;
+}
+
+interface DenoServe {
+  serve(
+    options: { hostname: string; port: number; onListen?: (addr: { port: number }) => void },
+    handler: Fetch,
+  ): { shutdown(): Promise<void>; addr: { port: number } };
+}
+
+/** The HTTP/2 connection preface a prior-knowledge (h2c) client opens with. */
+const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+
+/**
+ * Serves the API on one port for both peers and people: HTTP/2 cleartext for
+ * daemons and tools, HTTP/1.1 for curl and browsers. Node's http2 server has
+ * no cleartext HTTP/1.1 fallback, so we look at the first bytes of each
+ * connection and hand it to the right server. Under Deno, whose node:http2
+ * server aborts under load (denoland/deno#36788), Deno.serve does it all.
+ */
+export async function serveHttp(fetch: Fetch, host: string, port: number): Promise<HttpServer> {
+  const deno = (globalThis as { Deno?: DenoServe }).Deno;
+  if (deno) {
+    let bound = port;
+    const server = await new Promise<ReturnType<DenoServe['serve']>>((resolve) => {
+      const s = deno.serve(
+        { hostname: host, port, onListen: (addr) => ((bound = addr.port), resolve(s)) },
+        fetch,
+      );
+    });
+    return { port: bound, close: () => server.shutdown() };
+  }
+
+  const listener = getRequestListener(fetch);
+  const h1 = http.createServer((req, res) => void listener(req, res));
+  const h2 = http2.createServer((req, res) => void listener(req, res));
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+    socket.once('readable', () => {
+      const head = socket.read(Math.min(socket.readableLength, H2_PREFACE.length)) as Buffer | null;
+      if (head === null) {
+        socket.destroy();
+        return;
+      }
+      socket.unshift(head);
+      const isH2 = head.length > 0 && H2_PREFACE.subarray(0, head.length).equals(head);
+      (isH2 ? h2 : h1).emit('connection', socket);
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    close: async () => {
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const s of sockets) s.destroy();
+      });
+    },
+  };
+}

@@ -1,0 +1,39 @@
+import { CorralError } from '../common/errors.ts';
+import { BLOCK_SIZE } from '../replication/block-device.ts';
+import { parseSize } from '../common/size.ts';
+
+/** Volume names are NBD export names and file names: keep them plain. '@' is kept for snapshots. */
+const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+
+export function validateVolumeName(name: unknown): string {
+  if (typeof name !== 'string' || !NAME.test(name)) {
+    throw new CorralError(
+      'INVALID_NAME',
+      `Invalid volume name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
+    );
+  }
+  return name;
+}
+
+/** Largest volume: offsets stay exact in a double, and the read index stays addressable. */
+export const MAX_VOLUME_BYTES = 64 * 1024 ** 4;
+
+export function validateVolumeSize(input: unknown): number {
+  if (typeof input !== 'string' && typeof input !== 'number') {
+    throw new CorralError('INVALID_SIZE', 'A volume needs a size, such as "10G"');
+  }
+  const bytes = parseSize(input);
+  if (bytes <= 0 || bytes % BLOCK_SIZE !== 0) {
+    throw new CorralError(
+      'INVALID_SIZE',
+      `Invalid volume size ${bytes} bytes: must be a positive multiple of ${BLOCK_SIZE}`,
+    );
+  }
+  if (bytes > MAX_VOLUME_BYTES) {
+    throw new CorralError(
+      'INVALID_SIZE',
+      `Invalid volume size ${bytes} bytes: the maximum is ${MAX_VOLUME_BYTES} (64 TiB)`,
+    );
+  }
+  return bytes;
+}

@@ -1,0 +1,319 @@
+import * as fs from 'node:fs';
+import type { Clock } from '../common/clock.ts';
+import { CorralError } from '../common/errors.ts';
+import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
+import type { BlockDevice } from '../replication/block-device.ts';
+import { Engine } from '../replication/engine.ts';
+import { FaultFilter, type FaultMode } from '../replication/fault-filter.ts';
+import { LocalReplica } from '../replication/local-replica.ts';
+import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
+import type { EventLog } from './events.ts';
+import { validateVolumeName, validateVolumeSize } from './names.ts';
+
+export interface VolumeInfo {
+  name: string;
+  sizeBytes: number;
+  replicaCount: number;
+  frontend: Frontend;
+  createdAt: string;
+  attached: boolean;
+  state: 'attached' | 'detached' | 'failed';
+  engineRestarts: number;
+  nbdConnections: number;
+  replicas: Array<{ id: string; location: string; mode: string; revision: string }>;
+}
+
+export interface VolumeManagerOptions {
+  spaces: Spaces;
+  replicaRoot: string;
+  clock: Clock;
+  events: EventLog;
+  hangTimeoutMs: number;
+  faultInjection: boolean;
+  /** How many NBD clients use a volume (detach refuses while any do). */
+  connections: (name: string) => number;
+  disconnect: (name: string) => void;
+}
+
+/** The volumes of this host: their records, and an engine per attached one. */
+export class VolumeManager {
+  readonly #o: VolumeManagerOptions;
+  readonly #attached = new Map<
+    string,
+    { supervisor: Supervisor; fault: FaultFilter | undefined }
+  >();
+  /** One lifecycle change per volume at a time (create/attach/detach/rm). */
+  readonly #busy = new Set<string>();
+
+  constructor(options: VolumeManagerOptions) {
+    this.#o = options;
+  }
+
+  /** Attaches what was attached before the daemon stopped; drops half-created replicas. */
+  async start(): Promise<void> {
+    await fs.promises.mkdir(this.#o.replicaRoot, { recursive: true });
+    const volumes = await this.#o.spaces.volumes.entries();
+    const owned = new Set(volumes.flatMap(([, v]) => v.replicaIds));
+    for (const id of await this.#o.spaces.replicas.keys()) {
+      if (!owned.has(id))
+        await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+    }
+    for (const entry of await fs.promises.readdir(this.#o.replicaRoot)) {
+      if (!owned.has(entry))
+        await fs.promises.rm(LocalReplica.dirOf(this.#o.replicaRoot, entry), {
+          recursive: true,
+          force: true,
+        });
+    }
+    for (const [name, v] of volumes) {
+      if (!v.attached) continue;
+      try {
+        await this.#attach(v);
+      } catch (err) {
+        this.#o.events.add({
+          type: 'attach-failed',
+          volume: name,
+          message: err instanceof Error ? err.message : String(err),
+        });
+      }
+    }
+  }
+
+  async #withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    if (this.#busy.has(name))
+      throw new CorralError(
+        'BUSY',
+        `Volume ${name} is being changed by another request; try again`,
+      );
+    this.#busy.add(name);
+    try {
+      return await fn();
+    } finally {
+      this.#busy.delete(name);
+    }
+  }
+
+  async #record(name: string): Promise<VolumeRecord> {
+    const record = await this.#o.spaces.volumes.get(validateVolumeName(name));
+    if (!record) throw new CorralError('NOT_FOUND', `No volume named ${name}`);
+    return record;
+  }
+
+  async create(input: {
+    name: unknown;
+    size: unknown;
+    replicas?: unknown;
+    frontend?: unknown;
+  }): Promise<VolumeInfo> {
+    const name = validateVolumeName(input.name);
+    const sizeBytes = validateVolumeSize(input.size);
+    const replicaCount = input.replicas ?? 1;
+    if (
+      typeof replicaCount !== 'number' ||
+      !Number.isInteger(replicaCount) ||
+      replicaCount < 1 ||
+      replicaCount > 16
+    ) {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Invalid replica count ${JSON.stringify(replicaCount)}: use a whole number from 1 to 16`,
+      );
+    }
+    if (replicaCount > 1) {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Cannot place ${replicaCount} replicas: this daemon knows 1 host (replication across hosts comes with peers)`,
+      );
+    }
+    const frontend = input.frontend ?? 'nbd';
+    if (frontend !== 'nbd' && frontend !== 'fuse') {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Invalid frontend ${JSON.stringify(frontend)}: use nbd or fuse`,
+      );
+    }
+    return this.#withLock(name, async () => {
+      if (await this.#o.spaces.volumes.get(name))
+        throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
+      // Replica first, then the volume record that owns it: a crash in between leaves
+      // an unowned replica, removed at the next start.
+      const replica = await LocalReplica.create({
+        spaces: this.#o.spaces,
+        root: this.#o.replicaRoot,
+        volume: name,
+        sizeBytes,
+        now: new Date(this.#o.clock.nowMs()),
+      });
+      await replica.close();
+      const record: VolumeRecord = {
+        name,
+        sizeBytes,
+        replicaCount,
+        frontend,
+        createdAt: new Date(this.#o.clock.nowMs()).toISOString(),
+        attached: true,
+        replicaIds: [replica.id],
+      };
+      await this.#o.spaces.volumes.put(name, record);
+      this.#o.events.add({ type: 'volume-created', volume: name, message: `${sizeBytes} bytes` });
+      await this.#attach(record);
+      return this.#info(record);
+    });
+  }
+
+  async #attach(record: VolumeRecord): Promise<void> {
+    if (this.#attached.has(record.name)) return;
+    let fault: FaultFilter | undefined;
+    const start = async (): Promise<SupervisedEngine> => {
+      const replicas = [];
+      try {
+        for (const id of record.replicaIds) {
+          replicas.push(
+            await LocalReplica.open({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id }),
+          );
+        }
+      } catch (err) {
+        for (const r of replicas) r.abandon();
+        throw err;
+      }
+      const engine = new Engine({
+        volume: record.name,
+        sizeBytes: record.sizeBytes,
+        replicas,
+        onEvent: (e) =>
+          this.#o.events.add({
+            type: e.type,
+            volume: e.volume,
+            message: `replica ${e.replica}: ${e.message}`,
+          }),
+      });
+      if (!this.#o.faultInjection) return engine;
+      fault = new FaultFilter(engine);
+      const entry = this.#attached.get(record.name);
+      if (entry) entry.fault = fault;
+      return fault;
+    };
+    const supervisor = await Supervisor.start({
+      volume: record.name,
+      sizeBytes: record.sizeBytes,
+      start,
+      clock: this.#o.clock,
+      hangTimeoutMs: this.#o.hangTimeoutMs,
+      onEvent: (e) => this.#o.events.add({ type: e.type, volume: e.volume, message: e.message }),
+    });
+    this.#attached.set(record.name, { supervisor, fault });
+  }
+
+  async attach(name: string): Promise<VolumeInfo> {
+    return this.#withLock(name, async () => {
+      const record = await this.#record(name);
+      if (!record.attached) {
+        record.attached = true;
+        await this.#o.spaces.volumes.put(name, record);
+      }
+      await this.#attach(record);
+      this.#o.events.add({ type: 'volume-attached', volume: name, message: 'attached' });
+      return this.#info(record);
+    });
+  }
+
+  async detach(name: string, options?: { force?: boolean }): Promise<VolumeInfo> {
+    return this.#withLock(name, async () => {
+      const record = await this.#record(name);
+      await this.#detach(record, options?.force ?? false);
+      record.attached = false;
+      await this.#o.spaces.volumes.put(name, record);
+      this.#o.events.add({ type: 'volume-detached', volume: name, message: 'detached' });
+      return this.#info(record);
+    });
+  }
+
+  async #detach(record: VolumeRecord, force: boolean): Promise<void> {
+    const entry = this.#attached.get(record.name);
+    if (!entry) return;
+    const clients = this.#o.connections(record.name);
+    if (clients > 0 && !force) {
+      throw new CorralError(
+        'BUSY',
+        `Volume ${record.name} is in use by ${clients} NBD connection${clients === 1 ? '' : 's'}; disconnect them or use --force`,
+      );
+    }
+    this.#o.disconnect(record.name);
+    this.#attached.delete(record.name);
+    await entry.supervisor.stop();
+  }
+
+  async remove(name: string, options?: { force?: boolean }): Promise<void> {
+    await this.#withLock(name, async () => {
+      const record = await this.#record(name);
+      await this.#detach(record, options?.force ?? false);
+      // The volume record goes first: once it is gone, leftover replicas are unowned and
+      // the next start removes them, so a crash here never leaves a volume half there.
+      await this.#o.spaces.volumes.del(name);
+      for (const id of record.replicaIds) {
+        await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+      }
+      this.#o.events.add({ type: 'volume-removed', volume: name, message: 'removed' });
+    });
+  }
+
+  async list(): Promise<VolumeInfo[]> {
+    return (await this.#o.spaces.volumes.entries()).map(([, v]) => this.#info(v));
+  }
+
+  async get(name: string): Promise<VolumeInfo> {
+    return this.#info(await this.#record(name));
+  }
+
+  #info(record: VolumeRecord): VolumeInfo {
+    const entry = this.#attached.get(record.name);
+    const replicas =
+      entry?.supervisor.engine?.replicaModes() ??
+      record.replicaIds.map((id) => ({
+        id,
+        location: 'local',
+        mode: entry ? 'restarting' : 'detached',
+        revision: '',
+      }));
+    return {
+      name: record.name,
+      sizeBytes: record.sizeBytes,
+      replicaCount: record.replicaCount,
+      frontend: record.frontend,
+      createdAt: record.createdAt,
+      attached: record.attached,
+      state: entry ? 'attached' : record.attached ? 'failed' : 'detached',
+      engineRestarts: entry?.supervisor.restarts ?? 0,
+      nbdConnections: this.#o.connections(record.name),
+      replicas,
+    };
+  }
+
+  /** The block device of an attached volume, for the frontends. */
+  device(name: string): BlockDevice | undefined {
+    return this.#attached.get(name)?.supervisor;
+  }
+
+  attachedNames(): string[] {
+    return [...this.#attached.keys()].sort();
+  }
+
+  setFault(name: string, mode: FaultMode): void {
+    const entry = this.#attached.get(name);
+    if (!entry) throw new CorralError('NOT_FOUND', `Volume ${name} is not attached`);
+    if (!entry.fault)
+      throw new CorralError('INVALID_ARGUMENT', 'fault injection is not enabled on this daemon');
+    entry.fault.mode = mode;
+  }
+
+  /** Flushes and closes every engine (graceful stop). */
+  async stop(): Promise<void> {
+    const entries = [...this.#attached.values()];
+    this.#attached.clear();
+    const results = await Promise.allSettled(entries.map((e) => e.supervisor.stop()));
+    for (const r of results) {
+      if (r.status === 'rejected')
+        this.#o.events.add({ type: 'stop-failed', message: String(r.reason) });
+    }
+  }
+}

@@ -1,0 +1,106 @@
+import { binaryCodec, field, jsonCodec } from './codec.ts';
+import type { KeySpace, Kv, KvBatch } from './kv.ts';
+import { CorralError } from '../common/errors.ts';
+
+/**
+ * The on-disk metadata format of a host, in one place. Prefixes never change
+ * meaning; a new format of a record gets a new version number in its codec.
+ */
+
+export type Frontend = 'nbd' | 'fuse';
+
+export interface VolumeRecord {
+  name: string;
+  sizeBytes: number;
+  replicaCount: number;
+  frontend: Frontend;
+  createdAt: string;
+  /** The user asked for it to be attached: it is attached again at daemon start. */
+  attached: boolean;
+  /** The ids of this volume's replicas on this host. */
+  replicaIds: string[];
+}
+
+export interface LayerRecord {
+  id: string;
+  createdAt: string;
+  /** Snapshot name; absent on the head (the live, writable layer). */
+  snapshot?: string;
+}
+
+export interface ReplicaRecord {
+  id: string;
+  volume: string;
+  sizeBytes: number;
+  /** Oldest first; the last one is the head. */
+  layers: LayerRecord[];
+}
+
+function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
+  const frontend = field<string>(r, key, 'frontend', 'string');
+  if (frontend !== 'nbd' && frontend !== 'fuse') {
+    throw new CorralError('CORRUPT_METADATA', `record ${key}: unknown frontend ${frontend}`);
+  }
+  const replicaIds = r.replicaIds;
+  if (!Array.isArray(replicaIds) || !replicaIds.every((x) => typeof x === 'string')) {
+    throw new CorralError('CORRUPT_METADATA', `record ${key}: replicaIds is not a string list`);
+  }
+  return {
+    name: field(r, key, 'name', 'string'),
+    sizeBytes: field(r, key, 'sizeBytes', 'number'),
+    replicaCount: field(r, key, 'replicaCount', 'number'),
+    frontend,
+    createdAt: field(r, key, 'createdAt', 'string'),
+    attached: field(r, key, 'attached', 'boolean'),
+    replicaIds,
+  };
+}
+
+function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord {
+  const layers = r.layers;
+  if (!Array.isArray(layers) || layers.length === 0) {
+    throw new CorralError('CORRUPT_METADATA', `record ${key}: a replica needs at least one layer`);
+  }
+  return {
+    id: field(r, key, 'id', 'string'),
+    volume: field(r, key, 'volume', 'string'),
+    sizeBytes: field(r, key, 'sizeBytes', 'number'),
+    layers: layers.map((l: unknown, i) => {
+      if (typeof l !== 'object' || l === null) {
+        throw new CorralError('CORRUPT_METADATA', `record ${key}: layer ${i} is not an object`);
+      }
+      const layer = l as Record<string, unknown>;
+      const out: LayerRecord = {
+        id: field(layer, key, 'id', 'string'),
+        createdAt: field(layer, key, 'createdAt', 'string'),
+      };
+      if (typeof layer.snapshot === 'string') out.snapshot = layer.snapshot;
+      return out;
+    }),
+  };
+}
+
+export interface Spaces {
+  volumes: KeySpace<VolumeRecord>;
+  replicas: KeySpace<ReplicaRecord>;
+  /** Layer allocation bitmaps: key `<layerId>/<chunk, 8 hex digits>`. */
+  bitmaps: KeySpace<Uint8Array>;
+  /** Replica revision counters: key `<replicaId>`, 8 bytes big-endian. */
+  revisions: KeySpace<Uint8Array>;
+  /** A batch across these spaces, written atomically. */
+  batch(): KvBatch;
+}
+
+export function openSpaces(kv: Kv): Spaces {
+  return {
+    volumes: kv.space('vol', jsonCodec('volume', 1, validateVolume)),
+    replicas: kv.space('rep', jsonCodec('replica', 1, validateReplica)),
+    bitmaps: kv.space('bmp', binaryCodec('bitmap', 1)),
+    revisions: kv.space('rev', binaryCodec('revision', 1)),
+    batch: () => kv.batch(),
+  };
+}
+
+export function bitmapKey(layerId: string, chunk: number): string {
+  return `${layerId}/${chunk.toString(16).padStart(8, '0')}`;
+}

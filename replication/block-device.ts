@@ -1,0 +1,52 @@
+/**
+ * The one narrow interface under every frontend (nbd/, fuse/), after
+ * nbdkit's backend: frontends see this and nothing about replicas.
+ * Offsets and lengths are bytes; the engine validates them once at the edge.
+ */
+export interface WriteOptions {
+  /** Force unit access: durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** The range must stay allocated (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+}
+
+/** One run of the base:allocation map. */
+export interface Extent {
+  lengthBytes: number;
+  /** Not allocated in any layer (reads as zero). */
+  hole: boolean;
+  /** Known to read as zeros. */
+  zero: boolean;
+}
+
+export interface Capabilities {
+  readOnly: boolean;
+  flush: boolean;
+  fua: boolean;
+  trim: boolean;
+  zero: boolean;
+  extents: boolean;
+  /** A flush on any connection covers writes completed on all of them. */
+  multiConn: boolean;
+}
+
+export interface BlockOps {
+  read(offset: number, length: number): Promise<Uint8Array>;
+  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void>;
+  zero(offset: number, length: number, options?: ZeroOptions): Promise<void>;
+  extents(offset: number, length: number): Promise<Extent[]>;
+}
+
+export interface BlockDevice extends BlockOps {
+  readonly sizeBytes: number;
+  capabilities(): Capabilities;
+}
+
+export const BLOCK_SIZE = 4096;
+/** NBD_INFO_BLOCK_SIZE maximum payload; also the largest read or write we accept. */
+export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;

@@ -1,0 +1,217 @@
+import { assert } from '../common/assert.ts';
+import { CorralError, isCorralError } from '../common/errors.ts';
+import {
+  MAX_REQUEST_BYTES,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from './block-device.ts';
+import type { Replica, ReplicaMode } from './replica.ts';
+import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
+
+export interface EngineEvent {
+  type: 'replica-error';
+  volume: string;
+  replica: string;
+  message: string;
+}
+
+export interface EngineOptions {
+  volume: string;
+  sizeBytes: number;
+  replicas: Replica[];
+  readOnly?: boolean;
+  onEvent?: (event: EngineEvent) => void;
+}
+
+interface Member {
+  replica: Replica;
+  mode: ReplicaMode;
+}
+
+/**
+ * One volume's controller: validates every request once, mirrors writes to
+ * all RW and WO replicas in parallel, reads from one RW replica (local first),
+ * and drops a failing replica to ERR while at least one RW replica remains.
+ */
+export class Engine implements SupervisedEngine {
+  readonly volume: string;
+  readonly sizeBytes: number;
+  readonly #readOnly: boolean;
+  readonly #members: Member[];
+  readonly #onEvent: (event: EngineEvent) => void;
+
+  constructor(options: EngineOptions) {
+    assert(options.replicas.length > 0, `volume ${options.volume} has no replica`);
+    this.volume = options.volume;
+    this.sizeBytes = options.sizeBytes;
+    this.#readOnly = options.readOnly ?? false;
+    this.#onEvent = options.onEvent ?? (() => undefined);
+    this.#members = options.replicas
+      .map((replica): Member => ({ replica, mode: 'RW' }))
+      // Local replicas first: reads go to the first RW member.
+      .sort(
+        (a, b) => Number(b.replica.location === 'local') - Number(a.replica.location === 'local'),
+      );
+  }
+
+  capabilities(): Capabilities {
+    return {
+      readOnly: this.#readOnly,
+      flush: true,
+      fua: true,
+      trim: true,
+      zero: true,
+      extents: true,
+      multiConn: true,
+    };
+  }
+
+  replicaModes(): ReplicaStatus[] {
+    return this.#members.map((m) => ({
+      id: m.replica.id,
+      location: m.replica.location,
+      mode: m.mode,
+      revision: m.replica.revision().toString(),
+    }));
+  }
+
+  #check(what: string, offset: number, length: number, maxLength = Number.MAX_SAFE_INTEGER): void {
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0
+    ) {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Cannot ${what} ${length} bytes at offset ${offset}: not a valid range`,
+      );
+    }
+    if (length > maxLength) {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Cannot ${what} ${length} bytes at once: the limit is ${maxLength}`,
+      );
+    }
+    if (offset + length > this.sizeBytes) {
+      throw new CorralError(
+        'OUT_OF_RANGE',
+        `Cannot ${what} ${length} bytes at offset ${offset}: volume ${this.volume} is ${this.sizeBytes} bytes`,
+      );
+    }
+  }
+
+  #checkWritable(what: string): void {
+    if (this.#readOnly)
+      throw new CorralError('READ_ONLY', `Cannot ${what}: volume ${this.volume} is read-only`);
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.#check('read', offset, length, MAX_REQUEST_BYTES);
+    for (;;) {
+      const member = this.#members.find((m) => m.mode === 'RW');
+      if (!member) throw this.#noReplica('read');
+      try {
+        return await member.replica.read(offset, length);
+      } catch (err) {
+        this.#fail(member, err);
+      }
+    }
+  }
+
+  async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    this.#checkWritable('write');
+    this.#check('write', offset, data.length, MAX_REQUEST_BYTES);
+    await this.#mirror('write', (r) => r.write(offset, data, options));
+  }
+
+  async flush(): Promise<void> {
+    await this.#mirror('flush', (r) => r.flush());
+  }
+
+  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    this.#checkWritable('trim');
+    this.#check('trim', offset, length);
+    await this.#mirror('trim', (r) => r.trim(offset, length, options));
+  }
+
+  async zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    this.#checkWritable('write zeroes');
+    this.#check('write zeroes', offset, length);
+    await this.#mirror('write zeroes', (r) => r.zero(offset, length, options));
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.#check('map', offset, length);
+    for (;;) {
+      const member = this.#members.find((m) => m.mode === 'RW');
+      if (!member) throw this.#noReplica('map');
+      try {
+        return await member.replica.extents(offset, length);
+      } catch (err) {
+        this.#fail(member, err);
+      }
+    }
+  }
+
+  /**
+   * Runs one operation on every RW and WO replica in parallel. Succeeds when
+   * every replica still healthy afterwards has it. If every replica failed
+   * with "no space", the replicas still agree (none holds the write), so the
+   * client gets ENOSPC and no replica is dropped.
+   */
+  async #mirror(what: string, op: (replica: Replica) => Promise<void>): Promise<void> {
+    const targets = this.#members.filter((m) => m.mode !== 'ERR');
+    if (!targets.some((m) => m.mode === 'RW')) throw this.#noReplica(what);
+    const results = await Promise.allSettled(targets.map((m) => op(m.replica)));
+    const failures = results.flatMap((r, i) =>
+      r.status === 'rejected' ? [{ member: targets[i]!, err: r.reason as unknown }] : [],
+    );
+    if (failures.length === 0) return;
+    if (
+      failures.length === targets.length &&
+      failures.every((f) => isCorralError(f.err, 'NO_SPACE'))
+    ) {
+      throw failures[0]!.err;
+    }
+    for (const f of failures) this.#fail(f.member, f.err);
+    if (!this.#members.some((m) => m.mode === 'RW')) {
+      throw this.#noReplica(what, failures[0]?.err);
+    }
+  }
+
+  #fail(member: Member, err: unknown): void {
+    if (member.mode === 'ERR') return;
+    member.mode = 'ERR';
+    const message = err instanceof Error ? err.message : String(err);
+    this.#onEvent({
+      type: 'replica-error',
+      volume: this.volume,
+      replica: member.replica.id,
+      message,
+    });
+  }
+
+  #noReplica(what: string, cause?: unknown): CorralError {
+    return new CorralError(
+      'NO_HEALTHY_REPLICA',
+      `Cannot ${what}: volume ${this.volume} has no healthy replica left`,
+      {
+        cause,
+      },
+    );
+  }
+
+  abandon(): void {
+    for (const m of this.#members) m.replica.abandon();
+  }
+
+  /** Flushes what it can and closes every replica. */
+  async close(): Promise<void> {
+    const results = await Promise.allSettled(this.#members.map((m) => m.replica.close()));
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed && failed.status === 'rejected') throw failed.reason;
+  }
+}

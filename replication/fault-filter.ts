@@ -1,0 +1,63 @@
+import type { Capabilities, Extent, WriteOptions, ZeroOptions } from './block-device.ts';
+import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
+
+export type FaultMode = 'none' | 'throw' | 'hang';
+
+/**
+ * A filter (STYLE.md, nbdkit) for tests of engine isolation: 'throw' makes
+ * the next operations fail like a bug would (a plain Error), 'hang' makes
+ * them never complete. Enabled only with CORRAL_FAULT_INJECTION=1.
+ */
+export class FaultFilter implements SupervisedEngine {
+  mode: FaultMode = 'none';
+  readonly #next: SupervisedEngine;
+  readonly sizeBytes: number;
+
+  constructor(next: SupervisedEngine) {
+    this.#next = next;
+    this.sizeBytes = next.sizeBytes;
+  }
+
+  #gate(): Promise<void> {
+    if (this.mode === 'throw') return Promise.reject(new Error('injected engine fault'));
+    if (this.mode === 'hang') return new Promise<void>(() => undefined);
+    return Promise.resolve();
+  }
+
+  capabilities(): Capabilities {
+    return this.#next.capabilities();
+  }
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    await this.#gate();
+    return this.#next.read(offset, length);
+  }
+  async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    await this.#gate();
+    return this.#next.write(offset, data, options);
+  }
+  async flush(): Promise<void> {
+    await this.#gate();
+    return this.#next.flush();
+  }
+  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    await this.#gate();
+    return this.#next.trim(offset, length, options);
+  }
+  async zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    await this.#gate();
+    return this.#next.zero(offset, length, options);
+  }
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    await this.#gate();
+    return this.#next.extents(offset, length);
+  }
+  close(): Promise<void> {
+    return this.#next.close();
+  }
+  abandon(): void {
+    this.#next.abandon();
+  }
+  replicaModes(): ReplicaStatus[] {
+    return this.#next.replicaModes();
+  }
+}

@@ -1,0 +1,147 @@
+import { assert } from '../common/assert.ts';
+
+/** What one layer says about one block. */
+export const ABSENT = 0; // look in the layer below
+export const DATA = 1; // the layer file holds the block
+export const ZERO = 2; // the block reads as zeros (trim, write-zeroes), hiding layers below
+export type BlockState = typeof ABSENT | typeof DATA | typeof ZERO;
+
+/** Blocks per bitmap chunk: the unit stored in LevelDB (2 × 4 KiB of bits = 128 MiB of volume). */
+export const BLOCKS_PER_CHUNK = 32768;
+const BITMAP_BYTES = BLOCKS_PER_CHUNK / 8;
+
+/**
+ * The allocation state of one layer: two bitmaps (data, zero) per chunk,
+ * allocated only where the layer has been touched. Chunks changed since the
+ * last flush are remembered so that a flush persists only those.
+ */
+export class LayerMap {
+  readonly #chunks: Array<Uint8Array | undefined>;
+  readonly #dirty = new Set<number>();
+  readonly blockCount: number;
+
+  constructor(blockCount: number) {
+    this.blockCount = blockCount;
+    this.#chunks = new Array<Uint8Array | undefined>(Math.ceil(blockCount / BLOCKS_PER_CHUNK));
+  }
+
+  state(block: number): BlockState {
+    const chunk = this.#chunks[Math.floor(block / BLOCKS_PER_CHUNK)];
+    if (!chunk) return ABSENT;
+    const bit = block % BLOCKS_PER_CHUNK;
+    const byte = bit >> 3;
+    const mask = 1 << (bit & 7);
+    if ((chunk[byte]! & mask) !== 0) return DATA;
+    if ((chunk[BITMAP_BYTES + byte]! & mask) !== 0) return ZERO;
+    return ABSENT;
+  }
+
+  set(block: number, state: BlockState): void {
+    assert(
+      block >= 0 && block < this.blockCount,
+      `block ${block} outside layer of ${this.blockCount}`,
+    );
+    const index = Math.floor(block / BLOCKS_PER_CHUNK);
+    let chunk = this.#chunks[index];
+    if (!chunk) {
+      if (state === ABSENT) return;
+      chunk = new Uint8Array(2 * BITMAP_BYTES);
+      this.#chunks[index] = chunk;
+    }
+    const bit = block % BLOCKS_PER_CHUNK;
+    const byte = bit >> 3;
+    const mask = 1 << (bit & 7);
+    chunk[byte] = state === DATA ? chunk[byte]! | mask : chunk[byte]! & ~mask;
+    chunk[BITMAP_BYTES + byte] =
+      state === ZERO ? chunk[BITMAP_BYTES + byte]! | mask : chunk[BITMAP_BYTES + byte]! & ~mask;
+    this.#dirty.add(index);
+  }
+
+  setRange(startBlock: number, endBlock: number, state: BlockState): void {
+    for (let b = startBlock; b < endBlock; b++) this.set(b, state);
+  }
+
+  load(chunkIndex: number, bytes: Uint8Array): void {
+    assert(bytes.length === 2 * BITMAP_BYTES, `bitmap chunk of ${bytes.length} bytes`);
+    assert(chunkIndex < this.#chunks.length, `bitmap chunk ${chunkIndex} beyond layer`);
+    this.#chunks[chunkIndex] = bytes;
+  }
+
+  /**
+   * Copies of the chunks changed since the last call. Copied now, before the
+   * data files are synced, so that no bit reaches LevelDB ahead of its data.
+   */
+  takeDirty(): Array<[number, Uint8Array]> {
+    const out: Array<[number, Uint8Array]> = [];
+    for (const index of this.#dirty) {
+      const chunk = this.#chunks[index];
+      assert(chunk, `dirty chunk ${index} has no bitmap`);
+      out.push([index, chunk.slice()]);
+    }
+    this.#dirty.clear();
+    return out;
+  }
+
+  /** Puts chunks back on the dirty list after a failed flush. */
+  markDirty(indexes: Iterable<number>): void {
+    for (const i of indexes) this.#dirty.add(i);
+  }
+
+  /** Number of blocks this layer holds data for. */
+  countData(): number {
+    let count = 0;
+    for (const chunk of this.#chunks) {
+      if (!chunk) continue;
+      for (let i = 0; i < BITMAP_BYTES; i++) {
+        let byte = chunk[i]!;
+        while (byte) {
+          byte &= byte - 1;
+          count++;
+        }
+      }
+    }
+    return count;
+  }
+
+  get dirtyCount(): number {
+    return this.#dirty.size;
+  }
+}
+
+/** Read-index values: 0 = not resolved yet, ZERO_SOURCE = reads as zeros, else layer index + 1. */
+export const UNRESOLVED = 0;
+export const ZERO_SOURCE = 0xffff;
+/** The read index stores layer index + 1 in 16 bits, below ZERO_SOURCE. */
+export const MAX_LAYERS = 0xfffe;
+
+/**
+ * Maps a block to the newest layer holding it, so that a read costs the same
+ * however long the chain. Filled lazily per region; reset where the chain
+ * changes under existing entries.
+ */
+export class ReadIndex {
+  readonly #regions: Array<Uint16Array | undefined>;
+
+  constructor(blockCount: number) {
+    this.#regions = new Array<Uint16Array | undefined>(Math.ceil(blockCount / BLOCKS_PER_CHUNK));
+  }
+
+  get(block: number): number {
+    const region = this.#regions[Math.floor(block / BLOCKS_PER_CHUNK)];
+    return region ? region[block % BLOCKS_PER_CHUNK]! : UNRESOLVED;
+  }
+
+  set(block: number, source: number): void {
+    const index = Math.floor(block / BLOCKS_PER_CHUNK);
+    let region = this.#regions[index];
+    if (!region) {
+      region = new Uint16Array(BLOCKS_PER_CHUNK);
+      this.#regions[index] = region;
+    }
+    region[block % BLOCKS_PER_CHUNK] = source;
+  }
+
+  clear(): void {
+    this.#regions.fill(undefined);
+  }
+}

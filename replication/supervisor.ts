@@ -1,0 +1,236 @@
+import type { Clock } from '../common/clock.ts';
+import { CorralError } from '../common/errors.ts';
+import type {
+  BlockDevice,
+  Capabilities,
+  Extent,
+  WriteOptions,
+  ZeroOptions,
+} from './block-device.ts';
+import type { ReplicaMode } from './replica.ts';
+
+export interface ReplicaStatus {
+  id: string;
+  location: string;
+  mode: ReplicaMode;
+  revision: string;
+}
+
+/** What the supervisor runs: an engine, seen as a block device it can tear down. */
+export interface SupervisedEngine extends BlockDevice {
+  /** Graceful: flush and close. */
+  close(): Promise<void>;
+  /** After a fault: persist nothing more, release resources once idle. */
+  abandon(): void;
+  replicaModes(): ReplicaStatus[];
+}
+
+export interface SupervisorEvent {
+  type: 'engine-crashed' | 'engine-restarted' | 'engine-failed';
+  volume: string;
+  message: string;
+}
+
+export interface SupervisorOptions {
+  volume: string;
+  sizeBytes: number;
+  start: () => Promise<SupervisedEngine>;
+  clock: Clock;
+  /** An operation older than this means the engine hangs; it is restarted. */
+  hangTimeoutMs: number;
+  /** Restarts allowed in a row before the volume is left failed. */
+  maxRestarts?: number;
+  onEvent?: (event: SupervisorEvent) => void;
+}
+
+interface Generation {
+  engine: SupervisedEngine;
+  /** Rejects when this engine is declared crashed, so hung operations end. */
+  crashed: Promise<never>;
+  crash: (err: Error) => void;
+  inflight: Set<number>;
+  dead: boolean;
+}
+
+/**
+ * Per-volume isolation in the daemon's process (docs/ARCHITECTURE.md,
+ * "Engine isolation"): every operation of one volume runs through its own
+ * supervisor. An error that is not a CorralError (a bug, a failed assertion)
+ * or an operation that hangs past `hangTimeoutMs` kills that volume's engine
+ * only: its pending operations fail with EIO, the engine is reopened from
+ * disk (as after a crash: unflushed writes may be gone) and I/O resumes.
+ * Other volumes never notice.
+ */
+export class Supervisor implements BlockDevice {
+  readonly volume: string;
+  readonly sizeBytes: number;
+  readonly #options: SupervisorOptions;
+  #current: Generation | undefined;
+  #ready: Promise<Generation>;
+  #stopped = false;
+  #restarts = 0;
+  #consecutiveFailures = 0;
+  #watchdog: { cancel(): void };
+  #capabilities: Capabilities | undefined;
+
+  private constructor(options: SupervisorOptions, first: SupervisedEngine) {
+    this.volume = options.volume;
+    this.sizeBytes = options.sizeBytes;
+    this.#options = options;
+    const gen = this.#generation(first);
+    this.#current = gen;
+    this.#ready = Promise.resolve(gen);
+    this.#capabilities = first.capabilities();
+    this.#watchdog = options.clock.setInterval(
+      () => this.#checkHangs(),
+      Math.max(50, options.hangTimeoutMs / 4),
+    );
+  }
+
+  static async start(options: SupervisorOptions): Promise<Supervisor> {
+    return new Supervisor(options, await options.start());
+  }
+
+  get restarts(): number {
+    return this.#restarts;
+  }
+
+  get engine(): SupervisedEngine | undefined {
+    return this.#current?.engine;
+  }
+
+  #generation(engine: SupervisedEngine): Generation {
+    let crash!: (err: Error) => void;
+    const crashed = new Promise<never>((_, reject) => (crash = reject));
+    crashed.catch(() => undefined);
+    return { engine, crashed, crash, inflight: new Set(), dead: false };
+  }
+
+  capabilities(): Capabilities {
+    if (!this.#capabilities)
+      throw new CorralError('ENGINE_FAILED', `volume ${this.volume} has no engine`);
+    return this.#capabilities;
+  }
+
+  #drained: (() => void) | undefined;
+  #nextOpId = 0;
+  readonly #opStart = new Map<number, number>();
+
+  async #run<T>(what: string, fn: (engine: SupervisedEngine) => Promise<T>): Promise<T> {
+    if (this.#stopped)
+      throw new CorralError('SHUTTING_DOWN', `Cannot ${what}: volume ${this.volume} is detaching`);
+    const gen = this.#current ?? (await this.#ready);
+    if (gen.dead) return this.#run(what, fn);
+    const id = this.#nextOpId++;
+    this.#opStart.set(id, this.#options.clock.nowMs());
+    gen.inflight.add(id);
+    try {
+      return await Promise.race([fn(gen.engine), gen.crashed]);
+    } catch (err) {
+      if (err instanceof CorralError) throw err;
+      this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
+      throw new CorralError(
+        'ENGINE_FAILED',
+        `Cannot ${what}: the engine of volume ${this.volume} failed and restarts`,
+        {
+          cause: err,
+        },
+      );
+    } finally {
+      gen.inflight.delete(id);
+      this.#opStart.delete(id);
+      if (gen.inflight.size === 0) this.#drained?.();
+    }
+  }
+
+  #checkHangs(): void {
+    const gen = this.#current;
+    if (!gen || gen.dead) return;
+    const now = this.#options.clock.nowMs();
+    for (const id of gen.inflight) {
+      const started = this.#opStart.get(id);
+      if (started !== undefined && now - started > this.#options.hangTimeoutMs) {
+        this.#crashed(
+          gen,
+          new Error(`an operation has not completed in ${this.#options.hangTimeoutMs} ms`),
+        );
+        return;
+      }
+    }
+  }
+
+  #crashed(gen: Generation, err: Error): void {
+    if (gen.dead) return;
+    gen.dead = true;
+    gen.crash(
+      new CorralError('ENGINE_FAILED', `engine of volume ${this.volume} failed: ${err.message}`, {
+        cause: err,
+      }),
+    );
+    gen.engine.abandon();
+    this.#current = undefined;
+    this.#options.onEvent?.({ type: 'engine-crashed', volume: this.volume, message: err.message });
+    if (this.#stopped) return;
+    this.#ready = this.#restart();
+    this.#ready.catch(() => undefined);
+  }
+
+  async #restart(): Promise<Generation> {
+    const max = this.#options.maxRestarts ?? 5;
+    for (;;) {
+      if (this.#stopped)
+        throw new CorralError('SHUTTING_DOWN', `volume ${this.volume} is detaching`);
+      try {
+        const engine = await this.#options.start();
+        const gen = this.#generation(engine);
+        this.#current = gen;
+        this.#restarts++;
+        this.#consecutiveFailures = 0;
+        this.#options.onEvent?.({
+          type: 'engine-restarted',
+          volume: this.volume,
+          message: `restart ${this.#restarts}`,
+        });
+        return gen;
+      } catch (err) {
+        this.#consecutiveFailures++;
+        if (this.#consecutiveFailures >= max) {
+          const message = `engine of volume ${this.volume} could not be restarted: ${err instanceof Error ? err.message : String(err)}`;
+          this.#options.onEvent?.({ type: 'engine-failed', volume: this.volume, message });
+          throw new CorralError('ENGINE_FAILED', message, { cause: err });
+        }
+      }
+    }
+  }
+
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.#run('read', (e) => e.read(offset, length));
+  }
+  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    return this.#run('write', (e) => e.write(offset, data, options));
+  }
+  flush(): Promise<void> {
+    return this.#run('flush', (e) => e.flush());
+  }
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    return this.#run('trim', (e) => e.trim(offset, length, options));
+  }
+  zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.#run('write zeroes', (e) => e.zero(offset, length, options));
+  }
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.#run('map', (e) => e.extents(offset, length));
+  }
+
+  /** Flushes and closes the engine; later calls fail with SHUTTING_DOWN. */
+  async stop(): Promise<void> {
+    if (this.#stopped) return;
+    const gen = this.#current ?? (await this.#ready.catch(() => undefined));
+    this.#stopped = true;
+    this.#watchdog.cancel();
+    if (!gen || gen.dead) return;
+    // Operations already admitted finish first: closing under them would lose acknowledged writes.
+    if (gen.inflight.size > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
+    await gen.engine.close();
+  }
+}
