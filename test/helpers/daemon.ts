@@ -1,0 +1,173 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { run, type RunResult } from './run.ts';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const CLI = path.join(ROOT, 'bin', 'corral.js');
+
+export interface DaemonOptions {
+  dataDir?: string;
+  args?: string[];
+  env?: Record<string, string>;
+  /** Run the TypeScript sources under Deno instead of the built daemon under Node. */
+  deno?: boolean;
+}
+
+/** A real `corral daemon` process on loopback, on ports it picked itself. */
+export class DaemonProcess {
+  readonly dataDir: string;
+  readonly api: string;
+  readonly nbd: string;
+  readonly nbdSocket: string;
+  readonly child: ChildProcess;
+  readonly #options: DaemonOptions;
+  #exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  stderr = '';
+
+  private constructor(
+    options: DaemonOptions & { dataDir: string },
+    child: ChildProcess,
+    ready: { api: string; nbd: string; nbdSocket: string },
+  ) {
+    this.#options = options;
+    this.dataDir = options.dataDir;
+    this.child = child;
+    this.api = ready.api;
+    this.nbd = ready.nbd;
+    this.nbdSocket = ready.nbdSocket;
+    this.#exit = new Promise((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null)
+        resolve({ code: child.exitCode, signal: child.signalCode });
+      else child.once('exit', (code, signal) => resolve({ code, signal }));
+    });
+  }
+
+  static async start(options: DaemonOptions = {}): Promise<DaemonProcess> {
+    const dataDir =
+      options.dataDir ?? (await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-test-')));
+    const daemonArgs = [
+      'daemon',
+      '--data-dir',
+      dataDir,
+      '--listen',
+      '127.0.0.1:0',
+      '--nbd',
+      '127.0.0.1:0',
+      ...(options.args ?? []),
+    ];
+    const [command, args] = options.deno
+      ? [
+          path.join(ROOT, 'node_modules', '.bin', 'deno'),
+          ['run', '-A', path.join(ROOT, 'daemon', 'cli.ts'), ...daemonArgs],
+        ]
+      : [process.execPath, [CLI, ...daemonArgs]];
+    const child = spawn(command, args, {
+      cwd: ROOT,
+      env: { ...process.env, ...options.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => {
+      stderr += d.toString();
+      if (process.env.CORRAL_TEST_VERBOSE) process.stderr.write(d);
+    });
+    const ready = await new Promise<{ api: string; nbd: string; nbdSocket: string }>(
+      (resolve, reject) => {
+        let out = '';
+        const timer = setTimeout(() => {
+          child.kill('SIGKILL');
+          reject(new Error(`daemon did not become ready in 60 s\n${stderr}`));
+        }, 60_000);
+        child.stdout!.on('data', (d: Buffer) => {
+          out += d.toString();
+          const line = out.split('\n').find((l) => l.startsWith('ready '));
+          if (line) {
+            clearTimeout(timer);
+            resolve(JSON.parse(line.slice(6)) as { api: string; nbd: string; nbdSocket: string });
+          }
+        });
+        child.once('exit', (code, signal) => {
+          clearTimeout(timer);
+          reject(new Error(`daemon exited (${code ?? signal}) before it was ready\n${stderr}`));
+        });
+      },
+    );
+    const daemon = new DaemonProcess({ ...options, dataDir }, child, ready);
+    child.stderr!.on('data', (d: Buffer) => (daemon.stderr += d.toString()));
+    daemon.stderr = stderr;
+    return daemon;
+  }
+
+  uri(volume: string): string {
+    return `nbd://${this.nbd}/${volume}`;
+  }
+
+  unixUri(volume: string): string {
+    return `nbd+unix:///${volume}?socket=${this.nbdSocket}`;
+  }
+
+  get nbdPort(): number {
+    return Number(this.nbd.split(':').pop());
+  }
+
+  /** Runs the real CLI against this daemon. */
+  cli(args: string[]): Promise<RunResult> {
+    return run(process.execPath, [CLI, ...args], {
+      env: { ...process.env, CORRAL_API: this.api },
+      timeoutMs: 60_000,
+    });
+  }
+
+  async api_<T>(
+    method: string,
+    route: string,
+    body?: unknown,
+  ): Promise<{ status: number; json: T }> {
+    const response = await fetch(this.api + route, {
+      method,
+      ...(body === undefined
+        ? {}
+        : {
+            body: typeof body === 'string' ? body : JSON.stringify(body),
+            headers: { 'content-type': 'application/json' },
+          }),
+    });
+    const text = await response.text();
+    return { status: response.status, json: (text ? JSON.parse(text) : undefined) as T };
+  }
+
+  async createVolume(name: string, size: string): Promise<void> {
+    const { status, json } = await this.api_('POST', '/v1/volumes', { name, size });
+    if (status !== 201) throw new Error(`create ${name}: ${status} ${JSON.stringify(json)}`);
+  }
+
+  /** Stops with a signal and waits for the process to exit. */
+  async stop(
+    signal: NodeJS.Signals = 'SIGTERM',
+  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
+    const timer = setTimeout(() => this.child.kill('SIGKILL'), 60_000);
+    try {
+      return await this.#exit;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  kill(): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    return this.stop('SIGKILL');
+  }
+
+  /** A new daemon process on the same data dir. */
+  restart(): Promise<DaemonProcess> {
+    return DaemonProcess.start({ ...this.#options, dataDir: this.dataDir });
+  }
+
+  async cleanup(): Promise<void> {
+    await this.stop('SIGKILL');
+    await fs.promises.rm(this.dataDir, { recursive: true, force: true });
+  }
+}
