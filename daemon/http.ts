@@ -30,14 +30,13 @@ const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
 export async function serveHttp(fetch: Fetch, host: string, port: number): Promise<HttpServer> {
   const deno = (globalThis as { Deno?: DenoServe }).Deno;
   if (deno) {
-    let bound = port;
-    const server = await new Promise<ReturnType<DenoServe['serve']>>((resolve) => {
-      const s = deno.serve(
-        { hostname: host, port, onListen: (addr) => ((bound = addr.port), resolve(s)) },
-        fetch,
-      );
-    });
-    return { port: bound, close: () => server.shutdown() };
+    let listening!: (port: number) => void;
+    const bound = new Promise<number>((resolve) => (listening = resolve));
+    const server = deno.serve(
+      { hostname: host, port, onListen: (addr) => listening(addr.port) },
+      fetch,
+    );
+    return { port: await bound, close: () => server.shutdown() };
   }
 
   const listener = getRequestListener(fetch);
