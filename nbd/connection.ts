@@ -132,7 +132,8 @@ export class NbdConnection {
       }
       const flags = header.readUInt16BE(4);
       const command = header.readUInt16BE(6);
-      const cookie = Buffer.from(header.subarray(8, 16));
+      // A view into the socket's chunk, which is never reused.
+      const cookie = header.subarray(8, 16);
       const offset64 = header.readBigUInt64BE(16);
       const length = header.readUInt32BE(24);
       // Past 2^53 no volume can reach; the range check below rejects it.
@@ -277,12 +278,25 @@ export class NbdConnection {
     }
   }
 
+  #corked = false;
+
+  /**
+   * Replies finished in the same turn of the event loop leave together in
+   * one writev: the socket is corked at the first and uncorked once the turn
+   * is over. Parts of one reply are written back to back, never interleaved.
+   */
   #send(...parts: Uint8Array[]): void {
-    if (this.#socket.destroyed || !this.#socket.writable) return;
-    // One reply, one piece: cork so the parts leave as a single writev.
-    this.#socket.cork();
-    for (const p of parts) this.#socket.write(p);
-    this.#socket.uncork();
+    const socket = this.#socket;
+    if (socket.destroyed || !socket.writable) return;
+    if (!this.#corked) {
+      this.#corked = true;
+      socket.cork();
+      setImmediate(() => {
+        this.#corked = false;
+        socket.uncork();
+      });
+    }
+    for (const p of parts) socket.write(p);
   }
 
   #replySimple(cookie: Buffer, errno: number, data?: Uint8Array): void {

@@ -81,7 +81,7 @@ export class NbdServer {
       this.#sockets.delete(socket);
       this.#connections.delete(socket);
     });
-    if (socket.remoteFamily) socket.setNoDelay(true);
+    socket.setNoDelay(true);
     const task = this.#serve(socket).catch((err: unknown) => {
       this.#options.log.warn(
         `NBD: connection failed: ${err instanceof Error ? err.message : String(err)}`,

@@ -45,10 +45,8 @@ export interface SupervisorOptions {
 
 interface Generation {
   engine: SupervisedEngine;
-  /** Rejects when this engine is declared crashed, so hung operations end. */
-  crashed: Promise<never>;
-  crash: (err: Error) => void;
-  inflight: Set<number>;
+  /** Operations under way, by id, with the start time and how to end them if the engine dies. */
+  inflight: Map<number, { startMs: number; reject: (err: Error) => void }>;
   dead: boolean;
 }
 
@@ -100,10 +98,7 @@ export class Supervisor implements BlockDevice {
   }
 
   #generation(engine: SupervisedEngine): Generation {
-    let crash!: (err: Error) => void;
-    const crashed = new Promise<never>((_, reject) => (crash = reject));
-    crashed.catch(() => undefined);
-    return { engine, crashed, crash, inflight: new Set(), dead: false };
+    return { engine, inflight: new Map(), dead: false };
   }
 
   capabilities(): Capabilities {
@@ -114,7 +109,6 @@ export class Supervisor implements BlockDevice {
 
   #drained: (() => void) | undefined;
   #nextOpId = 0;
-  readonly #opStart = new Map<number, number>();
 
   async #run<T>(what: string, fn: (engine: SupervisedEngine) => Promise<T>): Promise<T> {
     if (this.#stopped)
@@ -122,10 +116,12 @@ export class Supervisor implements BlockDevice {
     const gen = this.#current ?? (await this.#ready);
     if (gen.dead) return this.#run(what, fn);
     const id = this.#nextOpId++;
-    this.#opStart.set(id, this.#options.clock.nowMs());
-    gen.inflight.add(id);
     try {
-      return await Promise.race([fn(gen.engine), gen.crashed]);
+      // Not Promise.race with a long-lived promise: every race would leave a reaction on it.
+      return await new Promise<T>((resolve, reject) => {
+        gen.inflight.set(id, { startMs: this.#options.clock.nowMs(), reject });
+        fn(gen.engine).then(resolve, reject);
+      });
     } catch (err) {
       if (err instanceof CorralError) throw err;
       this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
@@ -138,7 +134,6 @@ export class Supervisor implements BlockDevice {
       );
     } finally {
       gen.inflight.delete(id);
-      this.#opStart.delete(id);
       if (gen.inflight.size === 0) this.#drained?.();
     }
   }
@@ -147,9 +142,8 @@ export class Supervisor implements BlockDevice {
     const gen = this.#current;
     if (!gen || gen.dead) return;
     const now = this.#options.clock.nowMs();
-    for (const id of gen.inflight) {
-      const started = this.#opStart.get(id);
-      if (started !== undefined && now - started > this.#options.hangTimeoutMs) {
+    for (const op of gen.inflight.values()) {
+      if (now - op.startMs > this.#options.hangTimeoutMs) {
         this.#crashed(
           gen,
           new Error(`an operation has not completed in ${this.#options.hangTimeoutMs} ms`),
@@ -162,11 +156,14 @@ export class Supervisor implements BlockDevice {
   #crashed(gen: Generation, err: Error): void {
     if (gen.dead) return;
     gen.dead = true;
-    gen.crash(
-      new CorralError('ENGINE_FAILED', `engine of volume ${this.volume} failed: ${err.message}`, {
+    const failure = new CorralError(
+      'ENGINE_FAILED',
+      `engine of volume ${this.volume} failed: ${err.message}`,
+      {
         cause: err,
-      }),
+      },
     );
+    for (const op of gen.inflight.values()) op.reject(failure);
     gen.engine.abandon();
     this.#current = undefined;
     this.#options.onEvent?.({ type: 'engine-crashed', volume: this.volume, message: err.message });

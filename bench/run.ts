@@ -1,0 +1,198 @@
+/**
+ * `npm run bench`: fio over NBD against Corral (a 1-replica volume) and, in
+ * the same run on the same disk, against nbdkit and qemu-nbd serving a file.
+ * Prints IOPS/bandwidth and the ratios, and rewrites the results table in
+ * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DaemonProcess, ROOT } from '../test/helpers/daemon.ts';
+import { mustRun, waitFor } from '../test/helpers/run.ts';
+
+const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
+const SIZE = '1G';
+
+interface Job {
+  name: string;
+  rw: string;
+  bs: string;
+  iodepth: number;
+  metric: 'iops' | 'bw';
+}
+
+const JOBS: Job[] = [
+  { name: '4k randread QD32', rw: 'randread', bs: '4k', iodepth: 32, metric: 'iops' },
+  { name: '4k randwrite QD32', rw: 'randwrite', bs: '4k', iodepth: 32, metric: 'iops' },
+  { name: '1M read QD8', rw: 'read', bs: '1M', iodepth: 8, metric: 'bw' },
+  { name: '1M write QD8', rw: 'write', bs: '1M', iodepth: 8, metric: 'bw' },
+];
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitPort(port: number): Promise<void> {
+  await waitFor(
+    `port ${port}`,
+    () =>
+      new Promise<true | undefined>((resolve) => {
+        const c = net.connect(port, '127.0.0.1', () => {
+          c.destroy();
+          resolve(true);
+        });
+        c.on('error', () => resolve(undefined));
+      }),
+  );
+}
+
+async function fio(uri: string, job: Job): Promise<number> {
+  const { stdout } = await mustRun(
+    'fio',
+    [
+      `--name=${job.rw}`,
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      `--rw=${job.rw}`,
+      `--bs=${job.bs}`,
+      `--iodepth=${job.iodepth}`,
+      `--size=${SIZE}`,
+      '--time_based',
+      `--runtime=${RUNTIME_S}`,
+      '--ramp_time=1',
+      '--output-format=json',
+    ],
+    { timeoutMs: (RUNTIME_S + 120) * 1000 },
+  );
+  const j = (
+    JSON.parse(stdout.slice(stdout.indexOf('{'))) as {
+      jobs: Array<Record<'read' | 'write', { iops: number; bw_bytes: number }>>;
+    }
+  ).jobs[0]!;
+  const side = job.rw.includes('write') ? j.write : j.read;
+  return job.metric === 'iops' ? side.iops : side.bw_bytes / 1e6;
+}
+
+async function prefill(uri: string): Promise<void> {
+  await mustRun(
+    'fio',
+    [
+      '--name=fill',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=write',
+      '--bs=1M',
+      '--iodepth=8',
+      `--size=${SIZE}`,
+    ],
+    {
+      timeoutMs: 600_000,
+    },
+  );
+}
+
+async function main(): Promise<void> {
+  const dir = await fs.promises.mkdtemp(path.join(ROOT, '.bench-'));
+  const children: ChildProcess[] = [];
+  const results = new Map<string, number[]>();
+  let corral: DaemonProcess | undefined;
+  try {
+    corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
+    await corral.createVolume('bench', SIZE);
+    const file = path.join(dir, 'baseline.img');
+    await mustRun('truncate', ['-s', SIZE, file]);
+
+    const nbdkitPort = await freePort();
+    children.push(
+      spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(nbdkitPort), 'file', file], {
+        stdio: 'ignore',
+      }),
+    );
+    const qemuPort = await freePort();
+    const qemuFile = path.join(dir, 'qemu.img');
+    await mustRun('truncate', ['-s', SIZE, qemuFile]);
+    children.push(
+      spawn(
+        'qemu-nbd',
+        [
+          '-f',
+          'raw',
+          '-b',
+          '127.0.0.1',
+          '-p',
+          String(qemuPort),
+          '-x',
+          'bench',
+          '--persistent',
+          '--shared=8',
+          qemuFile,
+        ],
+        { stdio: 'ignore' },
+      ),
+    );
+    await waitPort(nbdkitPort);
+    await waitPort(qemuPort);
+
+    const targets: Array<[string, string]> = [
+      ['corral', corral.uri('bench')],
+      ['nbdkit', `nbd://127.0.0.1:${nbdkitPort}/`],
+      ['qemu-nbd', `nbd://127.0.0.1:${qemuPort}/bench`],
+    ];
+    for (const [, uri] of targets) await prefill(uri);
+    for (const job of JOBS) {
+      const row: number[] = [];
+      for (const [name, uri] of targets) {
+        const value = await fio(uri, job);
+        row.push(value);
+        console.error(
+          `${job.name.padEnd(18)} ${name.padEnd(9)} ${value.toFixed(0)} ${job.metric === 'iops' ? 'IOPS' : 'MB/s'}`,
+        );
+      }
+      results.set(job.name, row);
+    }
+  } finally {
+    for (const c of children) c.kill('SIGTERM');
+    await corral?.stop('SIGTERM');
+    await fs.promises.rm(dir, { recursive: true, force: true });
+  }
+
+  const lines = [
+    `| job | Corral | nbdkit file | qemu-nbd | Corral / nbdkit | Corral / qemu-nbd |`,
+    `| --- | ---: | ---: | ---: | ---: | ---: |`,
+  ];
+  for (const job of JOBS) {
+    const [c, k, q] = results.get(job.name)!;
+    const unit = job.metric === 'iops' ? ' IOPS' : ' MB/s';
+    lines.push(
+      `| ${job.name} | ${c!.toFixed(0)}${unit} | ${k!.toFixed(0)}${unit} | ${q!.toFixed(0)}${unit} | ${(c! / k!).toFixed(2)} | ${(c! / q!).toFixed(2)} |`,
+    );
+  }
+  const table = lines.join('\n');
+  console.log(table);
+  const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores, fio ioengine=nbd over TCP loopback, ${SIZE} volume/file, ${RUNTIME_S} s per job).`;
+  const doc = path.join(ROOT, 'docs', 'PERFORMANCE.md');
+  const text = await fs.promises.readFile(doc, 'utf8').catch(() => '');
+  const begin = '<!-- bench:begin -->';
+  const end = '<!-- bench:end -->';
+  if (text.includes(begin) && text.includes(end)) {
+    const updated =
+      text.slice(0, text.indexOf(begin) + begin.length) +
+      `\n${stamp}\n\n${table}\n` +
+      text.slice(text.indexOf(end));
+    await fs.promises.writeFile(doc, updated);
+    console.log(`\nupdated ${path.relative(ROOT, doc)}`);
+  }
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exit(1);
+});
