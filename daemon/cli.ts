@@ -78,6 +78,9 @@ async function runDaemon(args: string[]): Promise<void> {
   if (!Number.isFinite(config.hangTimeoutMs) || config.hangTimeoutMs < 100) {
     throw new UsageError('--hang-timeout takes milliseconds, at least 100');
   }
+  // A daemon outlives whoever reads its output: a closed pipe must not kill it (EPIPE).
+  process.stdout.on('error', () => undefined);
+  process.stderr.on('error', () => undefined);
   const log = (line: string): void => console.error(`${new Date().toISOString()} ${line}`);
   const daemon = await startDaemon(config, log);
   // One machine-readable line on stdout: tests and scripts wait for it.

@@ -70,7 +70,7 @@ export class DaemonProcess {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stderr = '';
-    child.stderr!.on('data', (d: Buffer) => {
+    child.stderr.on('data', (d: Buffer) => {
       stderr += d.toString();
       if (process.env.CORRAL_TEST_VERBOSE) process.stderr.write(d);
     });
@@ -81,7 +81,7 @@ export class DaemonProcess {
           child.kill('SIGKILL');
           reject(new Error(`daemon did not become ready in 60 s\n${stderr}`));
         }, 60_000);
-        child.stdout!.on('data', (d: Buffer) => {
+        child.stdout.on('data', (d: Buffer) => {
           out += d.toString();
           const line = out.split('\n').find((l) => l.startsWith('ready '));
           if (line) {
@@ -96,7 +96,7 @@ export class DaemonProcess {
       },
     );
     const daemon = new DaemonProcess({ ...options, dataDir }, child, ready);
-    child.stderr!.on('data', (d: Buffer) => (daemon.stderr += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (daemon.stderr += d.toString()));
     daemon.stderr = stderr;
     return daemon;
   }

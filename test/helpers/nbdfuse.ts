@@ -23,7 +23,7 @@ export class NbdFuseLoop {
     const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-nbdfuse-'));
     const child = spawn('nbdfuse', [dir, uri], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
-    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     const file = path.join(dir, 'nbd');
     await waitFor(`nbdfuse to show ${file} (${stderr})`, async () => {
       if (child.exitCode !== null) throw new Error(`nbdfuse exited: ${stderr}`);
