@@ -11,6 +11,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
 
   corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH]
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
+                [--nbd-handshake-timeout MS] [--nbd-max-connections N]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume ls [--json] | get NAME [--json]
   corral volume attach NAME | detach NAME [--force] | rm NAME [--force]
@@ -58,6 +59,8 @@ async function runDaemon(args: string[]): Promise<void> {
       peer: { type: 'string', multiple: true },
       'ensure-volume': { type: 'string', multiple: true },
       'hang-timeout': { type: 'string' },
+      'nbd-handshake-timeout': { type: 'string' },
+      'nbd-max-connections': { type: 'string' },
     },
     strict: true,
   });
@@ -68,6 +71,8 @@ async function runDaemon(args: string[]): Promise<void> {
     nbd: parseHostPort(values.nbd ?? '127.0.0.1:10809', '--nbd'),
     nbdSocket: path.resolve(values['nbd-socket'] ?? path.join(dataDir, 'nbd.sock')),
     hangTimeoutMs: Number(values['hang-timeout'] ?? 30_000),
+    nbdHandshakeTimeoutMs: Number(values['nbd-handshake-timeout'] ?? 10_000),
+    nbdMaxConnections: Number(values['nbd-max-connections'] ?? 256),
     faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
@@ -77,6 +82,12 @@ async function runDaemon(args: string[]): Promise<void> {
   };
   if (!Number.isFinite(config.hangTimeoutMs) || config.hangTimeoutMs < 100) {
     throw new UsageError('--hang-timeout takes milliseconds, at least 100');
+  }
+  if (!Number.isFinite(config.nbdHandshakeTimeoutMs) || config.nbdHandshakeTimeoutMs < 100) {
+    throw new UsageError('--nbd-handshake-timeout takes milliseconds, at least 100');
+  }
+  if (!Number.isInteger(config.nbdMaxConnections) || config.nbdMaxConnections < 1) {
+    throw new UsageError('--nbd-max-connections takes a whole number, at least 1');
   }
   // A daemon outlives whoever reads its output: a closed pipe must not kill it (EPIPE).
   process.stdout.on('error', () => undefined);

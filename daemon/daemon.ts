@@ -17,6 +17,8 @@ export interface DaemonConfig {
   nbd: { host: string; port: number };
   nbdSocket: string;
   hangTimeoutMs: number;
+  nbdHandshakeTimeoutMs: number;
+  nbdMaxConnections: number;
   faultInjection: boolean;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
@@ -75,6 +77,8 @@ export async function startDaemon(
   const nbd = new NbdServer({
     exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
     log: { warn: (m) => log(`warn: ${m}`) },
+    handshakeTimeoutMs: config.nbdHandshakeTimeoutMs,
+    maxConnections: config.nbdMaxConnections,
   });
   late.nbd = nbd;
   const nbdAddr = await nbd.listenTcp(config.nbd.host, config.nbd.port);

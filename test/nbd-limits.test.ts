@@ -1,0 +1,61 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import { DaemonProcess } from './helpers/daemon.ts';
+import { CMD, RawNbd } from './helpers/nbd-client.ts';
+import { mustRun } from './helpers/run.ts';
+
+describe('NBD connection limits and multi-conn', () => {
+  let daemon: DaemonProcess;
+  before(async () => {
+    daemon = await DaemonProcess.start({
+      args: ['--nbd-handshake-timeout', '500', '--nbd-max-connections', '3'],
+    });
+    await daemon.createVolume('v', '16M');
+  });
+  after(() => daemon.cleanup());
+
+  it('drops a client that does not finish the handshake in time', async () => {
+    const c = await RawNbd.connect({ port: daemon.nbdPort });
+    await c.read(18);
+    await c.waitClosed(5_000);
+  });
+
+  it('refuses connections past the limit, and serves again once they go', async () => {
+    const held = await Promise.all([0, 1, 2].map(() => RawNbd.connect({ port: daemon.nbdPort })));
+    for (const h of held) {
+      await h.greet();
+      await h.go('v'); // in transmission: the handshake deadline no longer applies
+    }
+    const extra = await RawNbd.connect({ port: daemon.nbdPort });
+    // Refused at once: closed before any greeting (a timed-out handshake would have had one).
+    await assert.rejects(() => extra.read(18, 5_000), /connection closed with 0\/18 bytes/);
+    for (const h of held) h.close();
+    for (const h of held) await h.waitClosed();
+    await mustRun('qemu-io', ['-f', 'raw', daemon.uri('v'), '-c', 'read 0 4096']);
+  });
+
+  it('a FLUSH on one connection makes writes completed on another durable (SIGKILL test)', async () => {
+    const a = await RawNbd.connect({ port: daemon.nbdPort });
+    await a.greet();
+    await a.go('v');
+    const b = await RawNbd.connect({ port: daemon.nbdPort });
+    await b.greet();
+    await b.go('v');
+    const data = randomBytes(256 * 1024);
+    a.request(CMD.WRITE, 1024 * 1024, data.length, { payload: data });
+    assert.equal((await a.reply()).error, 0);
+    b.request(CMD.FLUSH, 0, 0);
+    assert.equal((await b.reply()).error, 0);
+    await daemon.kill();
+    a.close();
+    b.close();
+    daemon = await daemon.restart();
+    const c = await RawNbd.connect({ port: daemon.nbdPort });
+    await c.greet();
+    await c.go('v', { structured: false });
+    c.request(CMD.READ, 1024 * 1024, data.length);
+    assert.ok((await c.reply(data.length)).data.equals(data));
+    c.close();
+  });
+});
