@@ -62,8 +62,11 @@ export class ByteQueue {
     await new Promise<void>((resolve, reject) => (this.#waiter = { need, resolve, reject }));
   }
 
-  /** Exactly `n` bytes; a view into the socket's chunk where possible (chunks are never reused). */
-  async read(n: number): Promise<Buffer> {
+  /**
+   * Exactly `n` bytes; a view into the socket's chunk where possible (chunks
+   * are never reused), else a buffer from `allocate`.
+   */
+  async read(n: number, allocate: (n: number) => Buffer = Buffer.allocUnsafe): Promise<Buffer> {
     await this.#wait(n);
     const first = this.#chunks[0]!;
     let out: Buffer;
@@ -71,7 +74,7 @@ export class ByteQueue {
       out = first.subarray(this.#head, this.#head + n);
       this.#consume(n);
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = allocate(n);
       let filled = 0;
       while (filled < n) {
         const chunk = this.#chunks[0]!;

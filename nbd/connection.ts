@@ -1,6 +1,7 @@
 import type { Socket } from 'node:net';
 import { isCorralError } from '../common/errors.ts';
 import { MAX_REQUEST_BYTES, type BlockDevice, type Extent } from '../replication/block-device.ts';
+import type { BufferPool } from './buffer-pool.ts';
 import type { ByteQueue } from './byte-queue.ts';
 import type { Negotiated } from './handshake.ts';
 import * as P from './protocol.ts';
@@ -78,7 +79,16 @@ export class NbdConnection {
   #wakeReader: (() => void) | undefined;
   #stopping = false;
 
-  constructor(socket: Socket, queue: ByteQueue, negotiated: Negotiated, log: ConnectionLog) {
+  readonly #pool: BufferPool;
+
+  constructor(
+    socket: Socket,
+    queue: ByteQueue,
+    negotiated: Negotiated,
+    log: ConnectionLog,
+    pool: BufferPool,
+  ) {
+    this.#pool = pool;
     this.#socket = socket;
     this.#queue = queue;
     this.#device = negotiated.device;
@@ -163,7 +173,7 @@ export class NbdConnection {
           () => this.#inflightBytes === 0 || this.#inflightBytes + length <= MAX_INFLIGHT_BYTES,
         );
         try {
-          payload = await this.#queue.read(length);
+          payload = await this.#queue.read(length, (n) => this.#pool.acquire(n));
         } catch {
           break; // disconnected mid-write: the partial request is dropped
         }
@@ -238,6 +248,7 @@ export class NbdConnection {
         case P.CMD_WRITE:
           if (outOfRange) throw new NbdRequestError(P.ENOSPC, rangeMessage);
           await this.#device.write(offset, payload!, { fua });
+          this.#pool.release(payload!);
           break;
         case P.CMD_FLUSH:
           await this.#device.flush();

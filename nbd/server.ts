@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import { BufferPool } from './buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdConnection, type ConnectionLog } from './connection.ts';
 import { negotiate, ProtocolError, type ExportProvider } from './handshake.ts';
@@ -24,6 +25,8 @@ export class NbdServer {
   readonly #sockets = new Set<net.Socket>();
   readonly #connections = new Map<net.Socket, NbdConnection>();
   readonly #running = new Set<Promise<void>>();
+  /** Large request buffers, shared by all connections. */
+  readonly #pool = new BufferPool(256 * 1024 * 1024);
 
   constructor(options: NbdServerOptions) {
     this.#options = { maxConnections: 256, handshakeTimeoutMs: 10_000, ...options };
@@ -115,7 +118,7 @@ export class NbdServer {
       socket.end();
       return;
     }
-    const connection = new NbdConnection(socket, queue, negotiated, this.#options.log);
+    const connection = new NbdConnection(socket, queue, negotiated, this.#options.log, this.#pool);
     this.#connections.set(socket, connection);
     await connection.run();
   }
