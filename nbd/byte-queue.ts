@@ -66,7 +66,10 @@ export class ByteQueue {
    * Exactly `n` bytes; a view into the socket's chunk where possible (chunks
    * are never reused), else a buffer from `allocate`.
    */
-  async read(n: number, allocate: (n: number) => Buffer = Buffer.allocUnsafe): Promise<Buffer> {
+  async read(
+    n: number,
+    allocate: (n: number) => Buffer = (size) => Buffer.allocUnsafe(size),
+  ): Promise<Buffer> {
     await this.#wait(n);
     const first = this.#chunks[0]!;
     let out: Buffer;
