@@ -25,6 +25,7 @@ describe('the same sources under Deno 2', () => {
       '--iodepth=32',
       '--size=16m',
       '--verify=crc32c',
+      '--verify_state_save=0',
       '--verify_fatal=1',
       '--output-format=json',
     ]);

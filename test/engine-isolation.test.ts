@@ -53,6 +53,7 @@ describe('a fault in one volume engine does not stop another', () => {
           '--time_based',
           '--runtime=4',
           '--verify=crc32c',
+          '--verify_state_save=0',
           '--verify_fatal=1',
         ],
         { timeoutMs: 120_000 },

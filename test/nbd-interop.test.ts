@@ -170,6 +170,7 @@ describe('NBD interop with real clients', () => {
         '--iodepth=32',
         '--size=32m',
         '--verify=crc32c',
+        '--verify_state_save=0',
         '--verify_fatal=1',
         '--do_verify=1',
         '--randrepeat=0',
