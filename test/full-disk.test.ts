@@ -1,0 +1,67 @@
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { DaemonProcess } from './helpers/daemon.ts';
+import { CMD, NBD_ENOSPC, RawNbd } from './helpers/nbd-client.ts';
+import { mustRun, run } from './helpers/run.ts';
+
+describe('a full disk', () => {
+  let mnt: string;
+  let daemon: DaemonProcess;
+
+  before(async () => {
+    mnt = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-full-'));
+    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mnt]);
+    daemon = await DaemonProcess.start({ dataDir: path.join(mnt, 'data') });
+    await daemon.createVolume('v', '256M'); // sparse: larger than the disk
+  });
+  after(async () => {
+    await daemon.stop('SIGKILL');
+    await run('umount', [mnt]);
+    await fs.promises.rm(mnt, { recursive: true, force: true });
+  });
+
+  it('answers ENOSPC, loses nothing flushed, and writes again once space is back', async () => {
+    const c = await RawNbd.connect({ port: daemon.nbdPort });
+    await c.greet();
+    await c.go('v');
+    const first = Buffer.alloc(1024 * 1024, 0x5e);
+    c.request(CMD.WRITE, 0, first.length, { payload: first });
+    assert.equal((await c.reply()).error, 0);
+    c.request(CMD.FLUSH, 0, 0);
+    assert.equal((await c.reply()).error, 0);
+    // A ballast file takes most of what is left.
+    const ballast = path.join(mnt, 'ballast');
+    await run('fallocate', ['-l', '40m', ballast]);
+    let sawEnospc = false;
+    for (let i = 1; i < 64 && !sawEnospc; i++) {
+      c.request(CMD.WRITE, i * 1024 * 1024, first.length, {
+        payload: Buffer.alloc(first.length, i),
+      });
+      const r = await c.reply();
+      if (r.error !== 0) {
+        assert.equal(r.error, NBD_ENOSPC, 'a full disk is ENOSPC, not EIO');
+        sawEnospc = true;
+      }
+    }
+    assert.ok(sawEnospc, 'the disk filled up');
+    const volume = (
+      await daemon.api_<{ replicas: Array<{ mode: string }> }>('GET', '/v1/volumes/v')
+    ).json;
+    assert.deepEqual(
+      volume.replicas.map((r) => r.mode),
+      ['RW'],
+      'the only replica is not dropped for a full disk',
+    );
+    c.request(CMD.READ, 0, first.length);
+    assert.ok((await c.reply()).data.equals(first), 'flushed data is intact');
+    await fs.promises.rm(ballast);
+    c.request(CMD.WRITE, 200 * 1024 * 1024, 65536, { payload: Buffer.alloc(65536, 0x77) });
+    assert.equal((await c.reply()).error, 0, 'writes work again once space is back');
+    c.request(CMD.FLUSH, 0, 0);
+    assert.equal((await c.reply()).error, 0);
+    c.close();
+  });
+});
