@@ -241,8 +241,14 @@ export class NbdConnection {
           if (length > MAX_REQUEST_BYTES)
             throw new NbdRequestError(P.EINVAL, `read of ${length} bytes exceeds the maximum`);
           if (outOfRange) throw new NbdRequestError(P.EINVAL, rangeMessage);
-          const data = length === 0 ? Buffer.alloc(0) : await this.#device.read(offset, length);
-          this.#replyRead(cookie, offset, data);
+          if (length === 0) {
+            this.#replyRead(cookie, offset, Buffer.alloc(0));
+            return;
+          }
+          const buf = this.#pool.acquire(length);
+          const data = await this.#device.read(offset, length, buf);
+          // Back to the pool once the socket has taken the bytes, and only if the read succeeded.
+          this.#replyRead(cookie, offset, data, () => this.#pool.release(buf));
           return;
         }
         case P.CMD_WRITE:
@@ -296,7 +302,7 @@ export class NbdConnection {
    * one writev: the socket is corked at the first and uncorked once the turn
    * is over. Parts of one reply are written back to back, never interleaved.
    */
-  #send(...parts: Uint8Array[]): void {
+  #send(parts: Uint8Array[], written?: () => void): void {
     const socket = this.#socket;
     if (socket.destroyed || !socket.writable) return;
     if (!this.#corked) {
@@ -307,16 +313,20 @@ export class NbdConnection {
         socket.uncork();
       });
     }
-    for (const p of parts) socket.write(p);
+    const last = parts.length - 1;
+    parts.forEach((p, i) => {
+      if (i === last && written) socket.write(p, (err) => (err ? undefined : written()));
+      else socket.write(p);
+    });
   }
 
-  #replySimple(cookie: Buffer, errno: number, data?: Uint8Array): void {
+  #replySimple(cookie: Buffer, errno: number, data?: Uint8Array, written?: () => void): void {
     const header = Buffer.allocUnsafe(16);
     header.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
     header.writeUInt32BE(errno, 4);
     cookie.copy(header, 8);
-    if (data && data.length > 0) this.#send(header, data);
-    else this.#send(header);
+    if (data && data.length > 0) this.#send([header, data], written);
+    else this.#send([header]);
   }
 
   #chunkHeader(cookie: Buffer, flags: number, type: number, length: number): Buffer {
@@ -329,13 +339,13 @@ export class NbdConnection {
     return header;
   }
 
-  #replyRead(cookie: Buffer, offset: number, data: Uint8Array): void {
+  #replyRead(cookie: Buffer, offset: number, data: Uint8Array, written?: () => void): void {
     if (!this.#structured) {
-      this.#replySimple(cookie, 0, data);
+      this.#replySimple(cookie, 0, data, written);
       return;
     }
     if (data.length === 0) {
-      this.#send(this.#chunkHeader(cookie, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, 0));
+      this.#send([this.#chunkHeader(cookie, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, 0)]);
       return;
     }
     const header = this.#chunkHeader(
@@ -346,7 +356,7 @@ export class NbdConnection {
     );
     const off = Buffer.allocUnsafe(8);
     off.writeBigUInt64BE(BigInt(offset));
-    this.#send(header, off, data);
+    this.#send([header, off, data], written);
   }
 
   #replyBlockStatus(cookie: Buffer, extents: Extent[], one: boolean): void {
@@ -357,10 +367,10 @@ export class NbdConnection {
       payload.writeUInt32BE(Math.min(e.lengthBytes, 0xffffffff), 4 + 8 * i);
       payload.writeUInt32BE((e.hole ? P.STATE_HOLE : 0) | (e.zero ? P.STATE_ZERO : 0), 8 + 8 * i);
     });
-    this.#send(
+    this.#send([
       this.#chunkHeader(cookie, P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, payload.length),
       payload,
-    );
+    ]);
   }
 
   #replyError(command: number, cookie: Buffer, errno: number, message: string): void {
@@ -373,9 +383,9 @@ export class NbdConnection {
     payload.writeUInt32BE(errno, 0);
     payload.writeUInt16BE(text.length, 4);
     text.copy(payload, 6);
-    this.#send(
+    this.#send([
       this.#chunkHeader(cookie, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, payload.length),
       payload,
-    );
+    ]);
   }
 }

@@ -34,7 +34,11 @@ export interface Capabilities {
 }
 
 export interface BlockOps {
-  read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Reads `length` bytes. With `into` (exactly `length` bytes long) the data
+   * lands there and `into` is returned: frontends reuse large buffers.
+   */
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, options?: WriteOptions): Promise<void>;

@@ -108,13 +108,13 @@ export class Engine implements SupervisedEngine {
       throw new CorralError('READ_ONLY', `Cannot ${what}: volume ${this.volume} is read-only`);
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#check('read', offset, length, MAX_REQUEST_BYTES);
     for (;;) {
       const member = this.#members.find((m) => m.mode === 'RW');
       if (!member) throw this.#noReplica('read');
       try {
-        return await member.replica.read(offset, length);
+        return await member.replica.read(offset, length, into);
       } catch (err) {
         this.#fail(member, err);
       }

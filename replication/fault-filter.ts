@@ -27,9 +27,9 @@ export class FaultFilter implements SupervisedEngine {
   capabilities(): Capabilities {
     return this.#next.capabilities();
   }
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     await this.#gate();
-    return this.#next.read(offset, length);
+    return this.#next.read(offset, length, into);
   }
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     await this.#gate();

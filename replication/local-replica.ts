@@ -198,9 +198,13 @@ export class LocalReplica implements Replica {
     assert(!this.#closed, `replica ${this.id} is closed`);
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#checkRange(offset, length);
-    const out = Buffer.allocUnsafe(length);
+    assert(
+      into === undefined || into.length === length,
+      `read buffer of ${into?.length} bytes for ${length}`,
+    );
+    const out = into ?? Buffer.allocUnsafe(length);
     this.#pending++;
     try {
       await this.#readInto(out, 0, offset, length);
@@ -256,11 +260,11 @@ export class LocalReplica implements Replica {
       }
       block++;
     }
-    try {
-      await Promise.all(pending);
-    } catch (err) {
-      throw ioError(`Cannot read replica ${this.id}`, err);
-    }
+    // allSettled: no pread may still be filling `buf` once we return, even on failure
+    // (the engine may retry the read into the same buffer on another replica).
+    const results = await Promise.allSettled(pending);
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed) throw ioError(`Cannot read replica ${this.id}`, failed.reason);
   }
 
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {

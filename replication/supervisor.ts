@@ -200,8 +200,8 @@ export class Supervisor implements BlockDevice {
     }
   }
 
-  read(offset: number, length: number): Promise<Uint8Array> {
-    return this.#run('read', (e) => e.read(offset, length));
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    return this.#run('read', (e) => e.read(offset, length, into));
   }
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     return this.#run('write', (e) => e.write(offset, data, options));
