@@ -13,6 +13,7 @@ export type ErrorCode =
   | 'BUSY'
   | 'READ_ONLY'
   | 'NO_SPACE'
+  | 'LIMIT_REACHED'
   | 'IO_ERROR'
   | 'NO_HEALTHY_REPLICA'
   | 'ENGINE_FAILED'

@@ -11,6 +11,7 @@ const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>
   NOT_FOUND: 404,
   ALREADY_EXISTS: 409,
   BUSY: 409,
+  LIMIT_REACHED: 409,
   NO_SPACE: 507,
   SHUTTING_DOWN: 503,
 };
@@ -72,6 +73,7 @@ export function createApi(options: ApiOptions): Hono {
       size: body.size,
       replicas: body.replicas,
       frontend: body.frontend,
+      fromSnapshot: body.fromSnapshot,
     });
     return c.json(volume, 201);
   });
@@ -86,6 +88,26 @@ export function createApi(options: ApiOptions): Hono {
   app.delete('/v1/volumes/:name', async (c) => {
     await volumes.remove(c.req.param('name'), { force: flag(c.req.query('force')) });
     return c.body(null, 204);
+  });
+
+  app.get('/v1/volumes/:name/snapshots', async (c) =>
+    c.json({ snapshots: await volumes.snapshots(c.req.param('name')) }),
+  );
+  app.post('/v1/volumes/:name/snapshots', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.createSnapshot(c.req.param('name'), body.name), 201);
+  });
+  app.delete('/v1/volumes/:name/snapshots/:snapshot', async (c) => {
+    await volumes.deleteSnapshot(c.req.param('name'), c.req.param('snapshot'));
+    return c.body(null, 204);
+  });
+  app.post('/v1/volumes/:name/snapshots/:snapshot/revert', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(
+      await volumes.revert(c.req.param('name'), c.req.param('snapshot'), {
+        discardNewer: flag(body.discardNewer),
+      }),
+    );
   });
 
   app.get('/v1/events', (c) => {

@@ -6,6 +6,7 @@ import { ApiError, call } from './client.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeInfo } from './volumes.ts';
+import type { SnapshotInfo } from '../replication/replica.ts';
 
 const USAGE = `corral ${VERSION} — distributed block storage
 
@@ -13,6 +14,8 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
+  corral volume create NAME --from-snapshot VOL@SNAP [--size S]
+  corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json]
   corral volume attach NAME | detach NAME [--force] | rm NAME [--force]
   corral events [--volume NAME] [--json]
@@ -127,6 +130,8 @@ async function runClient(args: string[]): Promise<void> {
         size: { type: 'string' },
         replicas: { type: 'string' },
         frontend: { type: 'string' },
+        'from-snapshot': { type: 'string' },
+        'discard-newer': { type: 'boolean' },
       },
       allowPositionals: true,
       strict: true,
@@ -145,11 +150,13 @@ async function runClient(args: string[]): Promise<void> {
       case 'create': {
         const { values, positionals } = parse();
         const name = need(positionals, 'volume name');
-        if (!values.size)
+        if (!values.size && !values['from-snapshot']) {
           throw new UsageError('volume create needs --size, for example --size 10G');
+        }
         const volume = await call<VolumeInfo>(api, 'POST', '/v1/volumes', {
           name,
-          size: values.size,
+          ...(values.size ? { size: values.size } : {}),
+          ...(values['from-snapshot'] ? { fromSnapshot: values['from-snapshot'] } : {}),
           ...(values.replicas ? { replicas: Number(values.replicas) } : {}),
           ...(values.frontend ? { frontend: values.frontend } : {}),
         });
@@ -203,6 +210,56 @@ async function runClient(args: string[]): Promise<void> {
           `/v1/volumes/${encodeURIComponent(name)}${values.force ? '?force=true' : ''}`,
         );
         print(values.json === true, { removed: name }, () => `removed ${name}`);
+        return;
+      }
+    }
+  } else if (noun === 'snapshot') {
+    const { values, positionals } = parse();
+    const volume = need(positionals, 'volume name');
+    const base = `/v1/volumes/${encodeURIComponent(volume)}/snapshots`;
+    const snapshotRows = (list: SnapshotInfo[]) =>
+      table([
+        ['NAME', 'CREATED', 'PARENT', 'SIZE'],
+        ...list.map((s) => [s.name, s.createdAt, s.parent ?? '', formatSize(s.allocatedBytes)]),
+      ]);
+    switch (verb) {
+      case 'create': {
+        const snap = await call<SnapshotInfo>(
+          api,
+          'POST',
+          base,
+          positionals[1] ? { name: positionals[1] } : {},
+        );
+        print(values.json === true, snap, () => snapshotRows([snap]));
+        return;
+      }
+      case 'ls': {
+        const { snapshots } = await call<{ snapshots: SnapshotInfo[] }>(api, 'GET', base);
+        print(values.json === true, snapshots, () => snapshotRows(snapshots));
+        return;
+      }
+      case 'rm': {
+        const snap = need(positionals.slice(1), 'snapshot name');
+        await call(api, 'DELETE', `${base}/${encodeURIComponent(snap)}`);
+        print(values.json === true, { removed: snap }, () => `removed snapshot ${volume}@${snap}`);
+        return;
+      }
+      case 'revert': {
+        const snap = need(positionals.slice(1), 'snapshot name');
+        const result = await call<{ removed: string[] }>(
+          api,
+          'POST',
+          `${base}/${encodeURIComponent(snap)}/revert`,
+          {
+            discardNewer: values['discard-newer'] === true,
+          },
+        );
+        print(
+          values.json === true,
+          result,
+          () =>
+            `reverted ${volume} to ${snap}${result.removed.length ? `; removed newer snapshots ${result.removed.join(', ')}` : ''}`,
+        );
         return;
       }
     }

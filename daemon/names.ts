@@ -15,6 +15,28 @@ export function validateVolumeName(name: unknown): string {
   return name;
 }
 
+export function validateSnapshotName(name: unknown): string {
+  if (typeof name !== 'string' || !NAME.test(name)) {
+    throw new CorralError(
+      'INVALID_NAME',
+      `Invalid snapshot name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
+    );
+  }
+  return name;
+}
+
+/** `VOLUME@SNAPSHOT`, as in exports and clone sources. */
+export function parseSnapshotRef(ref: unknown): { volume: string; snapshot: string } {
+  if (typeof ref !== 'string' || ref.split('@').length !== 2) {
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Invalid snapshot reference ${JSON.stringify(ref)}: use VOLUME@SNAPSHOT`,
+    );
+  }
+  const [volume, snapshot] = ref.split('@') as [string, string];
+  return { volume: validateVolumeName(volume), snapshot: validateSnapshotName(snapshot) };
+}
+
 /** Largest volume: offsets stay exact in a double, and the read index stays addressable. */
 export const MAX_VOLUME_BYTES = 64 * 1024 ** 4;
 

@@ -8,7 +8,13 @@ import { FaultFilter, type FaultMode } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
-import { validateVolumeName, validateVolumeSize } from './names.ts';
+import {
+  parseSnapshotRef,
+  validateSnapshotName,
+  validateVolumeName,
+  validateVolumeSize,
+} from './names.ts';
+import type { SnapshotInfo } from '../replication/replica.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -101,12 +107,29 @@ export class VolumeManager {
 
   async create(input: {
     name: unknown;
-    size: unknown;
+    size?: unknown;
     replicas?: unknown;
     frontend?: unknown;
+    fromSnapshot?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
-    const sizeBytes = validateVolumeSize(input.size);
+    let source: BlockDevice | undefined;
+    if (input.fromSnapshot !== undefined) {
+      const ref = parseSnapshotRef(input.fromSnapshot);
+      source = this.#attachedEntry(ref.volume, 'clone it').supervisor.engine?.snapshotDevice(
+        ref.snapshot,
+      );
+      if (!source)
+        throw new CorralError('ENGINE_FAILED', `Volume ${ref.volume} is restarting; try again`);
+    }
+    const sizeBytes =
+      source && input.size === undefined ? source.sizeBytes : validateVolumeSize(input.size);
+    if (source && sizeBytes < source.sizeBytes) {
+      throw new CorralError(
+        'INVALID_SIZE',
+        `A clone needs at least the snapshot's size, ${source.sizeBytes} bytes`,
+      );
+    }
     const replicaCount = input.replicas ?? 1;
     if (
       typeof replicaCount !== 'number' ||
@@ -144,7 +167,11 @@ export class VolumeManager {
         sizeBytes,
         now: new Date(this.#o.clock.nowMs()),
       });
-      await replica.close();
+      try {
+        if (source) await copyAllocated(source, replica);
+      } finally {
+        await replica.close();
+      }
       const record: VolumeRecord = {
         name,
         sizeBytes,
@@ -289,9 +316,76 @@ export class VolumeManager {
     };
   }
 
-  /** The block device of an attached volume, for the frontends. */
+  /** The block device of an attached volume, or of `volume@snapshot` (read-only), for the frontends. */
   device(name: string): BlockDevice | undefined {
-    return this.#attached.get(name)?.supervisor;
+    const at = name.indexOf('@');
+    if (at < 0) return this.#attached.get(name)?.supervisor;
+    try {
+      return this.#attached
+        .get(name.slice(0, at))
+        ?.supervisor.engine?.snapshotDevice(name.slice(at + 1));
+    } catch {
+      return undefined;
+    }
+  }
+
+  #attachedEntry(name: string, what: string): { supervisor: Supervisor } {
+    const entry = this.#attached.get(validateVolumeName(name));
+    if (!entry) {
+      throw new CorralError(
+        'NOT_FOUND',
+        `Volume ${name} is not attached here; attach it to ${what}`,
+      );
+    }
+    return entry;
+  }
+
+  async snapshots(volume: string): Promise<SnapshotInfo[]> {
+    await this.#record(volume);
+    return this.#attachedEntry(volume, 'list its snapshots').supervisor.control(
+      'list snapshots',
+      (e) => e.snapshots(),
+    );
+  }
+
+  async createSnapshot(volume: string, name?: unknown): Promise<SnapshotInfo> {
+    await this.#record(volume);
+    const entry = this.#attachedEntry(volume, 'take a snapshot');
+    const now = new Date(this.#o.clock.nowMs());
+    const snap = name === undefined ? autoSnapshotName(now) : validateSnapshotName(name);
+    const info = await entry.supervisor.control('take a snapshot', (e) => e.snapshot(snap, now));
+    this.#o.events.add({ type: 'snapshot-created', volume, message: snap });
+    return info;
+  }
+
+  async deleteSnapshot(volume: string, name: string): Promise<void> {
+    await this.#record(volume);
+    const snap = validateSnapshotName(name);
+    await this.#attachedEntry(volume, 'delete a snapshot').supervisor.control(
+      `delete snapshot ${snap}`,
+      (e) => e.deleteSnapshot(snap),
+    );
+    this.#o.events.add({ type: 'snapshot-deleted', volume, message: snap });
+  }
+
+  async revert(
+    volume: string,
+    name: string,
+    options: { discardNewer?: boolean },
+  ): Promise<{ removed: string[] }> {
+    await this.#record(volume);
+    const snap = validateSnapshotName(name);
+    const now = new Date(this.#o.clock.nowMs());
+    const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(
+      `revert to ${snap}`,
+      (e) => e.revert(snap, now, options),
+    );
+    this.#o.events.add({
+      type: 'volume-reverted',
+      volume,
+      message: `to ${snap}${removed.length ? `, removed ${removed.join(', ')}` : ''}`,
+    });
+    return { removed };
   }
 
   attachedNames(): string[] {
@@ -316,4 +410,31 @@ export class VolumeManager {
         this.#o.events.add({ type: 'stop-failed', message: String(r.reason) });
     }
   }
+}
+
+function autoSnapshotName(now: Date): string {
+  const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  return `snap-${stamp}-${Math.random().toString(36).slice(2, 6)}`;
+}
+
+/** Copies the allocated blocks of a device into a fresh replica, 1 MiB at a time. */
+async function copyAllocated(source: BlockDevice, target: LocalReplica): Promise<void> {
+  const windowBytes = 256 * 1024 * 1024;
+  const pieceBytes = 1024 * 1024;
+  for (let window = 0; window < source.sizeBytes; window += windowBytes) {
+    let at = window;
+    for (const extent of await source.extents(
+      window,
+      Math.min(windowBytes, source.sizeBytes - window),
+    )) {
+      if (!extent.hole) {
+        for (let off = at; off < at + extent.lengthBytes; off += pieceBytes) {
+          const length = Math.min(pieceBytes, at + extent.lengthBytes - off);
+          await target.write(off, await source.read(off, length));
+        }
+      }
+      at += extent.lengthBytes;
+    }
+  }
+  await target.flush();
 }

@@ -34,6 +34,8 @@ export interface ReplicaRecord {
   sizeBytes: number;
   /** Oldest first; the last one is the head. */
   layers: LayerRecord[];
+  /** A snapshot layer being merged into its child (a delete cut off by a crash resumes). */
+  deleting?: string;
 }
 
 function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
@@ -65,6 +67,7 @@ function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord
     id: field(r, key, 'id', 'string'),
     volume: field(r, key, 'volume', 'string'),
     sizeBytes: field(r, key, 'sizeBytes', 'number'),
+    ...(typeof r.deleting === 'string' ? { deleting: r.deleting } : {}),
     layers: layers.map((l: unknown, i) => {
       if (typeof l !== 'object' || l === null) {
         throw new CorralError('CORRUPT_METADATA', `record ${key}: layer ${i} is not an object`);

@@ -58,16 +58,16 @@ export class NbdServer {
     return server;
   }
 
-  /** Open connections to one export. */
+  /** Open connections to a volume's export and to its snapshots' (`name@snapshot`). */
   connectionsTo(name: string): number {
     let n = 0;
-    for (const c of this.#connections.values()) if (c.name === name) n++;
+    for (const c of this.#connections.values()) if (sameVolume(c.name, name)) n++;
     return n;
   }
 
-  /** Drops every connection to one export (forced detach). */
+  /** Drops every connection to a volume and its snapshots (forced detach). */
   disconnect(name: string): void {
-    for (const [socket, c] of this.#connections) if (c.name === name) socket.destroy();
+    for (const [socket, c] of this.#connections) if (sameVolume(c.name, name)) socket.destroy();
   }
 
   #accept(socket: net.Socket): void {
@@ -132,4 +132,8 @@ export class NbdServer {
     for (const socket of this.#sockets) socket.destroy();
     await Promise.allSettled([...this.#running]);
   }
+}
+
+function sameVolume(exportName: string, volume: string): boolean {
+  return exportName === volume || exportName.startsWith(`${volume}@`);
 }

@@ -2,13 +2,24 @@ import { assert } from '../common/assert.ts';
 import { CorralError, isCorralError } from '../common/errors.ts';
 import {
   MAX_REQUEST_BYTES,
+  type BlockDevice,
   type Capabilities,
   type Extent,
   type WriteOptions,
   type ZeroOptions,
 } from './block-device.ts';
-import type { Replica, ReplicaMode } from './replica.ts';
+import type { Replica, ReplicaMode, SnapshotInfo } from './replica.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
+
+function isUserError(err: unknown): boolean {
+  return (
+    isCorralError(err, 'NOT_FOUND') ||
+    isCorralError(err, 'ALREADY_EXISTS') ||
+    isCorralError(err, 'BUSY') ||
+    isCorralError(err, 'LIMIT_REACHED') ||
+    isCorralError(err, 'INVALID_ARGUMENT')
+  );
+}
 
 export interface EngineEvent {
   type: 'replica-error';
@@ -41,6 +52,9 @@ export class Engine implements SupervisedEngine {
   readonly #readOnly: boolean;
   readonly #members: Member[];
   readonly #onEvent: (event: EngineEvent) => void;
+  #gate: Promise<void> | undefined;
+  #inflight = 0;
+  readonly #idleWaiters: Array<() => void> = [];
 
   constructor(options: EngineOptions) {
     assert(options.replicas.length > 0, `volume ${options.volume} has no replica`);
@@ -108,7 +122,38 @@ export class Engine implements SupervisedEngine {
       throw new CorralError('READ_ONLY', `Cannot ${what}: volume ${this.volume} is read-only`);
   }
 
-  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+  /**
+   * Every data operation passes here: while a snapshot or revert switches
+   * the chain, new operations wait and those in flight finish first.
+   */
+  async #admit<T>(op: () => Promise<T>): Promise<T> {
+    while (this.#gate) await this.#gate;
+    this.#inflight++;
+    try {
+      return await op();
+    } finally {
+      this.#inflight--;
+      if (this.#inflight === 0) for (const w of this.#idleWaiters.splice(0)) w();
+    }
+  }
+
+  /** Stops admitting operations and waits for those in flight; returns the function that resumes. */
+  async #pause(): Promise<() => void> {
+    while (this.#gate) await this.#gate;
+    let resume!: () => void;
+    this.#gate = new Promise<void>((resolve) => (resume = resolve));
+    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    return () => {
+      this.#gate = undefined;
+      resume();
+    };
+  }
+
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    return this.#admit(() => this.#read(offset, length, into));
+  }
+
+  async #read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#check('read', offset, length, MAX_REQUEST_BYTES);
     for (;;) {
       const member = this.#members.find((m) => m.mode === 'RW');
@@ -124,26 +169,30 @@ export class Engine implements SupervisedEngine {
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     this.#checkWritable('write');
     this.#check('write', offset, data.length, MAX_REQUEST_BYTES);
-    await this.#mirror('write', (r) => r.write(offset, data, options));
+    return this.#admit(() => this.#mirror('write', (r) => r.write(offset, data, options)));
   }
 
-  async flush(): Promise<void> {
-    await this.#mirror('flush', (r) => r.flush());
+  flush(): Promise<void> {
+    return this.#admit(() => this.#mirror('flush', (r) => r.flush()));
   }
 
   async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
     this.#checkWritable('trim');
     this.#check('trim', offset, length);
-    await this.#mirror('trim', (r) => r.trim(offset, length, options));
+    return this.#admit(() => this.#mirror('trim', (r) => r.trim(offset, length, options)));
   }
 
   async zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     this.#checkWritable('write zeroes');
     this.#check('write zeroes', offset, length);
-    await this.#mirror('write zeroes', (r) => r.zero(offset, length, options));
+    return this.#admit(() => this.#mirror('write zeroes', (r) => r.zero(offset, length, options)));
   }
 
-  async extents(offset: number, length: number): Promise<Extent[]> {
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.#admit(() => this.#extents(offset, length));
+  }
+
+  async #extents(offset: number, length: number): Promise<Extent[]> {
     this.#check('map', offset, length);
     for (;;) {
       const member = this.#members.find((m) => m.mode === 'RW');
@@ -162,7 +211,11 @@ export class Engine implements SupervisedEngine {
    * with "no space", the replicas still agree (none holds the write), so the
    * client gets ENOSPC and no replica is dropped.
    */
-  async #mirror(what: string, op: (replica: Replica) => Promise<void>): Promise<void> {
+  async #mirror(
+    what: string,
+    op: (replica: Replica) => Promise<void>,
+    options: { userErrors?: boolean } = {},
+  ): Promise<void> {
     const targets = this.#members.filter((m) => m.mode !== 'ERR');
     if (!targets.some((m) => m.mode === 'RW')) throw this.#noReplica(what);
     const results = await Promise.allSettled(targets.map((m) => op(m.replica)));
@@ -170,6 +223,14 @@ export class Engine implements SupervisedEngine {
       r.status === 'rejected' ? [{ member: targets[i]!, err: r.reason as unknown }] : [],
     );
     if (failures.length === 0) return;
+    // A refusal every replica agrees on (no such snapshot, name taken, busy) is the caller's error.
+    if (
+      options.userErrors &&
+      failures.length === targets.length &&
+      failures.every((f) => isUserError(f.err))
+    ) {
+      throw failures[0]!.err;
+    }
     if (
       failures.length === targets.length &&
       failures.every((f) => isCorralError(f.err, 'NO_SPACE'))
@@ -202,6 +263,87 @@ export class Engine implements SupervisedEngine {
         cause,
       },
     );
+  }
+
+  #firstReadable(what: string): Member {
+    const member = this.#members.find((m) => m.mode === 'RW');
+    if (!member) throw this.#noReplica(what);
+    return member;
+  }
+
+  snapshots(): SnapshotInfo[] {
+    return this.#firstReadable('list snapshots').replica.snapshots();
+  }
+
+  /** A crash-consistent snapshot: I/O pauses while every replica switches its head. */
+  async snapshot(name: string, now: Date): Promise<SnapshotInfo> {
+    const resume = await this.#pause();
+    try {
+      await this.#mirror('take a snapshot', (r) => r.snapshot(name, now), { userErrors: true });
+    } finally {
+      resume();
+    }
+    const info = this.snapshots().find((s) => s.name === name);
+    assert(info, `snapshot ${name} missing after it was taken`);
+    return info;
+  }
+
+  /** Online: the merge runs beside I/O. */
+  async deleteSnapshot(name: string): Promise<void> {
+    await this.#mirror(`delete snapshot ${name}`, (r) => r.deleteSnapshot(name), {
+      userErrors: true,
+    });
+  }
+
+  async revert(
+    name: string,
+    now: Date,
+    options: { discardNewer?: boolean } = {},
+  ): Promise<string[]> {
+    const resume = await this.#pause();
+    try {
+      let removed: string[] = [];
+      await this.#mirror(
+        `revert to ${name}`,
+        async (r) => {
+          removed = await r.revert(name, now, options);
+        },
+        { userErrors: true },
+      );
+      return removed;
+    } finally {
+      resume();
+    }
+  }
+
+  /** A read-only view of one snapshot, for exports and clones. */
+  snapshotDevice(name: string): BlockDevice {
+    if (!this.snapshots().some((s) => s.name === name)) {
+      throw new CorralError('NOT_FOUND', `Volume ${this.volume} has no snapshot named ${name}`);
+    }
+    const readOnly = (what: string) => () =>
+      Promise.reject(
+        new CorralError(
+          'READ_ONLY',
+          `Cannot ${what}: snapshot ${this.volume}@${name} is read-only`,
+        ),
+      );
+    return {
+      sizeBytes: this.sizeBytes,
+      capabilities: () => ({ ...this.capabilities(), readOnly: true }),
+      read: (offset, length, into) => {
+        this.#check('read', offset, length, MAX_REQUEST_BYTES);
+        return this.#firstReadable('read').replica.readSnapshot(name, offset, length, into);
+      },
+      extents: async (offset, length) => {
+        this.#check('map', offset, length);
+        return this.#firstReadable('map').replica.extentsSnapshot(name, offset, length);
+      },
+      write: readOnly('write'),
+      trim: readOnly('trim'),
+      zero: readOnly('write zeroes'),
+      flush: () => Promise.resolve(),
+    };
   }
 
   abandon(): void {

@@ -1,4 +1,11 @@
-import type { Capabilities, Extent, WriteOptions, ZeroOptions } from './block-device.ts';
+import type {
+  BlockDevice,
+  Capabilities,
+  Extent,
+  WriteOptions,
+  ZeroOptions,
+} from './block-device.ts';
+import type { SnapshotInfo } from './replica.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 
 export type FaultMode = 'none' | 'throw' | 'hang';
@@ -59,5 +66,20 @@ export class FaultFilter implements SupervisedEngine {
   }
   replicaModes(): ReplicaStatus[] {
     return this.#next.replicaModes();
+  }
+  snapshots(): SnapshotInfo[] {
+    return this.#next.snapshots();
+  }
+  snapshot(name: string, now: Date): Promise<SnapshotInfo> {
+    return this.#next.snapshot(name, now);
+  }
+  deleteSnapshot(name: string): Promise<void> {
+    return this.#next.deleteSnapshot(name);
+  }
+  revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]> {
+    return this.#next.revert(name, now, options);
+  }
+  snapshotDevice(name: string): BlockDevice {
+    return this.#next.snapshotDevice(name);
   }
 }

@@ -87,6 +87,16 @@ export class LayerMap {
     for (const i of indexes) this.#dirty.add(i);
   }
 
+  hasChunk(index: number): boolean {
+    return this.#chunks[index] !== undefined;
+  }
+
+  /** Whether any block in [start, end) is DATA or ZERO. */
+  anyIn(start: number, end: number): boolean {
+    for (let b = start; b < end; b++) if (this.state(b) !== ABSENT) return true;
+    return false;
+  }
+
   /** Number of blocks this layer holds data for. */
   countData(): number {
     let count = 0;

@@ -3,18 +3,41 @@ import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { assert } from '../common/assert.ts';
 import { CorralError, ioError } from '../common/errors.ts';
+import type { KvBatch } from '../kv/kv.ts';
 import { bitmapKey, type LayerRecord, type ReplicaRecord, type Spaces } from '../kv/spaces.ts';
 import { BLOCK_SIZE, type Extent, type WriteOptions, type ZeroOptions } from './block-device.ts';
 import { closeFd, fdatasync, fsyncDir, preadFull, pwriteFull } from './file-io.ts';
-import { ABSENT, DATA, LayerMap, ReadIndex, UNRESOLVED, ZERO, ZERO_SOURCE } from './layer-map.ts';
+import {
+  ABSENT,
+  BLOCKS_PER_CHUNK,
+  DATA,
+  LayerMap,
+  MAX_LAYERS,
+  ReadIndex,
+  UNRESOLVED,
+  ZERO,
+  ZERO_SOURCE,
+} from './layer-map.ts';
 import { RangeLock } from './range-lock.ts';
-import type { Replica } from './replica.ts';
+import type { Replica, SnapshotInfo } from './replica.ts';
 
 interface OpenLayer {
   record: LayerRecord;
   fd: number;
   map: LayerMap;
+  /** Stable number of this layer while the replica is open: what the read index stores. */
+  slot: number;
 }
+
+/**
+ * Snapshots per replica. Each layer is one open file and 16 bits in the
+ * read index name a layer, so this stays far below both the fd limit and
+ * MAX_LAYERS; 500 is well past what the chain must serve in constant time.
+ */
+export const MAX_SNAPSHOTS = 500;
+
+/** Blocks copied per step when a snapshot is merged away: big enough to stream, small enough to interleave with I/O. */
+const MERGE_RUN_BLOCKS = 16;
 
 /** Largest zero buffer kept for NO_HOLE write-zeroes: never one buffer the size of the request. */
 const ZERO_PIECE_BYTES = 1024 * 1024;
@@ -46,14 +69,23 @@ export class LocalReplica implements Replica {
   readonly sizeBytes: number;
   readonly #spaces: Spaces;
   readonly #dir: string;
-  readonly #record: ReplicaRecord;
-  readonly #layers: OpenLayer[];
+  #record: ReplicaRecord;
+  #layers: OpenLayer[];
+  /** Layers by slot; retired ones stay until no I/O can touch them. */
+  readonly #bySlot: Array<OpenLayer | undefined> = [];
+  #retired: OpenLayer[] = [];
+  /** While a snapshot is merged into the head, every write takes the range lock. */
+  #mergeInto: OpenLayer | undefined;
+  /** Open read-only snapshot exports: the chain must not change under them. */
+  #views = 0;
   readonly #index: ReadIndex;
   readonly #locks = new RangeLock();
   readonly #blockCount: number;
   #revision: bigint;
   #persistedRevision: bigint;
   #unsynced = new Set<OpenLayer>();
+  /** Metadata changes that must land in the next flush's batch, after its data sync. */
+  readonly #commits: Array<(batch: KvBatch) => void> = [];
   #flushRunning: Promise<void> | undefined;
   #flushNext: Promise<void> | undefined;
   #closed = false;
@@ -74,6 +106,7 @@ export class LocalReplica implements Replica {
     this.id = record.id;
     this.sizeBytes = record.sizeBytes;
     this.#layers = layers;
+    for (const l of layers) this.#bySlot[l.slot] = l;
     this.#blockCount = Math.ceil(record.sizeBytes / BLOCK_SIZE);
     this.#index = new ReadIndex(this.#blockCount);
     this.#revision = revision;
@@ -127,7 +160,7 @@ export class LocalReplica implements Replica {
           fs.open(layerPath(dir, layer.id), 'r+', (err, fd) => (err ? reject(err) : resolve(fd))),
         );
         const map = new LayerMap(blockCount);
-        layers.push({ record: layer, fd, map });
+        layers.push({ record: layer, fd, map, slot: layers.length });
         for (const [key, bytes] of await options.spaces.bitmaps.entries(`${layer.id}/`)) {
           map.load(parseInt(key.slice(layer.id.length + 1), 16), bytes);
         }
@@ -139,7 +172,18 @@ export class LocalReplica implements Replica {
     }
     const rev = await options.spaces.revisions.get(record.id);
     const revision = rev ? Buffer.from(rev).readBigUInt64BE(0) : 0n;
-    return new LocalReplica(options.spaces, dir, record, layers, revision);
+    const replica = new LocalReplica(options.spaces, dir, record, layers, revision);
+    // Layer files no record names were being created or deleted when a crash came.
+    const known = new Set(record.layers.map((l) => `${l.id}.layer`));
+    for (const entry of await fs.promises.readdir(dir)) {
+      if (entry.endsWith('.layer') && !known.has(entry))
+        await fs.promises.rm(path.join(dir, entry), { force: true });
+    }
+    if (record.deleting) {
+      const name = record.layers.find((l) => l.id === record.deleting)?.snapshot;
+      if (name) await replica.deleteSnapshot(name);
+    }
+    return replica;
   }
 
   /** Removes the replica's record, bitmaps and files. */
@@ -175,9 +219,10 @@ export class LocalReplica implements Replica {
     if (cached !== UNRESOLVED) return cached;
     let source = ZERO_SOURCE;
     for (let i = this.#layers.length - 1; i >= 0; i--) {
-      const state = this.#layers[i]!.map.state(block);
+      const layer = this.#layers[i]!;
+      const state = layer.map.state(block);
       if (state === DATA) {
-        source = i + 1;
+        source = layer.slot + 1;
         break;
       }
       if (state === ZERO) break;
@@ -216,10 +261,20 @@ export class LocalReplica implements Replica {
 
   #leave(): void {
     this.#pending--;
-    if (this.#pending === 0 && this.#closed && !this.#fdsClosed) {
+    if (this.#pending !== 0) return;
+    for (const l of this.#retired.splice(0)) closeFd(l.fd).catch(() => undefined);
+    if (this.#closed && !this.#fdsClosed) {
       this.#fdsClosed = true;
       for (const l of this.#layers) closeFd(l.fd).catch(() => undefined);
     }
+  }
+
+  /** Takes a layer out of use; its file descriptor closes once no operation can be using it. */
+  #retire(layer: OpenLayer): void {
+    this.#bySlot[layer.slot] = undefined;
+    this.#retired.push(layer);
+    this.#pending++;
+    this.#leave();
   }
 
   abandon(): void {
@@ -250,8 +305,8 @@ export class LocalReplica implements Replica {
         if (source === ZERO_SOURCE) {
           buf.fill(0, at, at + runLength);
         } else {
-          const layer = this.#layers[source - 1];
-          assert(layer, `read index points at missing layer ${source - 1}`);
+          const layer = this.#bySlot[source - 1];
+          assert(layer, `read index points at missing layer slot ${source - 1}`);
           pending.push(preadFull(layer.fd, buf, at, runLength, runStart));
         }
         if (next === -1) break;
@@ -276,7 +331,7 @@ export class LocalReplica implements Replica {
     const head = this.#head;
     this.#pending++;
     try {
-      if (offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0) {
+      if (offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0 && this.#mergeInto !== head) {
         await pwriteFull(head.fd, data, offset);
       } else {
         const release = await this.#locks.acquire(startBlock, endBlock);
@@ -317,11 +372,10 @@ export class LocalReplica implements Replica {
   }
 
   #markBlocks(startBlock: number, endBlock: number, state: typeof DATA | typeof ZERO): void {
-    const headIndex = this.#layers.length - 1;
     const head = this.#head;
     // On the base layer nothing lies below, so a zeroed block can simply be absent.
-    const stored = state === ZERO && headIndex === 0 ? ABSENT : state;
-    const source = state === DATA ? headIndex + 1 : ZERO_SOURCE;
+    const stored = state === ZERO && this.#layers.length === 1 ? ABSENT : state;
+    const source = state === DATA ? head.slot + 1 : ZERO_SOURCE;
     for (let b = startBlock; b < endBlock; b++) {
       head.map.set(b, stored);
       this.#index.set(b, source);
@@ -358,7 +412,13 @@ export class LocalReplica implements Replica {
             ZERO_PIECE.subarray(0, end - lastFull * BLOCK_SIZE),
           );
         }
-        this.#markBlocks(firstFull, lastFull, ZERO);
+        if (this.#mergeInto === this.#head) {
+          const release = await this.#locks.acquire(firstFull, lastFull);
+          this.#markBlocks(firstFull, lastFull, ZERO);
+          release();
+        } else {
+          this.#markBlocks(firstFull, lastFull, ZERO);
+        }
       }
     }
     if (options?.fua) await this.flush();
@@ -408,10 +468,12 @@ export class LocalReplica implements Replica {
     this.#unsynced.clear();
     const chunks = this.#layers.map((layer) => ({ layer, dirty: layer.map.takeDirty() }));
     const revision = this.#revision;
+    const commits = this.#commits.splice(0);
     this.#pending++;
     try {
       await Promise.all(layers.map((l) => fdatasync(l.fd)));
       const kvBatch = this.#spaces.batch();
+      for (const commit of commits) commit(kvBatch);
       for (const { layer, dirty } of chunks) {
         for (const [index, bytes] of dirty)
           kvBatch.put(this.#spaces.bitmaps, bitmapKey(layer.record.id, index), bytes);
@@ -431,6 +493,311 @@ export class LocalReplica implements Replica {
     } finally {
       this.#leave();
     }
+  }
+
+  /** Runs `prepare` inside the next flush's batch: after the data it depends on is durable. */
+  async #commit(prepare: (batch: KvBatch) => void): Promise<void> {
+    if (this.#closed) throw new CorralError('SHUTTING_DOWN', `replica ${this.id} is closing`);
+    let done = false;
+    this.#commits.push((batch) => {
+      prepare(batch);
+      done = true;
+    });
+    await this.flush();
+    // A replica closed meanwhile flushes nothing: the caller must not act as if it had.
+    if (!done)
+      throw new CorralError(
+        'SHUTTING_DOWN',
+        `replica ${this.id} closed before the change was saved`,
+      );
+  }
+
+  #checkChainIdle(what: string): void {
+    assert(!this.#closed, `replica ${this.id} is closed`);
+    if (this.#mergeInto) {
+      throw new CorralError(
+        'BUSY',
+        `Cannot ${what}: a snapshot of volume ${this.#record.volume} is being deleted; try again when it is done`,
+      );
+    }
+  }
+
+  #snapshotIndex(name: string): number {
+    const i = this.#layers.findIndex((l) => l.record.snapshot === name);
+    if (i < 0)
+      throw new CorralError(
+        'NOT_FOUND',
+        `Volume ${this.#record.volume} has no snapshot named ${name}`,
+      );
+    return i;
+  }
+
+  snapshots(): SnapshotInfo[] {
+    const out: SnapshotInfo[] = [];
+    let parent: string | undefined;
+    for (const l of this.#layers) {
+      const name = l.record.snapshot;
+      if (name === undefined) continue;
+      out.push({
+        name,
+        createdAt: l.record.createdAt,
+        parent,
+        allocatedBytes: l.map.countData() * BLOCK_SIZE,
+      });
+      parent = name;
+    }
+    return out;
+  }
+
+  async #newLayer(now: Date): Promise<OpenLayer> {
+    const record: LayerRecord = { id: randomUUID(), createdAt: now.toISOString() };
+    let slot = this.#bySlot.indexOf(undefined);
+    if (slot < 0) slot = this.#bySlot.length;
+    assert(slot < MAX_LAYERS, `replica ${this.id} has no free layer slot`);
+    try {
+      await createLayerFile(this.#dir, record.id, this.sizeBytes);
+      await fsyncDir(this.#dir);
+      const fd = await new Promise<number>((resolve, reject) =>
+        fs.open(layerPath(this.#dir, record.id), 'r+', (err, fd) =>
+          err ? reject(err) : resolve(fd),
+        ),
+      );
+      return { record, fd, map: new LayerMap(this.#blockCount), slot };
+    } catch (err) {
+      await fs.promises.rm(layerPath(this.#dir, record.id), { force: true });
+      throw ioError(`Cannot create a layer for replica ${this.id}`, err);
+    }
+  }
+
+  /**
+   * Freezes the head as snapshot `name` and starts a new empty head. The
+   * engine has paused I/O. Order: flush (the head's bits are durable), new
+   * file, then the record naming both: a crash before the record leaves an
+   * unnamed file, removed at the next open.
+   */
+  async snapshot(name: string, now: Date): Promise<void> {
+    this.#checkChainIdle('take a snapshot');
+    if (this.#layers.some((l) => l.record.snapshot === name)) {
+      throw new CorralError(
+        'ALREADY_EXISTS',
+        `Volume ${this.#record.volume} already has a snapshot named ${name}`,
+      );
+    }
+    if (this.#layers.length - 1 >= MAX_SNAPSHOTS) {
+      throw new CorralError(
+        'LIMIT_REACHED',
+        `Volume ${this.#record.volume} has ${MAX_SNAPSHOTS} snapshots, the most it may have; delete some first`,
+      );
+    }
+    await this.flush();
+    const layer = await this.#newLayer(now);
+    const layers = this.#record.layers.map((l, i, all) =>
+      i === all.length - 1 ? { ...l, snapshot: name } : l,
+    );
+    const record: ReplicaRecord = { ...this.#record, layers: [...layers, layer.record] };
+    try {
+      await this.#spaces.replicas.put(this.id, record);
+    } catch (err) {
+      await closeFd(layer.fd).catch(() => undefined);
+      await fs.promises.rm(layerPath(this.#dir, layer.record.id), { force: true });
+      throw err;
+    }
+    this.#record = record;
+    this.#head.record = layers[layers.length - 1]!;
+    this.#layers.push(layer);
+    this.#bySlot[layer.slot] = layer;
+  }
+
+  /**
+   * Deletes snapshot `name` online by merging its blocks into its child
+   * (the next layer up): only blocks the child lacks are copied, so space
+   * held by data the child overwrote comes back when the file goes.
+   * Crash safety: the record names the layer being deleted first; copies go
+   * into the child's file with their bits in memory; one flush batch then
+   * persists the child's bits and the chain without the layer; only then is
+   * the file unlinked. A cut-off delete is simply done again at the next open.
+   */
+  async deleteSnapshot(name: string): Promise<void> {
+    this.#checkChainIdle(`delete snapshot ${name}`);
+    const i = this.#snapshotIndex(name);
+    const gone = this.#layers[i]!;
+    const into = this.#layers[i + 1]!;
+    if (this.#record.deleting !== gone.record.id) {
+      const record: ReplicaRecord = { ...this.#record, deleting: gone.record.id };
+      await this.#spaces.replicas.put(this.id, record);
+      this.#record = record;
+    }
+    this.#mergeInto = into;
+    this.#pending++;
+    try {
+      const intoHead = into === this.#head;
+      for (let start = 0; start < this.#blockCount; start += MERGE_RUN_BLOCKS) {
+        if (start % BLOCKS_PER_CHUNK === 0 && !gone.map.hasChunk(start / BLOCKS_PER_CHUNK)) {
+          start += BLOCKS_PER_CHUNK - MERGE_RUN_BLOCKS; // nothing in these 128 MiB
+          continue;
+        }
+        const end = Math.min(start + MERGE_RUN_BLOCKS, this.#blockCount);
+        if (!gone.map.anyIn(start, end)) continue;
+        // Into the head: client writes to these blocks wait, so none is overwritten by old data.
+        const release = intoHead ? await this.#locks.acquire(start, end) : undefined;
+        try {
+          await this.#mergeRun(gone, into, i, start, end);
+        } finally {
+          release?.();
+        }
+      }
+      this.#unsynced.add(into);
+      const keys = await this.#spaces.bitmaps.keys(`${gone.record.id}/`);
+      const record: ReplicaRecord = {
+        id: this.#record.id,
+        volume: this.#record.volume,
+        sizeBytes: this.#record.sizeBytes,
+        layers: this.#record.layers.filter((l) => l.id !== gone.record.id),
+      };
+      await this.#commit((batch) => {
+        for (const key of keys) batch.del(this.#spaces.bitmaps, key);
+        batch.put(this.#spaces.replicas, this.id, record);
+      });
+      this.#record = record;
+      this.#layers.splice(i, 1);
+      this.#retire(gone);
+    } finally {
+      this.#mergeInto = undefined;
+      this.#leave();
+    }
+    await fs.promises.rm(layerPath(this.#dir, gone.record.id), { force: true });
+  }
+
+  async #mergeRun(
+    gone: OpenLayer,
+    into: OpenLayer,
+    goneIndex: number,
+    start: number,
+    end: number,
+  ): Promise<void> {
+    for (let b = start; b < end;) {
+      const state = gone.map.state(b);
+      if (state === ABSENT || into.map.state(b) !== ABSENT) {
+        b++;
+        continue;
+      }
+      if (state === ZERO) {
+        // Above the base the child must keep hiding what lies below.
+        if (goneIndex > 0) into.map.set(b, ZERO);
+        b++;
+        continue;
+      }
+      let e = b + 1;
+      while (e < end && gone.map.state(e) === DATA && into.map.state(e) === ABSENT) e++;
+      const buf = Buffer.allocUnsafe((e - b) * BLOCK_SIZE);
+      await preadFull(gone.fd, buf, 0, buf.length, b * BLOCK_SIZE);
+      await pwriteFull(into.fd, buf, b * BLOCK_SIZE);
+      for (let x = b; x < e; x++) {
+        into.map.set(x, DATA);
+        if (this.#index.get(x) === gone.slot + 1) this.#index.set(x, into.slot + 1);
+      }
+      b = e;
+    }
+  }
+
+  /**
+   * Replaces the head with a new empty head on top of snapshot `name`. The
+   * engine has paused I/O. Snapshots newer than `name` would be lost, so
+   * they are removed only when the caller says so.
+   */
+  async revert(
+    name: string,
+    now: Date,
+    options: { discardNewer?: boolean } = {},
+  ): Promise<string[]> {
+    this.#checkChainIdle(`revert to snapshot ${name}`);
+    const i = this.#snapshotIndex(name);
+    const dropped = this.#layers.slice(i + 1);
+    const newer = dropped.flatMap((l) => (l.record.snapshot ? [l.record.snapshot] : []));
+    if (newer.length > 0 && !options.discardNewer) {
+      throw new CorralError(
+        'BUSY',
+        `Cannot revert volume ${this.#record.volume} to ${name}: snapshots ${newer.join(', ')} are newer and would be deleted; confirm with --discard-newer`,
+      );
+    }
+    const head = await this.#newLayer(now);
+    const record: ReplicaRecord = {
+      ...this.#record,
+      layers: [...this.#record.layers.slice(0, i + 1), head.record],
+    };
+    const keys: string[] = [];
+    for (const l of dropped) keys.push(...(await this.#spaces.bitmaps.keys(`${l.record.id}/`)));
+    await this.#commit((batch) => {
+      for (const key of keys) batch.del(this.#spaces.bitmaps, key);
+      batch.put(this.#spaces.replicas, this.id, record);
+    });
+    this.#record = record;
+    this.#layers = [...this.#layers.slice(0, i + 1), head];
+    this.#bySlot[head.slot] = head;
+    for (const l of dropped) {
+      this.#unsynced.delete(l);
+      this.#retire(l);
+    }
+    this.#index.clear();
+    this.#revision++;
+    for (const l of dropped)
+      await fs.promises.rm(layerPath(this.#dir, l.record.id), { force: true });
+    return newer;
+  }
+
+  /** Reads snapshot `name` as it was taken (read-only exports and clones). */
+  async readSnapshot(
+    name: string,
+    offset: number,
+    length: number,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
+    this.#checkRange(offset, length);
+    const top = this.#snapshotIndex(name);
+    const out = into ?? Buffer.allocUnsafe(length);
+    this.#pending++;
+    try {
+      const end = offset + length;
+      for (let at = offset; at < end;) {
+        const block = Math.floor(at / BLOCK_SIZE);
+        const blockEnd = Math.min((block + 1) * BLOCK_SIZE, end);
+        const layer = this.#sourceBelow(top, block);
+        if (layer) await preadFull(layer.fd, out, at - offset, blockEnd - at, at);
+        else out.fill(0, at - offset, blockEnd - offset);
+        at = blockEnd;
+      }
+    } finally {
+      this.#leave();
+    }
+    return out;
+  }
+
+  /** The layer at or below `top` holding a block, or undefined when it reads as zeros. */
+  #sourceBelow(top: number, block: number): OpenLayer | undefined {
+    for (let i = top; i >= 0; i--) {
+      const layer = this.#layers[i]!;
+      const state = layer.map.state(block);
+      if (state === DATA) return layer;
+      if (state === ZERO) return undefined;
+    }
+    return undefined;
+  }
+
+  extentsSnapshot(name: string, offset: number, length: number): Extent[] {
+    this.#checkRange(offset, length);
+    const top = this.#snapshotIndex(name);
+    const out: Extent[] = [];
+    const end = offset + length;
+    for (let at = offset; at < end;) {
+      const block = Math.floor(at / BLOCK_SIZE);
+      const blockEnd = Math.min((block + 1) * BLOCK_SIZE, end);
+      const hole = this.#sourceBelow(top, block) === undefined;
+      const last = out[out.length - 1];
+      if (last && last.hole === hole) last.lengthBytes += blockEnd - at;
+      else out.push({ lengthBytes: blockEnd - at, hole, zero: hole });
+      at = blockEnd;
+    }
+    return out;
   }
 
   async close(): Promise<void> {

@@ -1,4 +1,13 @@
-import type { BlockOps } from './block-device.ts';
+import type { BlockOps, Extent } from './block-device.ts';
+
+export interface SnapshotInfo {
+  name: string;
+  createdAt: string;
+  /** The snapshot below, if any. */
+  parent: string | undefined;
+  /** Bytes of data this layer holds itself. */
+  allocatedBytes: number;
+}
 
 export type ReplicaMode = 'RW' | 'WO' | 'ERR';
 
@@ -17,4 +26,18 @@ export interface Replica extends BlockOps {
   close(): Promise<void>;
   /** After an engine fault: persist nothing more; release resources once idle. */
   abandon(): void;
+  snapshots(): SnapshotInfo[];
+  /** Freezes the head as a snapshot; the caller has paused I/O. */
+  snapshot(name: string, now: Date): Promise<void>;
+  /** Removes a snapshot online, its data merged into the next layer. */
+  deleteSnapshot(name: string): Promise<void>;
+  /** A new head on top of the snapshot; returns the newer snapshots it removed. The caller has paused I/O. */
+  revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]>;
+  readSnapshot(
+    name: string,
+    offset: number,
+    length: number,
+    into?: Uint8Array,
+  ): Promise<Uint8Array>;
+  extentsSnapshot(name: string, offset: number, length: number): Extent[] | Promise<Extent[]>;
 }

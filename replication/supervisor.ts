@@ -7,7 +7,7 @@ import type {
   WriteOptions,
   ZeroOptions,
 } from './block-device.ts';
-import type { ReplicaMode } from './replica.ts';
+import type { ReplicaMode, SnapshotInfo } from './replica.ts';
 
 export interface ReplicaStatus {
   id: string;
@@ -23,6 +23,11 @@ export interface SupervisedEngine extends BlockDevice {
   /** After a fault: persist nothing more, release resources once idle. */
   abandon(): void;
   replicaModes(): ReplicaStatus[];
+  snapshots(): SnapshotInfo[];
+  snapshot(name: string, now: Date): Promise<SnapshotInfo>;
+  deleteSnapshot(name: string): Promise<void>;
+  revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]>;
+  snapshotDevice(name: string): BlockDevice;
 }
 
 export interface SupervisorEvent {
@@ -219,6 +224,35 @@ export class Supervisor implements BlockDevice {
     return this.#run('map', (e) => e.extents(offset, length));
   }
 
+  #controls = 0;
+  readonly #controlWaiters: Array<() => void> = [];
+
+  /**
+   * Runs a control operation (snapshot, delete, revert) on the current
+   * engine. Not under the hang watchdog: merging a large snapshot is slow
+   * but not stuck. Detach waits for it.
+   */
+  async control<T>(what: string, fn: (engine: SupervisedEngine) => Promise<T> | T): Promise<T> {
+    if (this.#stopped)
+      throw new CorralError('SHUTTING_DOWN', `Cannot ${what}: volume ${this.volume} is detaching`);
+    const gen = this.#current ?? (await this.#ready);
+    this.#controls++;
+    try {
+      return await fn(gen.engine);
+    } catch (err) {
+      if (err instanceof CorralError) throw err;
+      this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
+      throw new CorralError(
+        'ENGINE_FAILED',
+        `Cannot ${what}: the engine of volume ${this.volume} failed and restarts`,
+        { cause: err },
+      );
+    } finally {
+      this.#controls--;
+      if (this.#controls === 0) for (const w of this.#controlWaiters.splice(0)) w();
+    }
+  }
+
   /** Flushes and closes the engine; later calls fail with SHUTTING_DOWN. */
   async stop(): Promise<void> {
     if (this.#stopped) return;
@@ -228,6 +262,8 @@ export class Supervisor implements BlockDevice {
     if (!gen || gen.dead) return;
     // Operations already admitted finish first: closing under them would lose acknowledged writes.
     if (gen.inflight.size > 0) await new Promise<void>((resolve) => (this.#drained = resolve));
+    if (this.#controls > 0)
+      await new Promise<void>((resolve) => this.#controlWaiters.push(resolve));
     await gen.engine.close();
   }
 }
