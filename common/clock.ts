@@ -5,6 +5,7 @@
 export interface Clock {
   nowMs(): number;
   setInterval(fn: () => void, intervalMs: number): { cancel(): void };
+  sleep(ms: number): Promise<void>;
 }
 
 export const systemClock: Clock = {
@@ -14,4 +15,5 @@ export const systemClock: Clock = {
     handle.unref();
     return { cancel: () => clearInterval(handle) };
   },
+  sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
 };

@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
-import { formatSize } from '../common/size.ts';
+import { formatSize, parseSize } from '../common/size.ts';
 import { VERSION } from '../common/version.ts';
 import { ApiError, call } from './client.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
@@ -12,7 +12,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
 
   corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH]
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
-                [--nbd-handshake-timeout MS] [--nbd-max-connections N]
+                [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
@@ -64,6 +64,7 @@ async function runDaemon(args: string[]): Promise<void> {
       'hang-timeout': { type: 'string' },
       'nbd-handshake-timeout': { type: 'string' },
       'nbd-max-connections': { type: 'string' },
+      'merge-rate': { type: 'string' },
     },
     strict: true,
   });
@@ -76,6 +77,7 @@ async function runDaemon(args: string[]): Promise<void> {
     hangTimeoutMs: Number(values['hang-timeout'] ?? 30_000),
     nbdHandshakeTimeoutMs: Number(values['nbd-handshake-timeout'] ?? 10_000),
     nbdMaxConnections: Number(values['nbd-max-connections'] ?? 256),
+    mergeBytesPerSecond: values['merge-rate'] ? parseSize(values['merge-rate']) : undefined,
     faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');

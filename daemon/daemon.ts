@@ -17,6 +17,7 @@ export interface DaemonConfig {
   nbd: { host: string; port: number };
   nbdSocket: string;
   hangTimeoutMs: number;
+  mergeBytesPerSecond: number | undefined;
   nbdHandshakeTimeoutMs: number;
   nbdMaxConnections: number;
   faultInjection: boolean;
@@ -66,6 +67,7 @@ export async function startDaemon(
     events,
     hangTimeoutMs: config.hangTimeoutMs,
     faultInjection: config.faultInjection,
+    mergeBytesPerSecond: config.mergeBytesPerSecond,
     connections: (name) => late.nbd?.connectionsTo(name) ?? 0,
     disconnect: (name) => late.nbd?.disconnect(name),
   });

@@ -6,6 +6,7 @@ import type { BlockDevice } from '../replication/block-device.ts';
 import { Engine } from '../replication/engine.ts';
 import { FaultFilter, type FaultMode } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
+import { copyAllocated } from '../replication/copy.ts';
 import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
 import {
@@ -36,6 +37,8 @@ export interface VolumeManagerOptions {
   events: EventLog;
   hangTimeoutMs: number;
   faultInjection: boolean;
+  /** Bytes per second a snapshot delete may copy; undefined for no limit. */
+  mergeBytesPerSecond: number | undefined;
   /** How many NBD clients use a volume (detach refuses while any do). */
   connections: (name: string) => number;
   disconnect: (name: string) => void;
@@ -196,7 +199,19 @@ export class VolumeManager {
       try {
         for (const id of record.replicaIds) {
           replicas.push(
-            await LocalReplica.open({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id }),
+            await LocalReplica.open({
+              spaces: this.#o.spaces,
+              root: this.#o.replicaRoot,
+              id,
+              ...(this.#o.mergeBytesPerSecond
+                ? {
+                    mergeLimit: {
+                      bytesPerSecond: this.#o.mergeBytesPerSecond,
+                      clock: this.#o.clock,
+                    },
+                  }
+                : {}),
+            }),
           );
         }
       } catch (err) {
@@ -361,10 +376,9 @@ export class VolumeManager {
   async deleteSnapshot(volume: string, name: string): Promise<void> {
     await this.#record(volume);
     const snap = validateSnapshotName(name);
-    await this.#attachedEntry(volume, 'delete a snapshot').supervisor.control(
-      `delete snapshot ${snap}`,
-      (e) => e.deleteSnapshot(snap),
-    );
+    const entry = this.#attachedEntry(volume, 'delete a snapshot');
+    this.#o.events.add({ type: 'snapshot-delete-started', volume, message: snap });
+    await entry.supervisor.control(`delete snapshot ${snap}`, (e) => e.deleteSnapshot(snap));
     this.#o.events.add({ type: 'snapshot-deleted', volume, message: snap });
   }
 
@@ -415,26 +429,4 @@ export class VolumeManager {
 function autoSnapshotName(now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   return `snap-${stamp}-${Math.random().toString(36).slice(2, 6)}`;
-}
-
-/** Copies the allocated blocks of a device into a fresh replica, 1 MiB at a time. */
-async function copyAllocated(source: BlockDevice, target: LocalReplica): Promise<void> {
-  const windowBytes = 256 * 1024 * 1024;
-  const pieceBytes = 1024 * 1024;
-  for (let window = 0; window < source.sizeBytes; window += windowBytes) {
-    let at = window;
-    for (const extent of await source.extents(
-      window,
-      Math.min(windowBytes, source.sizeBytes - window),
-    )) {
-      if (!extent.hole) {
-        for (let off = at; off < at + extent.lengthBytes; off += pieceBytes) {
-          const length = Math.min(pieceBytes, at + extent.lengthBytes - off);
-          await target.write(off, await source.read(off, length));
-        }
-      }
-      at += extent.lengthBytes;
-    }
-  }
-  await target.flush();
 }

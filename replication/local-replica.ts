@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { assert } from '../common/assert.ts';
 import { CorralError, ioError } from '../common/errors.ts';
+import type { Clock } from '../common/clock.ts';
 import type { KvBatch } from '../kv/kv.ts';
 import { bitmapKey, type LayerRecord, type ReplicaRecord, type Spaces } from '../kv/spaces.ts';
 import { BLOCK_SIZE, type Extent, type WriteOptions, type ZeroOptions } from './block-device.ts';
@@ -47,6 +48,8 @@ export interface LocalReplicaOptions {
   spaces: Spaces;
   /** `<data dir>/replicas`: each replica gets a folder `<id>` below it. */
   root: string;
+  /** Limits how fast a snapshot delete copies, so that it does not starve client I/O. */
+  mergeLimit?: { bytesPerSecond: number; clock: Clock };
 }
 
 /**
@@ -77,7 +80,7 @@ export class LocalReplica implements Replica {
   /** While a snapshot is merged into the head, every write takes the range lock. */
   #mergeInto: OpenLayer | undefined;
   /** Open read-only snapshot exports: the chain must not change under them. */
-  #views = 0;
+  #mergeLimit: LocalReplicaOptions['mergeLimit'];
   readonly #index: ReadIndex;
   readonly #locks = new RangeLock();
   readonly #blockCount: number;
@@ -173,6 +176,7 @@ export class LocalReplica implements Replica {
     const rev = await options.spaces.revisions.get(record.id);
     const revision = rev ? Buffer.from(rev).readBigUInt64BE(0) : 0n;
     const replica = new LocalReplica(options.spaces, dir, record, layers, revision);
+    replica.#mergeLimit = options.mergeLimit;
     // Layer files no record names were being created or deleted when a crash came.
     const known = new Set(record.layers.map((l) => `${l.id}.layer`));
     for (const entry of await fs.promises.readdir(dir)) {
@@ -629,6 +633,9 @@ export class LocalReplica implements Replica {
     }
     this.#mergeInto = into;
     this.#pending++;
+    const limit = this.#mergeLimit;
+    const startedMs = limit?.clock.nowMs() ?? 0;
+    let copiedBytes = 0;
     try {
       const intoHead = into === this.#head;
       for (let start = 0; start < this.#blockCount; start += MERGE_RUN_BLOCKS) {
@@ -641,9 +648,14 @@ export class LocalReplica implements Replica {
         // Into the head: client writes to these blocks wait, so none is overwritten by old data.
         const release = intoHead ? await this.#locks.acquire(start, end) : undefined;
         try {
-          await this.#mergeRun(gone, into, i, start, end);
+          copiedBytes += await this.#mergeRun(gone, into, i, start, end);
         } finally {
           release?.();
+        }
+        if (limit) {
+          const aheadMs =
+            (copiedBytes / limit.bytesPerSecond) * 1000 - (limit.clock.nowMs() - startedMs);
+          if (aheadMs > 1) await limit.clock.sleep(aheadMs);
         }
       }
       this.#unsynced.add(into);
@@ -668,13 +680,15 @@ export class LocalReplica implements Replica {
     await fs.promises.rm(layerPath(this.#dir, gone.record.id), { force: true });
   }
 
+  /** Copies what `gone` has and `into` lacks in [start, end); returns the bytes copied. */
   async #mergeRun(
     gone: OpenLayer,
     into: OpenLayer,
     goneIndex: number,
     start: number,
     end: number,
-  ): Promise<void> {
+  ): Promise<number> {
+    let copied = 0;
     for (let b = start; b < end;) {
       const state = gone.map.state(b);
       if (state === ABSENT || into.map.state(b) !== ABSENT) {
@@ -696,8 +710,10 @@ export class LocalReplica implements Replica {
         into.map.set(x, DATA);
         if (this.#index.get(x) === gone.slot + 1) this.#index.set(x, into.slot + 1);
       }
+      copied += buf.length;
       b = e;
     }
+    return copied;
   }
 
   /**
