@@ -14,6 +14,7 @@ import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
 const SIZE = '1G';
+const CHAIN_SNAPSHOTS = 100;
 
 interface Job {
   name: string;
@@ -103,6 +104,7 @@ async function main(): Promise<void> {
   const dir = await fs.promises.mkdtemp(path.join(ROOT, '.bench-'));
   const children: ChildProcess[] = [];
   const results = new Map<string, number[]>();
+  let chainIops = 0;
   let corral: DaemonProcess | undefined;
   try {
     corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
@@ -147,6 +149,20 @@ async function main(): Promise<void> {
       ['qemu-nbd', `nbd://127.0.0.1:${qemuPort}/bench`],
     ];
     for (const [, uri] of targets) await prefill(uri);
+    // A volume whose data is spread over a chain of 100 snapshots, for the read-index row.
+    await corral.createVolume('chain', SIZE);
+    await prefill(corral.uri('chain'));
+    for (let i = 0; i < CHAIN_SNAPSHOTS; i++) {
+      const offsetMiB = (i * 37) % 1000;
+      await mustRun('qemu-io', [
+        '-f',
+        'raw',
+        corral.uri('chain'),
+        '-c',
+        `write -P ${i % 250} ${offsetMiB}M 8M`,
+      ]);
+      await corral.api_('POST', '/v1/volumes/chain/snapshots', { name: `s${i}` });
+    }
     for (const job of JOBS) {
       const row: number[] = [];
       for (const [name, uri] of targets) {
@@ -158,6 +174,11 @@ async function main(): Promise<void> {
       }
       results.set(job.name, row);
     }
+    const chainJob = JOBS[0]!;
+    chainIops = await fio(corral.uri('chain'), chainJob);
+    console.error(
+      `${chainJob.name} over ${CHAIN_SNAPSHOTS} snapshots: ${chainIops.toFixed(0)} IOPS`,
+    );
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -175,6 +196,11 @@ async function main(): Promise<void> {
       `| ${job.name} | ${c!.toFixed(0)}${unit} | ${k!.toFixed(0)}${unit} | ${q!.toFixed(0)}${unit} | ${(c! / k!).toFixed(2)} | ${(c! / q!).toFixed(2)} |`,
     );
   }
+  const flat = results.get(JOBS[0]!.name)![0]!;
+  lines.push(
+    '',
+    `4k randread QD32 on a volume whose data spans ${CHAIN_SNAPSHOTS} snapshots: ${chainIops.toFixed(0)} IOPS, ${(chainIops / flat).toFixed(2)}× the one-layer volume above.`,
+  );
   const table = lines.join('\n');
   console.log(table);
   const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores, fio ioengine=nbd over TCP loopback, ${SIZE} volume/file, ${RUNTIME_S} s per job).`;

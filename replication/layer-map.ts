@@ -87,6 +87,22 @@ export class LayerMap {
     for (const i of indexes) this.#dirty.add(i);
   }
 
+  /** Calls `fn` for every block of chunk `index` that is DATA or ZERO, with its bit index in the chunk. */
+  forEachSet(index: number, fn: (bit: number, state: typeof DATA | typeof ZERO) => void): void {
+    const chunk = this.#chunks[index];
+    if (!chunk) return;
+    for (let byte = 0; byte < BITMAP_BYTES; byte++) {
+      const data = chunk[byte]!;
+      const zero = chunk[BITMAP_BYTES + byte]!;
+      if ((data | zero) === 0) continue;
+      for (let bit = 0; bit < 8; bit++) {
+        const mask = 1 << bit;
+        if (data & mask) fn(byte * 8 + bit, DATA);
+        else if (zero & mask) fn(byte * 8 + bit, ZERO);
+      }
+    }
+  }
+
   hasChunk(index: number): boolean {
     return this.#chunks[index] !== undefined;
   }
@@ -126,8 +142,9 @@ export const MAX_LAYERS = 0xfffe;
 
 /**
  * Maps a block to the newest layer holding it, so that a read costs the same
- * however long the chain. Filled lazily per region; reset where the chain
- * changes under existing entries.
+ * however long the chain. A region (128 MiB of volume) is resolved whole on
+ * its first read, by sweeping each layer's bitmap chunk once, bottom to top;
+ * afterwards writes, merges and reverts keep it exact.
  */
 export class ReadIndex {
   readonly #regions: Array<Uint16Array | undefined>;
@@ -141,14 +158,15 @@ export class ReadIndex {
     return region ? region[block % BLOCKS_PER_CHUNK]! : UNRESOLVED;
   }
 
+  /** Updates a resolved region; an unresolved one is computed whole on its first read. */
   set(block: number, source: number): void {
-    const index = Math.floor(block / BLOCKS_PER_CHUNK);
-    let region = this.#regions[index];
-    if (!region) {
-      region = new Uint16Array(BLOCKS_PER_CHUNK);
-      this.#regions[index] = region;
-    }
-    region[block % BLOCKS_PER_CHUNK] = source;
+    const region = this.#regions[Math.floor(block / BLOCKS_PER_CHUNK)];
+    if (region) region[block % BLOCKS_PER_CHUNK] = source;
+  }
+
+  /** Installs a fully resolved region (every entry a layer or ZERO_SOURCE). */
+  setRegion(index: number, region: Uint16Array): void {
+    this.#regions[index] = region;
   }
 
   clear(): void {

@@ -217,22 +217,21 @@ export class LocalReplica implements Replica {
     return head;
   }
 
-  /** Which source holds a block: a layer index + 1, or ZERO_SOURCE. */
+  /** Which source holds a block: a layer slot + 1, or ZERO_SOURCE. */
   #resolve(block: number): number {
     const cached = this.#index.get(block);
     if (cached !== UNRESOLVED) return cached;
-    let source = ZERO_SOURCE;
-    for (let i = this.#layers.length - 1; i >= 0; i--) {
-      const layer = this.#layers[i]!;
-      const state = layer.map.state(block);
-      if (state === DATA) {
-        source = layer.slot + 1;
-        break;
-      }
-      if (state === ZERO) break;
+    const regionIndex = Math.floor(block / BLOCKS_PER_CHUNK);
+    const region = new Uint16Array(BLOCKS_PER_CHUNK).fill(ZERO_SOURCE);
+    // Oldest first, so that a newer layer's state overrides what lies below it.
+    for (const layer of this.#layers) {
+      const source = layer.slot + 1;
+      layer.map.forEachSet(regionIndex, (bit, state) => {
+        region[bit] = state === DATA ? source : ZERO_SOURCE;
+      });
     }
-    this.#index.set(block, source);
-    return source;
+    this.#index.setRegion(regionIndex, region);
+    return region[block % BLOCKS_PER_CHUNK]!;
   }
 
   #checkRange(offset: number, length: number): void {
