@@ -78,9 +78,10 @@ export function createApi(options: ApiOptions): Hono {
     return c.json(volume, 201);
   });
   app.get('/v1/volumes/:name', async (c) => c.json(await volumes.get(c.req.param('name'))));
-  app.post('/v1/volumes/:name/attach', async (c) =>
-    c.json(await volumes.attach(c.req.param('name'))),
-  );
+  app.post('/v1/volumes/:name/attach', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.attach(c.req.param('name'), { frontend: body.frontend }));
+  });
   app.post('/v1/volumes/:name/detach', async (c) => {
     const body = await jsonBody(c);
     return c.json(await volumes.detach(c.req.param('name'), { force: flag(body.force) }));

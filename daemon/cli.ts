@@ -10,14 +10,14 @@ import type { SnapshotInfo } from '../replication/replica.ts';
 
 const USAGE = `corral ${VERSION} — distributed block storage
 
-  corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH]
+  corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH] [--fuse-mount DIR]
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json]
-  corral volume attach NAME | detach NAME [--force] | rm NAME [--force]
+  corral volume attach NAME [--frontend nbd|fuse] | detach NAME [--force] | rm NAME [--force]
   corral events [--volume NAME] [--json]
 
 The CLI talks to CORRAL_API (default http://127.0.0.1:9500).`;
@@ -74,6 +74,7 @@ async function runDaemon(args: string[]): Promise<void> {
     listen: parseHostPort(values.listen ?? '127.0.0.1:9500', '--listen'),
     nbd: parseHostPort(values.nbd ?? '127.0.0.1:10809', '--nbd'),
     nbdSocket: path.resolve(values['nbd-socket'] ?? path.join(dataDir, 'nbd.sock')),
+    fuseMount: path.resolve(values['fuse-mount'] ?? path.join(dataDir, 'images')),
     hangTimeoutMs: Number(values['hang-timeout'] ?? 30_000),
     nbdHandshakeTimeoutMs: Number(values['nbd-handshake-timeout'] ?? 10_000),
     nbdMaxConnections: Number(values['nbd-max-connections'] ?? 256),
@@ -101,7 +102,7 @@ async function runDaemon(args: string[]): Promise<void> {
   const daemon = await startDaemon(config, log);
   // One machine-readable line on stdout: tests and scripts wait for it.
   console.log(
-    `ready ${JSON.stringify({ api: daemon.api, nbd: daemon.nbd, nbdSocket: daemon.nbdSocket, pid: process.pid })}`,
+    `ready ${JSON.stringify({ api: daemon.api, nbd: daemon.nbd, nbdSocket: daemon.nbdSocket, fuseMount: daemon.fuseMount, pid: process.pid })}`,
   );
   log(
     `corral ${VERSION} serving: API ${daemon.api}, NBD nbd://${daemon.nbd}/<volume>, socket ${daemon.nbdSocket}, data ${dataDir}`,
@@ -198,7 +199,11 @@ async function runClient(args: string[]): Promise<void> {
           api,
           'POST',
           `/v1/volumes/${encodeURIComponent(name)}/${verb}`,
-          verb === 'detach' ? { force: values.force === true } : undefined,
+          verb === 'detach'
+            ? { force: values.force === true }
+            : values.frontend
+              ? { frontend: values.frontend }
+              : undefined,
         );
         print(values.json === true, volume, () => volumeRows([volume]));
         return;

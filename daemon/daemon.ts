@@ -6,6 +6,7 @@ import { VERSION } from '../common/version.ts';
 import { Kv } from '../kv/kv.ts';
 import { openSpaces } from '../kv/spaces.ts';
 import { NbdServer } from '../nbd/server.ts';
+import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
 import { EventLog } from './events.ts';
 import { serveHttp } from './http.ts';
@@ -16,6 +17,8 @@ export interface DaemonConfig {
   listen: { host: string; port: number };
   nbd: { host: string; port: number };
   nbdSocket: string;
+  /** Where the FUSE images appear (Node only). */
+  fuseMount: string;
   hangTimeoutMs: number;
   mergeBytesPerSecond: number | undefined;
   nbdHandshakeTimeoutMs: number;
@@ -46,6 +49,7 @@ export interface RunningDaemon {
   api: string;
   nbd: string;
   nbdSocket: string;
+  fuseMount: string | null;
   stop(): Promise<void>;
 }
 
@@ -59,7 +63,7 @@ export async function startDaemon(
   const events = new EventLog();
   // The NBD server asks the volume manager for exports and the manager asks the server for
   // connection counts: tie the knot through these late-bound functions.
-  const late: { nbd?: NbdServer } = {};
+  const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
   const volumes = new VolumeManager({
     spaces,
     replicaRoot: path.join(config.dataDir, 'replicas'),
@@ -70,6 +74,12 @@ export async function startDaemon(
     mergeBytesPerSecond: config.mergeBytesPerSecond,
     connections: (name) => late.nbd?.connectionsTo(name) ?? 0,
     disconnect: (name) => late.nbd?.disconnect(name),
+    imageHolders: async (name) => {
+      const fuse = late.fuse;
+      if (!fuse || fuse.openCount(name) === 0) return [];
+      const holders = await fuse.holders(name);
+      return holders.length > 0 ? holders : [`${fuse.openCount(name)} open file handle(s)`];
+    },
   });
   await volumes.start();
   for (const v of config.ensureVolumes) {
@@ -85,6 +95,23 @@ export async function startDaemon(
   late.nbd = nbd;
   const nbdAddr = await nbd.listenTcp(config.nbd.host, config.nbd.port);
   await nbd.listenUnix(config.nbdSocket);
+  // fuse-native does not load under Deno: FUSE images are a Node feature.
+  const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
+  let fuse: FuseFrontend | undefined;
+  if (!isDeno) {
+    try {
+      fuse = await FuseFrontend.mount({
+        mountpoint: config.fuseMount,
+        volumes: { names: () => volumes.fuseNames(), device: (name) => volumes.device(name) },
+        log: { warn: (m) => log(`warn: ${m}`) },
+      });
+      late.fuse = fuse;
+    } catch (err) {
+      log(
+        `warn: FUSE images are off: cannot mount ${config.fuseMount}: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    }
+  }
   const app = createApi({
     volumes,
     events,
@@ -98,10 +125,12 @@ export async function startDaemon(
     api: `http://${config.listen.host}:${http.port}`,
     nbd: `${nbdAddr.address}:${nbdAddr.port}`,
     nbdSocket: config.nbdSocket,
+    fuseMount: fuse ? fuse.mountpoint : null,
     stop: () =>
       (stopping ??= (async () => {
         await http.close();
         await nbd.close();
+        await fuse?.unmount();
         await volumes.stop();
         await kv.close();
       })()),

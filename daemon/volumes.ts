@@ -42,6 +42,8 @@ export interface VolumeManagerOptions {
   /** How many NBD clients use a volume (detach refuses while any do). */
   connections: (name: string) => number;
   disconnect: (name: string) => void;
+  /** Who holds a volume's FUSE image open (loop devices, processes); empty when nobody does. */
+  imageHolders: (name: string) => Promise<string[]>;
 }
 
 /** The volumes of this host: their records, and an engine per attached one. */
@@ -53,6 +55,7 @@ export class VolumeManager {
   >();
   /** One lifecycle change per volume at a time (create/attach/detach/rm). */
   readonly #busy = new Set<string>();
+  readonly #frontends = new Map<string, Frontend>();
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
@@ -192,6 +195,7 @@ export class VolumeManager {
   }
 
   async #attach(record: VolumeRecord): Promise<void> {
+    this.#frontends.set(record.name, record.frontend);
     if (this.#attached.has(record.name)) return;
     let fault: FaultFilter | undefined;
     const start = async (): Promise<SupervisedEngine> => {
@@ -244,13 +248,22 @@ export class VolumeManager {
       onEvent: (e) => this.#o.events.add({ type: e.type, volume: e.volume, message: e.message }),
     });
     this.#attached.set(record.name, { supervisor, fault });
+    this.#frontends.set(record.name, record.frontend);
   }
 
-  async attach(name: string): Promise<VolumeInfo> {
+  async attach(name: string, options: { frontend?: unknown } = {}): Promise<VolumeInfo> {
+    const frontend = options.frontend;
+    if (frontend !== undefined && frontend !== 'nbd' && frontend !== 'fuse') {
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Invalid frontend ${JSON.stringify(frontend)}: use nbd or fuse`,
+      );
+    }
     return this.#withLock(name, async () => {
       const record = await this.#record(name);
-      if (!record.attached) {
+      if (!record.attached || (frontend !== undefined && record.frontend !== frontend)) {
         record.attached = true;
+        if (frontend !== undefined) record.frontend = frontend;
         await this.#o.spaces.volumes.put(name, record);
       }
       await this.#attach(record);
@@ -280,8 +293,17 @@ export class VolumeManager {
         `Volume ${record.name} is in use by ${clients} NBD connection${clients === 1 ? '' : 's'}; disconnect them or use --force`,
       );
     }
+    // An open image cannot be forced away: the kernel would see its file vanish under a mount.
+    const holders = await this.#o.imageHolders(record.name);
+    if (holders.length > 0) {
+      throw new CorralError(
+        'BUSY',
+        `Volume ${record.name}'s image is open (${holders.join(', ')}); unmount and detach it first (losetup -d)`,
+      );
+    }
     this.#o.disconnect(record.name);
     this.#attached.delete(record.name);
+    this.#frontends.delete(record.name);
     await entry.supervisor.stop();
   }
 
@@ -404,6 +426,11 @@ export class VolumeManager {
 
   attachedNames(): string[] {
     return [...this.#attached.keys()].sort();
+  }
+
+  /** Attached volumes shown as FUSE images (NBD serves every attached volume). */
+  fuseNames(): string[] {
+    return [...this.#attached.keys()].filter((n) => this.#frontends.get(n) === 'fuse').sort();
   }
 
   setFault(name: string, mode: FaultMode): void {

@@ -18,7 +18,7 @@ describe('a full disk', () => {
     await daemon.createVolume('v', '256M'); // sparse: larger than the disk
   });
   after(async () => {
-    await daemon.stop('SIGKILL');
+    await daemon.cleanup();
     await run('umount', [mnt]);
     await fs.promises.rm(mnt, { recursive: true, force: true });
   });
