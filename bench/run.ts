@@ -100,12 +100,120 @@ async function prefill(uri: string): Promise<void> {
   );
 }
 
+interface LoopJob extends Job {
+  engine: 'libaio' | 'psync';
+}
+
+const LOOP_JOBS: LoopJob[] = [
+  ...JOBS.map((j) => ({ ...j, engine: 'libaio' as const })),
+  ...JOBS.map((j) => ({
+    ...j,
+    engine: 'psync' as const,
+    iodepth: 1,
+    name: j.name.replace(/QD\d+/, 'QD1'),
+  })),
+];
+
+async function fioFile(file: string, job: LoopJob): Promise<number> {
+  const { stdout } = await mustRun(
+    'fio',
+    [
+      `--name=${job.rw}`,
+      `--filename=${file}`,
+      `--ioengine=${job.engine}`,
+      '--direct=1',
+      `--rw=${job.rw}`,
+      `--bs=${job.bs}`,
+      `--iodepth=${job.iodepth}`,
+      `--size=${SIZE}`,
+      '--time_based',
+      `--runtime=${RUNTIME_S}`,
+      '--ramp_time=1',
+      '--output-format=json',
+    ],
+    { timeoutMs: (RUNTIME_S + 120) * 1000 },
+  );
+  const j = (
+    JSON.parse(stdout.slice(stdout.indexOf('{'))) as {
+      jobs: Array<Record<'read' | 'write', { iops: number; bw_bytes: number }>>;
+    }
+  ).jobs[0]!;
+  const side = job.rw.includes('write') ? j.write : j.read;
+  return job.metric === 'iops' ? side.iops : side.bw_bytes / 1e6;
+}
+
+/** fio on a loop device over the FUSE image, against a loop device over the same volume through NBD (nbdfuse). */
+async function fuseBench(corral: DaemonProcess, dir: string): Promise<string> {
+  const created = await corral.api_('POST', '/v1/volumes', {
+    name: 'fuseb',
+    size: SIZE,
+    frontend: 'fuse',
+  });
+  if (created.status !== 201)
+    throw new Error(`cannot create the FUSE volume: ${JSON.stringify(created.json)}`);
+  await prefill(corral.uri('fuseb'));
+  const image = path.join(corral.dataDir, 'images', 'fuseb.img');
+  const nbdDir = path.join(dir, 'nbdfuse');
+  await fs.promises.mkdir(nbdDir);
+  const nbdfuse = spawn('nbdfuse', [nbdDir, corral.uri('fuseb')], { stdio: 'ignore' });
+  const loops: string[] = [];
+  try {
+    await waitFor('nbdfuse', async () =>
+      (await fs.promises.stat(path.join(nbdDir, 'nbd')).catch(() => undefined))?.size
+        ? true
+        : undefined,
+    );
+    for (const file of [image, path.join(nbdDir, 'nbd')]) {
+      // direct-io on both loops: neither side may answer reads from the page cache.
+      loops.push(
+        (await mustRun('losetup', ['--find', '--show', '--direct-io=on', file])).stdout.trim(),
+      );
+    }
+    await mustRun('sync', []);
+    const lines = [
+      '| job (fio on a loop device, direct=1) | over the FUSE image | over NBD (nbdfuse) | FUSE / NBD |',
+      '| --- | ---: | ---: | ---: |',
+    ];
+    for (const job of LOOP_JOBS) {
+      const viaFuse = await fioFile(loops[0]!, job);
+      const viaNbd = await fioFile(loops[1]!, job);
+      const unit = job.metric === 'iops' ? ' IOPS' : ' MB/s';
+      console.error(
+        `${job.engine} ${job.name.padEnd(18)} fuse ${viaFuse.toFixed(0)} nbd ${viaNbd.toFixed(0)}${unit}`,
+      );
+      lines.push(
+        `| ${job.engine} ${job.name} | ${viaFuse.toFixed(0)}${unit} | ${viaNbd.toFixed(0)}${unit} | ${(viaFuse / viaNbd).toFixed(2)} |`,
+      );
+    }
+    return lines.join('\n');
+  } finally {
+    for (const loop of loops) await mustRun('losetup', ['-d', loop]).catch(() => undefined);
+    await mustRun('fusermount', ['-u', nbdDir]).catch(() => undefined);
+    nbdfuse.kill('SIGTERM');
+  }
+}
+
+async function replaceSection(doc: string, name: string, content: string): Promise<boolean> {
+  const text = await fs.promises.readFile(doc, 'utf8').catch(() => '');
+  const begin = `<!-- ${name}:begin -->`;
+  const end = `<!-- ${name}:end -->`;
+  if (!text.includes(begin) || !text.includes(end)) return false;
+  await fs.promises.writeFile(
+    doc,
+    text.slice(0, text.indexOf(begin) + begin.length) +
+      `\n${content}\n` +
+      text.slice(text.indexOf(end)),
+  );
+  return true;
+}
+
 async function main(): Promise<void> {
   const dir = await fs.promises.mkdtemp(path.join(ROOT, '.bench-'));
   const children: ChildProcess[] = [];
   const results = new Map<string, number[]>();
   let chainIops = 0;
   let flatIops = 0;
+  let fuseTable = '';
   let corral: DaemonProcess | undefined;
   try {
     corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
@@ -186,6 +294,7 @@ async function main(): Promise<void> {
     console.error(
       `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,
     );
+    if (process.env.BENCH_FUSE !== '0') fuseTable = await fuseBench(corral, dir);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -211,16 +320,11 @@ async function main(): Promise<void> {
   console.log(table);
   const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores, fio ioengine=nbd over TCP loopback, ${SIZE} volume/file, ${RUNTIME_S} s per job).`;
   const doc = path.join(ROOT, 'docs', 'PERFORMANCE.md');
-  const text = await fs.promises.readFile(doc, 'utf8').catch(() => '');
-  const begin = '<!-- bench:begin -->';
-  const end = '<!-- bench:end -->';
-  if (text.includes(begin) && text.includes(end)) {
-    const updated =
-      text.slice(0, text.indexOf(begin) + begin.length) +
-      `\n${stamp}\n\n${table}\n` +
-      text.slice(text.indexOf(end));
-    await fs.promises.writeFile(doc, updated);
+  if (await replaceSection(doc, 'bench', `${stamp}\n\n${table}`))
     console.log(`\nupdated ${path.relative(ROOT, doc)}`);
+  if (fuseTable) {
+    console.log(`\n${fuseTable}`);
+    await replaceSection(doc, 'bench-fuse', `${stamp}\n\n${fuseTable}`);
   }
 }
 
