@@ -277,6 +277,8 @@ async function main(): Promise<void> {
     for (const job of JOBS) {
       const row: number[] = [];
       for (const [name, uri] of targets) {
+        // Writeback of the previous job's dirty pages must not land on this one.
+        await mustRun('sync', []);
         const value = await fio(uri, job);
         row.push(value);
         console.error(
@@ -287,9 +289,12 @@ async function main(): Promise<void> {
     }
     // The chain row is compared with the one-layer volume measured right beside it, twice.
     const chainJob = JOBS[0]!;
+    await mustRun('sync', []);
     for (let i = 0; i < 2; i++) {
+      // Alternate which goes first, so that neither always meets the other's leftovers.
+      if (i === 0) chainIops += (await fio(corral.uri('chain'), chainJob)) / 2;
       flatIops += (await fio(corral.uri('bench'), chainJob)) / 2;
-      chainIops += (await fio(corral.uri('chain'), chainJob)) / 2;
+      if (i === 1) chainIops += (await fio(corral.uri('chain'), chainJob)) / 2;
     }
     console.error(
       `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,

@@ -193,3 +193,39 @@ describe('FUSE images', () => {
     await mustRun('losetup', ['-d', loop2]);
   });
 });
+
+describe('FUSE images and a faulty engine', () => {
+  it('a hung engine fails its own reads with EIO and never blocks another image', async () => {
+    const d = await DaemonProcess.start({
+      env: { CORRAL_FAULT_INJECTION: '1' },
+      args: ['--hang-timeout', '2000'],
+    });
+    try {
+      for (const name of ['sick', 'well']) {
+        const r = await d.cli(['volume', 'create', name, '--size', '16M', '--frontend', 'fuse']);
+        assert.equal(r.code, 0, r.stderr);
+      }
+      const images = path.join(d.dataDir, 'images');
+      await fs.promises.writeFile(path.join(images, 'well.img'), Buffer.alloc(65536, 0x77), {
+        flag: 'r+',
+      });
+      assert.equal(
+        (await d.api_('POST', '/v1/debug/volumes/sick/fault', { mode: 'hang' })).status,
+        200,
+      );
+      const stuck = run(
+        'dd',
+        [`if=${path.join(images, 'sick.img')}`, 'of=/dev/null', 'bs=4k', 'count=1', 'skip=5'],
+        { timeoutMs: 60_000 },
+      );
+      // Meanwhile the other image answers at once.
+      const data = await fs.promises.readFile(path.join(images, 'well.img'));
+      assert.ok(data.subarray(0, 65536).every((b) => b === 0x77));
+      const result = await stuck;
+      assert.notEqual(result.code, 0);
+      assert.match(result.stderr, /Input\/output error/);
+    } finally {
+      await d.cleanup();
+    }
+  });
+});
