@@ -55,13 +55,13 @@ async function waitPort(port: number): Promise<void> {
   );
 }
 
-async function fio(uri: string, job: Job): Promise<number> {
+/** Runs one fio job with `target` arguments (NBD URI or file) and returns IOPS or MB/s. */
+async function runFio(target: string[], job: Job): Promise<number> {
   const { stdout } = await mustRun(
     'fio',
     [
       `--name=${job.rw}`,
-      '--ioengine=nbd',
-      `--uri=${uri}`,
+      ...target,
       `--rw=${job.rw}`,
       `--bs=${job.bs}`,
       `--iodepth=${job.iodepth}`,
@@ -80,6 +80,10 @@ async function fio(uri: string, job: Job): Promise<number> {
   ).jobs[0]!;
   const side = job.rw.includes('write') ? j.write : j.read;
   return job.metric === 'iops' ? side.iops : side.bw_bytes / 1e6;
+}
+
+function fio(uri: string, job: Job): Promise<number> {
+  return runFio(['--ioengine=nbd', `--uri=${uri}`], job);
 }
 
 async function prefill(uri: string): Promise<void> {
@@ -114,32 +118,8 @@ const LOOP_JOBS: LoopJob[] = [
   })),
 ];
 
-async function fioFile(file: string, job: LoopJob): Promise<number> {
-  const { stdout } = await mustRun(
-    'fio',
-    [
-      `--name=${job.rw}`,
-      `--filename=${file}`,
-      `--ioengine=${job.engine}`,
-      '--direct=1',
-      `--rw=${job.rw}`,
-      `--bs=${job.bs}`,
-      `--iodepth=${job.iodepth}`,
-      `--size=${SIZE}`,
-      '--time_based',
-      `--runtime=${RUNTIME_S}`,
-      '--ramp_time=1',
-      '--output-format=json',
-    ],
-    { timeoutMs: (RUNTIME_S + 120) * 1000 },
-  );
-  const j = (
-    JSON.parse(stdout.slice(stdout.indexOf('{'))) as {
-      jobs: Array<Record<'read' | 'write', { iops: number; bw_bytes: number }>>;
-    }
-  ).jobs[0]!;
-  const side = job.rw.includes('write') ? j.write : j.read;
-  return job.metric === 'iops' ? side.iops : side.bw_bytes / 1e6;
+function fioFile(file: string, job: LoopJob): Promise<number> {
+  return runFio([`--filename=${file}`, `--ioengine=${job.engine}`, '--direct=1'], job);
 }
 
 /** fio on a loop device over the FUSE image, against a loop device over the same volume through NBD (nbdfuse). */
@@ -274,6 +254,21 @@ async function main(): Promise<void> {
     }
     // Dirty pages draining to disk in the background would skew whatever runs first.
     await mustRun('sync', []);
+    // The chain row first, in a quiet system (before the write jobs leave dirty pages behind),
+    // alternating with the one-layer volume three times.
+    const chainJob = JOBS[0]!;
+    await mustRun('sync', []);
+    for (let i = 0; i < 3; i++) {
+      const pair: Array<[string, (v: number) => void]> = [
+        ['chain', (v) => (chainIops += v / 3)],
+        ['bench', (v) => (flatIops += v / 3)],
+      ];
+      if (i % 2 === 1) pair.reverse();
+      for (const [volume, add] of pair) add(await fio(corral.uri(volume), chainJob));
+    }
+    console.error(
+      `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,
+    );
     for (const job of JOBS) {
       const row: number[] = [];
       for (const [name, uri] of targets) {
@@ -287,18 +282,6 @@ async function main(): Promise<void> {
       }
       results.set(job.name, row);
     }
-    // The chain row is compared with the one-layer volume measured right beside it, twice.
-    const chainJob = JOBS[0]!;
-    await mustRun('sync', []);
-    for (let i = 0; i < 2; i++) {
-      // Alternate which goes first, so that neither always meets the other's leftovers.
-      if (i === 0) chainIops += (await fio(corral.uri('chain'), chainJob)) / 2;
-      flatIops += (await fio(corral.uri('bench'), chainJob)) / 2;
-      if (i === 1) chainIops += (await fio(corral.uri('chain'), chainJob)) / 2;
-    }
-    console.error(
-      `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,
-    );
     if (process.env.BENCH_FUSE !== '0') fuseTable = await fuseBench(corral, dir);
   } finally {
     for (const c of children) c.kill('SIGTERM');

@@ -128,19 +128,24 @@ export class Supervisor implements BlockDevice {
         fn(gen.engine).then(resolve, reject);
       });
     } catch (err) {
-      if (err instanceof CorralError) throw err;
-      this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
-      throw new CorralError(
-        'ENGINE_FAILED',
-        `Cannot ${what}: the engine of volume ${this.volume} failed and restarts`,
-        {
-          cause: err,
-        },
-      );
+      throw this.#failure(gen, what, err);
     } finally {
       gen.inflight.delete(id);
       if (gen.inflight.size === 0) this.#drained?.();
     }
+  }
+
+  /** A CorralError is the operation's own failure; anything else is a bug that ends this engine. */
+  #failure(gen: Generation, what: string, err: unknown): CorralError {
+    if (err instanceof CorralError) return err;
+    this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
+    return new CorralError(
+      'ENGINE_FAILED',
+      `Cannot ${what}: the engine of volume ${this.volume} failed and restarts`,
+      {
+        cause: err,
+      },
+    );
   }
 
   #checkHangs(): void {
@@ -240,13 +245,7 @@ export class Supervisor implements BlockDevice {
     try {
       return await fn(gen.engine);
     } catch (err) {
-      if (err instanceof CorralError) throw err;
-      this.#crashed(gen, err instanceof Error ? err : new Error(String(err)));
-      throw new CorralError(
-        'ENGINE_FAILED',
-        `Cannot ${what}: the engine of volume ${this.volume} failed and restarts`,
-        { cause: err },
-      );
+      throw this.#failure(gen, what, err);
     } finally {
       this.#controls--;
       if (this.#controls === 0) for (const w of this.#controlWaiters.splice(0)) w();

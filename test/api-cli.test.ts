@@ -5,15 +5,10 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { RawNbd } from './helpers/nbd-client.ts';
-import { mustRun } from './helpers/run.ts';
+import { duBytes, mustRun } from './helpers/run.ts';
 
 interface ApiErrorBody {
   error: { code: string; message: string };
-}
-
-async function diskUsageBytes(dir: string): Promise<number> {
-  const { stdout } = await mustRun('du', ['-sB1', dir]);
-  return Number(stdout.split(/\s/)[0]);
 }
 
 describe('control API and CLI', () => {
@@ -134,11 +129,11 @@ describe('control API and CLI', () => {
     await daemon.createVolume('big', '256M');
     await mustRun('qemu-io', ['-f', 'raw', daemon.uri('big'), '-c', 'write -P 0x11 0 128M']);
     const replicas = path.join(daemon.dataDir, 'replicas');
-    const before = await diskUsageBytes(replicas);
+    const before = await duBytes(replicas);
     assert.ok(before >= 128 * 1024 * 1024, `128 MiB on disk, saw ${before}`);
     const rm = await daemon.cli(['volume', 'rm', 'big']);
     assert.equal(rm.code, 0, rm.stderr);
-    const afterRm = await diskUsageBytes(replicas);
+    const afterRm = await duBytes(replicas);
     assert.ok(before - afterRm >= 128 * 1024 * 1024, `freed ${before - afterRm} bytes`);
     assert.equal((await daemon.api_('GET', '/v1/volumes/big')).status, 404);
     assert.equal(fs.readdirSync(replicas).length, 1, 'only db1 remains');

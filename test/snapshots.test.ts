@@ -4,7 +4,7 @@ import { after, describe, it } from 'node:test';
 import { Kv } from '../kv/kv.ts';
 import { openSpaces } from '../kv/spaces.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
-import { mustRun, run, waitFor } from './helpers/run.ts';
+import { duBytes, mustRun, run, waitFor } from './helpers/run.ts';
 
 interface Snap {
   name: string;
@@ -13,11 +13,6 @@ interface Snap {
 }
 interface ApiError {
   error: { code: string; message: string };
-}
-
-async function duBytes(dir: string): Promise<number> {
-  const { stdout } = await mustRun('du', ['-sB1', dir]);
-  return Number(stdout.split(/\s/)[0]);
 }
 
 describe('snapshots with real clients', () => {

@@ -78,3 +78,9 @@ export async function waitFor<T>(
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+/** Bytes a folder takes on disk (allocated blocks, not apparent size). */
+export async function duBytes(dir: string): Promise<number> {
+  const { stdout } = await mustRun('du', ['-sB1', dir]);
+  return Number(stdout.split(/\s/)[0]);
+}
