@@ -264,7 +264,11 @@ async function main(): Promise<void> {
         ['bench', (v) => (flatIops += v / 3)],
       ];
       if (i % 2 === 1) pair.reverse();
-      for (const [volume, add] of pair) add(await fio(corral.uri(volume), chainJob));
+      for (const [volume, add] of pair) {
+        const iops = await fio(corral.uri(volume), chainJob);
+        console.error(`  ${volume} ${iops.toFixed(0)} IOPS`);
+        add(iops);
+      }
     }
     console.error(
       `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,

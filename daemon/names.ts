@@ -5,24 +5,22 @@ import { parseSize } from '../common/size.ts';
 /** Volume names are NBD export names and file names: keep them plain. '@' is kept for snapshots. */
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 
-export function validateVolumeName(name: unknown): string {
+function validateName(kind: 'volume' | 'snapshot', name: unknown): string {
   if (typeof name !== 'string' || !NAME.test(name)) {
     throw new CorralError(
       'INVALID_NAME',
-      `Invalid volume name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
+      `Invalid ${kind} name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
   }
   return name;
 }
 
+export function validateVolumeName(name: unknown): string {
+  return validateName('volume', name);
+}
+
 export function validateSnapshotName(name: unknown): string {
-  if (typeof name !== 'string' || !NAME.test(name)) {
-    throw new CorralError(
-      'INVALID_NAME',
-      `Invalid snapshot name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
-    );
-  }
-  return name;
+  return validateName('snapshot', name);
 }
 
 /** `VOLUME@SNAPSHOT`, as in exports and clone sources. */

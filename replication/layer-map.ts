@@ -57,10 +57,6 @@ export class LayerMap {
     this.#dirty.add(index);
   }
 
-  setRange(startBlock: number, endBlock: number, state: BlockState): void {
-    for (let b = startBlock; b < endBlock; b++) this.set(b, state);
-  }
-
   load(chunkIndex: number, bytes: Uint8Array): void {
     assert(bytes.length === 2 * BITMAP_BYTES, `bitmap chunk of ${bytes.length} bytes`);
     assert(chunkIndex < this.#chunks.length, `bitmap chunk ${chunkIndex} beyond layer`);
@@ -127,10 +123,6 @@ export class LayerMap {
       }
     }
     return count;
-  }
-
-  get dirtyCount(): number {
-    return this.#dirty.size;
   }
 }
 

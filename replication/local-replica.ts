@@ -265,7 +265,10 @@ export class LocalReplica implements Replica {
   #leave(): void {
     this.#pending--;
     if (this.#pending !== 0) return;
-    for (const l of this.#retired.splice(0)) closeFd(l.fd).catch(() => undefined);
+    // Checked first: this runs after every operation, and splice would allocate each time.
+    if (this.#retired.length > 0) {
+      for (const l of this.#retired.splice(0)) closeFd(l.fd).catch(() => undefined);
+    }
     if (this.#closed && !this.#fdsClosed) {
       this.#fdsClosed = true;
       for (const l of this.#layers) closeFd(l.fd).catch(() => undefined);
@@ -819,20 +822,6 @@ export class LocalReplica implements Replica {
     if (this.#closed) return;
     await this.flush();
     this.abandon();
-  }
-
-  /** Bytes of volume data held per layer (allocated blocks × block size). */
-  stats(): { layers: Array<{ id: string; snapshot?: string; allocatedBytes: number }> } {
-    return {
-      layers: this.#layers.map((l) => {
-        const blocks = l.map.countData();
-        return {
-          id: l.record.id,
-          ...(l.record.snapshot ? { snapshot: l.record.snapshot } : {}),
-          allocatedBytes: blocks * BLOCK_SIZE,
-        };
-      }),
-    };
   }
 }
 
