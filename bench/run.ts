@@ -31,6 +31,11 @@ const JOBS: Job[] = [
   { name: '1M write QD8', rw: 'write', bs: '1M', iodepth: 8, metric: 'bw' },
 ];
 
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
 async function freePort(): Promise<number> {
   return new Promise((resolve) => {
     const s = net.createServer();
@@ -255,21 +260,21 @@ async function main(): Promise<void> {
     // Dirty pages draining to disk in the background would skew whatever runs first.
     await mustRun('sync', []);
     // The chain row first, in a quiet system (before the write jobs leave dirty pages behind),
-    // alternating with the one-layer volume three times.
+    // alternating with the one-layer volume; the median of three samples each, since single
+    // samples on this VM swing by a third.
     const chainJob = JOBS[0]!;
     await mustRun('sync', []);
+    const samples: Record<'chain' | 'bench', number[]> = { chain: [], bench: [] };
     for (let i = 0; i < 3; i++) {
-      const pair: Array<[string, (v: number) => void]> = [
-        ['chain', (v) => (chainIops += v / 3)],
-        ['bench', (v) => (flatIops += v / 3)],
-      ];
-      if (i % 2 === 1) pair.reverse();
-      for (const [volume, add] of pair) {
+      const order: Array<'chain' | 'bench'> = i % 2 === 0 ? ['chain', 'bench'] : ['bench', 'chain'];
+      for (const volume of order) {
         const iops = await fio(corral.uri(volume), chainJob);
         console.error(`  ${volume} ${iops.toFixed(0)} IOPS`);
-        add(iops);
+        samples[volume].push(iops);
       }
     }
+    chainIops = median(samples.chain);
+    flatIops = median(samples.bench);
     console.error(
       `${chainJob.name}: one layer ${flatIops.toFixed(0)} IOPS, ${CHAIN_SNAPSHOTS} snapshots ${chainIops.toFixed(0)} IOPS`,
     );
@@ -306,7 +311,7 @@ async function main(): Promise<void> {
   }
   lines.push(
     '',
-    `4k randread QD32 on a volume whose data spans ${CHAIN_SNAPSHOTS} snapshots: ${chainIops.toFixed(0)} IOPS against ${flatIops.toFixed(0)} IOPS on a one-layer volume measured beside it (${(chainIops / flatIops).toFixed(2)}×).`,
+    `4k randread QD32 on a volume whose data spans ${CHAIN_SNAPSHOTS} snapshots: ${chainIops.toFixed(0)} IOPS against ${flatIops.toFixed(0)} IOPS on a one-layer volume measured beside it (medians of 3: ${(chainIops / flatIops).toFixed(2)}×).`,
   );
   const table = lines.join('\n');
   console.log(table);
