@@ -81,6 +81,14 @@ export class LocalReplica implements Replica {
   #mergeInto: OpenLayer | undefined;
   /** Open read-only snapshot exports: the chain must not change under them. */
   #mergeLimit: LocalReplicaOptions['mergeLimit'];
+  /**
+   * Writes that took the lock-free path (aligned, no merge into the head at
+   * their start) and have not marked their blocks yet. A merge into the head
+   * waits for them: otherwise it could see such a block as absent and copy
+   * the snapshot's old bytes over the new ones.
+   */
+  #unlockedWrites = 0;
+  readonly #unlockedWaiters: Array<() => void> = [];
   readonly #index: ReadIndex;
   readonly #locks = new RangeLock();
   readonly #blockCount: number;
@@ -335,25 +343,33 @@ export class LocalReplica implements Replica {
     const startBlock = Math.floor(offset / BLOCK_SIZE);
     const endBlock = Math.ceil(end / BLOCK_SIZE);
     const head = this.#head;
+    const unlocked =
+      offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0 && this.#mergeInto !== head;
     this.#pending++;
+    if (unlocked) this.#unlockedWrites++;
     try {
-      if (offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0 && this.#mergeInto !== head) {
-        await pwriteFull(head.fd, data, offset);
-      } else {
-        const release = await this.#locks.acquire(startBlock, endBlock);
-        try {
-          await this.#readModifyWrite(head, offset, data, startBlock, endBlock);
-        } finally {
-          release();
+      try {
+        if (unlocked) {
+          await pwriteFull(head.fd, data, offset);
+        } else {
+          const release = await this.#locks.acquire(startBlock, endBlock);
+          try {
+            await this.#readModifyWrite(head, offset, data, startBlock, endBlock);
+          } finally {
+            release();
+          }
         }
+      } catch (err) {
+        throw ioError(`Cannot write replica ${this.id} at ${offset}`, err);
       }
-    } catch (err) {
-      throw ioError(`Cannot write replica ${this.id} at ${offset}`, err);
+      assert(!this.#closed, `replica ${this.id} was closed during a write`);
+      this.#markBlocks(startBlock, endBlock, DATA);
     } finally {
+      if (unlocked && --this.#unlockedWrites === 0) {
+        for (const w of this.#unlockedWaiters.splice(0)) w();
+      }
       this.#leave();
     }
-    assert(!this.#closed, `replica ${this.id} was closed during a write`);
-    this.#markBlocks(startBlock, endBlock, DATA);
     this.#unsynced.add(head);
     if (options?.fua) await this.flush();
   }
@@ -634,6 +650,9 @@ export class LocalReplica implements Replica {
       this.#record = record;
     }
     this.#mergeInto = into;
+    if (into === this.#head && this.#unlockedWrites > 0) {
+      await new Promise<void>((resolve) => this.#unlockedWaiters.push(resolve));
+    }
     this.#pending++;
     const limit = this.#mergeLimit;
     const startedMs = limit?.clock.nowMs() ?? 0;

@@ -188,3 +188,46 @@ describe('snapshot chain: cases worth naming', () => {
     ]);
   });
 });
+
+describe('snapshot delete racing client writes', () => {
+  it('a write in flight when a delete starts merging into the head is never overwritten by old data', async () => {
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-race-'));
+    const kv = await Kv.open(path.join(dir, 'meta'));
+    const spaces = openSpaces(kv);
+    const size = 128 * 1024 * 1024;
+    const replica = await LocalReplica.create({
+      spaces,
+      root: path.join(dir, 'r'),
+      volume: 'v',
+      sizeBytes: size,
+      now: NOW,
+    });
+    const engine = new Engine({ volume: 'v', sizeBytes: size, replicas: [replica] });
+    try {
+      const piece = 32 * 1024 * 1024;
+      for (let at = 0; at < size; at += piece) await engine.write(at, Buffer.alloc(piece, 1));
+      await engine.snapshot('old', NOW);
+      for (let round = 0; round < 4; round++) {
+        if (round > 0) await engine.snapshot(`old${round}`, NOW);
+        const name = round === 0 ? 'old' : `old${round}`;
+        // Large writes go to the thread pool: they are still in flight when the merge begins.
+        const writes = [0, 1, 2, 3].map((i) =>
+          engine.write(i * piece, Buffer.alloc(piece, 10 + round)),
+        );
+        const deleting = engine.deleteSnapshot(name);
+        await Promise.all([...writes, deleting]);
+        for (let at = 0; at < size; at += piece) {
+          const data = Buffer.from(await engine.read(at, piece));
+          assert.ok(
+            data.every((b) => b === 10 + round),
+            `round ${round}: a completed write at ${at} was overwritten`,
+          );
+        }
+      }
+    } finally {
+      await engine.close();
+      await kv.close();
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
+  });
+});
