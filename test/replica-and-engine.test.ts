@@ -35,7 +35,8 @@ async function teardown(): Promise<void> {
   env = undefined;
 }
 
-async function replicaSubject(): Promise<Subject> {
+/** A fresh environment with one empty replica in it. */
+async function freshReplica(): Promise<{ e: Env; root: string; replica: LocalReplica }> {
   const e = await setup();
   const root = path.join(e.dir, 'replicas');
   const replica = await LocalReplica.create({
@@ -45,6 +46,11 @@ async function replicaSubject(): Promise<Subject> {
     sizeBytes: SIZE,
     now: new Date(),
   });
+  return { e, root, replica };
+}
+
+async function replicaSubject(): Promise<Subject> {
+  const { e, root, replica } = await freshReplica();
   e.open.push(replica);
   return {
     device: replica,
@@ -59,15 +65,7 @@ async function replicaSubject(): Promise<Subject> {
 }
 
 async function engineSubject(): Promise<Subject> {
-  const e = await setup();
-  const root = path.join(e.dir, 'replicas');
-  const replica = await LocalReplica.create({
-    spaces: e.spaces,
-    root,
-    volume: 'v',
-    sizeBytes: SIZE,
-    now: new Date(),
-  });
+  const { e, replica } = await freshReplica();
   const engine = new Engine({ volume: 'v', sizeBytes: SIZE, replicas: [replica] });
   e.open.push(engine);
   return { device: engine, sizeBytes: SIZE };
