@@ -1,6 +1,9 @@
 import { Hono, type Context } from 'hono';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
+import type { BackupService } from './backups.ts';
 import type { EventLog } from './events.ts';
+import type { JobScheduler } from './jobs.ts';
+import type { Operation, Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
 
 const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>> = {
@@ -18,6 +21,9 @@ const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>
 
 export interface ApiOptions {
   volumes: VolumeManager;
+  backups: BackupService;
+  jobs: JobScheduler;
+  operations: Operations;
   events: EventLog;
   version: string;
   faultInjection: boolean;
@@ -44,7 +50,17 @@ function flag(value: unknown): boolean {
 
 /** The control API under /v1: JSON in and out, errors as { error: { code, message } }. */
 export function createApi(options: ApiOptions): Hono {
-  const { volumes, events } = options;
+  const { volumes, events, backups, jobs, operations } = options;
+
+  /** Long work answers 202 with its operation, or with `?wait=true` waits and answers with the result. */
+  const started = async (
+    c: Context,
+    run: { operation: Operation; done: Promise<unknown> },
+  ): Promise<Response> => {
+    if (!flag(c.req.query('wait'))) return c.json({ operation: run.operation }, 202);
+    const result = await run.done;
+    return c.json({ operation: run.operation, result }, 200);
+  };
   const app = new Hono();
 
   app.onError((err, c) => {
@@ -109,6 +125,61 @@ export function createApi(options: ApiOptions): Hono {
         discardNewer: flag(body.discardNewer),
       }),
     );
+  });
+
+  app.get('/v1/operations', (c) => c.json({ operations: operations.list() }));
+  app.get('/v1/operations/:id', (c) => c.json(operations.get(c.req.param('id'))));
+
+  app.get('/v1/backups', async (c) =>
+    c.json({
+      target: (await backups.store(c.req.query('target'))).url,
+      backups: await backups.list({ target: c.req.query('target'), volume: c.req.query('volume') }),
+    }),
+  );
+  app.post('/v1/backups', async (c) => {
+    const body = await jsonBody(c);
+    return started(
+      c,
+      await backups.create({ volume: body.volume, snapshot: body.snapshot, target: body.target }),
+    );
+  });
+  app.post('/v1/backups/gc', async (c) => {
+    const body = await jsonBody(c);
+    return started(c, await backups.gc(body.target));
+  });
+  app.post('/v1/restores', async (c) => {
+    const body = await jsonBody(c);
+    if (typeof body.backup !== 'string')
+      throw new CorralError('INVALID_ARGUMENT', 'backup must be a backup name or URL');
+    return started(
+      c,
+      await backups.restore({ backup: body.backup, volume: body.volume, target: body.target }),
+    );
+  });
+  app.get('/v1/backups/:ref', async (c) =>
+    c.json(await backups.get(c.req.param('ref'), c.req.query('target'))),
+  );
+  app.delete('/v1/backups/:ref', async (c) =>
+    started(c, await backups.remove(c.req.param('ref'), c.req.query('target'))),
+  );
+
+  app.get('/v1/jobs', async (c) => c.json({ jobs: await jobs.list() }));
+  app.post('/v1/jobs', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(
+      await jobs.add({
+        volume: body.volume,
+        cron: body.cron,
+        task: body.task,
+        retain: body.retain,
+        target: body.target,
+      }),
+      201,
+    );
+  });
+  app.delete('/v1/jobs/:id', async (c) => {
+    await jobs.remove(c.req.param('id'));
+    return c.body(null, 204);
   });
 
   app.get('/v1/events', (c) => {

@@ -3,6 +3,8 @@ import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../common/size.ts';
 import { VERSION } from '../common/version.ts';
 import { ApiError, call } from './client.ts';
+import { print, table, UsageError } from './cli-util.ts';
+import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeInfo } from './volumes.ts';
@@ -13,28 +15,23 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH] [--fuse-mount DIR]
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
+                [--backup-target URL]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json]
   corral volume attach NAME [--frontend nbd|fuse] | detach NAME [--force] | rm NAME [--force]
+  corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
+  corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
+  corral job add VOL --cron EXPR --task snapshot|backup --retain N [--target URL] | ls | rm ID
   corral events [--volume NAME] [--json]
 
+BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
+"backup ls --json" (s3://bucket/prefix?endpoint=...&backup=NAME&volume=VOL). Targets:
+file:///path and s3://bucket/prefix[?endpoint=URL&region=R]; S3 credentials come from
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the daemon's environment.
+
 The CLI talks to CORRAL_API (default http://127.0.0.1:9500).`;
-
-class UsageError extends Error {}
-
-function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
-  return rows
-    .map((r) =>
-      r
-        .map((cell, i) => cell.padEnd(widths[i]!))
-        .join('  ')
-        .trimEnd(),
-    )
-    .join('\n');
-}
 
 function volumeRows(volumes: VolumeInfo[]): string {
   return table([
@@ -65,6 +62,7 @@ async function runDaemon(args: string[]): Promise<void> {
       'nbd-handshake-timeout': { type: 'string' },
       'nbd-max-connections': { type: 'string' },
       'merge-rate': { type: 'string' },
+      'backup-target': { type: 'string' },
     },
     strict: true,
   });
@@ -80,6 +78,7 @@ async function runDaemon(args: string[]): Promise<void> {
     nbdMaxConnections: Number(values['nbd-max-connections'] ?? 256),
     mergeBytesPerSecond: values['merge-rate'] ? parseSize(values['merge-rate']) : undefined,
     faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
+    backupTarget: values['backup-target'] ?? `file://${path.join(dataDir, 'backups')}`,
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
       if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);
@@ -139,9 +138,6 @@ async function runClient(args: string[]): Promise<void> {
       allowPositionals: true,
       strict: true,
     });
-  const print = (json: boolean, value: unknown, text: () => string): void => {
-    console.log(json ? JSON.stringify(value, null, 2) : text());
-  };
   const need = (positionals: string[], what: string): string => {
     const value = positionals[0];
     if (!value) throw new UsageError(`missing ${what}`);
@@ -270,6 +266,10 @@ async function runClient(args: string[]): Promise<void> {
         return;
       }
     }
+  } else if (noun === 'backup') {
+    return runBackupCommand(api, verb, rest);
+  } else if (noun === 'job') {
+    return runJobCommand(api, verb, rest);
   } else if (noun === 'events') {
     const all = [verb, ...rest].filter((x): x is string => x !== undefined);
     const { values } = parseArgs({

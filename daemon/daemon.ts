@@ -8,7 +8,10 @@ import { openSpaces } from '../kv/spaces.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
+import { BackupService } from './backups.ts';
 import { EventLog } from './events.ts';
+import { JobScheduler } from './jobs.ts';
+import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
 import { VolumeManager } from './volumes.ts';
 
@@ -24,6 +27,8 @@ export interface DaemonConfig {
   nbdHandshakeTimeoutMs: number;
   nbdMaxConnections: number;
   faultInjection: boolean;
+  /** Where backups go when no target is named: file:///<data dir>/backups by default. */
+  backupTarget: string;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -112,8 +117,21 @@ export async function startDaemon(
       );
     }
   }
+  const operations = new Operations(events);
+  const backups = new BackupService({
+    volumes,
+    operations,
+    events,
+    clock: systemClock,
+    defaultTarget: config.backupTarget,
+  });
+  const jobs = new JobScheduler({ spaces, volumes, backups, operations, clock: systemClock });
+  jobs.start();
   const app = createApi({
     volumes,
+    backups,
+    jobs,
+    operations,
     events,
     version: VERSION,
     faultInjection: config.faultInjection,
@@ -129,6 +147,7 @@ export async function startDaemon(
     stop: () =>
       (stopping ??= (async () => {
         await http.close();
+        await jobs.stop();
         await nbd.close();
         await fuse?.unmount();
         await volumes.stop();

@@ -24,7 +24,7 @@ export interface VolumeInfo {
   frontend: Frontend;
   createdAt: string;
   attached: boolean;
-  state: 'attached' | 'detached' | 'failed';
+  state: 'attached' | 'detached' | 'failed' | 'restoring';
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{ id: string; location: string; mode: string; revision: string }>;
@@ -56,6 +56,10 @@ export class VolumeManager {
   /** One lifecycle change per volume at a time (create/attach/detach/rm). */
   readonly #busy = new Set<string>();
   readonly #frontends = new Map<string, Frontend>();
+  /** Snapshots being read by long jobs (backups), `volume@snapshot` → count: not deleted meanwhile. */
+  readonly #holds = new Map<string, number>();
+  /** Volumes being restored: attached for the restore only, hidden from the frontends. */
+  readonly #restoring = new Set<string>();
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
@@ -78,6 +82,18 @@ export class VolumeManager {
         });
     }
     for (const [name, v] of volumes) {
+      if (v.restoring !== undefined) {
+        // The daemon died during a restore: a half-restored volume must not pass for the backup.
+        await this.#o.spaces.volumes.del(name);
+        for (const id of v.replicaIds)
+          await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+        this.#o.events.add({
+          type: 'restore-abandoned',
+          volume: name,
+          message: `removed: its restore from ${v.restoring} was cut off`,
+        });
+        continue;
+      }
       if (!v.attached) continue;
       try {
         await this.#attach(v);
@@ -117,6 +133,8 @@ export class VolumeManager {
     replicas?: unknown;
     frontend?: unknown;
     fromSnapshot?: unknown;
+    /** The volume is the target of a restore from this backup (see `finishRestore`). */
+    restoring?: string;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     let source: BlockDevice | undefined;
@@ -186,7 +204,9 @@ export class VolumeManager {
         createdAt: new Date(this.#o.clock.nowMs()).toISOString(),
         attached: true,
         replicaIds: [replica.id],
+        ...(input.restoring !== undefined ? { restoring: input.restoring } : {}),
       };
+      if (input.restoring !== undefined) this.#restoring.add(name);
       await this.#o.spaces.volumes.put(name, record);
       this.#o.events.add({ type: 'volume-created', volume: name, message: `${sizeBytes} bytes` });
       await this.#attach(record);
@@ -286,6 +306,7 @@ export class VolumeManager {
   async #detach(record: VolumeRecord, force: boolean): Promise<void> {
     const entry = this.#attached.get(record.name);
     if (!entry) return;
+    this.#checkNotHeld(record.name, undefined, 'detach it');
     const clients = this.#o.connections(record.name);
     if (clients > 0 && !force) {
       throw new CorralError(
@@ -314,6 +335,7 @@ export class VolumeManager {
       // The volume record goes first: once it is gone, leftover replicas are unowned and
       // the next start removes them, so a crash here never leaves a volume half there.
       await this.#o.spaces.volumes.del(name);
+      this.#restoring.delete(name);
       for (const id of record.replicaIds) {
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
       }
@@ -346,7 +368,13 @@ export class VolumeManager {
       frontend: record.frontend,
       createdAt: record.createdAt,
       attached: record.attached,
-      state: entry ? 'attached' : record.attached ? 'failed' : 'detached',
+      state: record.restoring
+        ? 'restoring'
+        : entry
+          ? 'attached'
+          : record.attached
+            ? 'failed'
+            : 'detached',
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
@@ -356,6 +384,7 @@ export class VolumeManager {
   /** The block device of an attached volume, or of `volume@snapshot` (read-only), for the frontends. */
   device(name: string): BlockDevice | undefined {
     const at = name.indexOf('@');
+    if (this.#restoring.has(at < 0 ? name : name.slice(0, at))) return undefined;
     if (at < 0) return this.#attached.get(name)?.supervisor;
     try {
       return this.#attached
@@ -398,6 +427,7 @@ export class VolumeManager {
   async deleteSnapshot(volume: string, name: string): Promise<void> {
     await this.#record(volume);
     const snap = validateSnapshotName(name);
+    this.#checkNotHeld(volume, snap, `delete snapshot ${snap}`);
     const entry = this.#attachedEntry(volume, 'delete a snapshot');
     this.#o.events.add({ type: 'snapshot-delete-started', volume, message: snap });
     await entry.supervisor.control(`delete snapshot ${snap}`, (e) => e.deleteSnapshot(snap));
@@ -411,6 +441,7 @@ export class VolumeManager {
   ): Promise<{ removed: string[] }> {
     await this.#record(volume);
     const snap = validateSnapshotName(name);
+    this.#checkNotHeld(volume, undefined, `revert it to ${snap}`);
     const now = new Date(this.#o.clock.nowMs());
     const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(
       `revert to ${snap}`,
@@ -424,13 +455,79 @@ export class VolumeManager {
     return { removed };
   }
 
+  #checkNotHeld(volume: string, snapshot: string | undefined, what: string): void {
+    for (const [key, count] of this.#holds) {
+      const [v, snap] = key.split('@') as [string, string];
+      if (count > 0 && v === volume && (snapshot === undefined || snap === snapshot)) {
+        throw new CorralError(
+          'BUSY',
+          `Cannot ${what}: a backup is reading snapshot ${key}; try again when it ends`,
+        );
+      }
+    }
+  }
+
+  /**
+   * Read access to one snapshot for a long job, through the volume's
+   * supervisor (so an engine restart mid-job is survived): the snapshot cannot
+   * be deleted, nor the volume detached or reverted, until `release`.
+   */
+  snapshotAccess(
+    volume: string,
+    snapshot: string,
+  ): {
+    info: SnapshotInfo;
+    sizeBytes: number;
+    read(offset: number, length: number): Promise<Uint8Array>;
+    touchedBlocks(base: string | undefined, granuleBytes: number): Promise<Set<number>>;
+    release(): void;
+  } {
+    const { supervisor } = this.#attachedEntry(volume, 'read its snapshots');
+    const info = supervisor.engine?.snapshots().find((s) => s.name === snapshot);
+    if (!info)
+      throw new CorralError('NOT_FOUND', `Volume ${volume} has no snapshot named ${snapshot}`);
+    const key = `${volume}@${snapshot}`;
+    this.#holds.set(key, (this.#holds.get(key) ?? 0) + 1);
+    let released = false;
+    return {
+      info,
+      sizeBytes: supervisor.sizeBytes,
+      read: (offset, length) =>
+        supervisor.control(`read ${key}`, (e) => e.snapshotDevice(snapshot).read(offset, length)),
+      touchedBlocks: (base, granuleBytes) =>
+        supervisor.control(`compare ${key}`, (e) => e.touchedBlocks(base, snapshot, granuleBytes)),
+      release: () => {
+        if (released) return;
+        released = true;
+        const left = (this.#holds.get(key) ?? 1) - 1;
+        if (left > 0) this.#holds.set(key, left);
+        else this.#holds.delete(key);
+      },
+    };
+  }
+
+  /** The device of a volume being restored (hidden from the frontends until `finishRestore`). */
+  restoreDevice(name: string): BlockDevice {
+    const entry = this.#attached.get(name);
+    if (!entry || !this.#restoring.has(name))
+      throw new CorralError('NOT_FOUND', `Volume ${name} is not being restored`);
+    return entry.supervisor;
+  }
+
+  async finishRestore(name: string): Promise<void> {
+    const record = await this.#record(name);
+    delete record.restoring;
+    await this.#o.spaces.volumes.put(name, record);
+    this.#restoring.delete(name);
+  }
+
   attachedNames(): string[] {
-    return [...this.#attached.keys()].sort();
+    return [...this.#attached.keys()].filter((n) => !this.#restoring.has(n)).sort();
   }
 
   /** Attached volumes shown as FUSE images (NBD serves every attached volume). */
   fuseNames(): string[] {
-    return [...this.#attached.keys()].filter((n) => this.#frontends.get(n) === 'fuse').sort();
+    return this.attachedNames().filter((n) => this.#frontends.get(n) === 'fuse');
   }
 
   setFault(name: string, mode: FaultMode): void {

@@ -19,6 +19,8 @@ export interface VolumeRecord {
   attached: boolean;
   /** The ids of this volume's replicas on this host. */
   replicaIds: string[];
+  /** Being restored from this backup: not served until done, removed if the daemon died meanwhile. */
+  restoring?: string;
 }
 
 export interface LayerRecord {
@@ -55,6 +57,7 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     createdAt: field(r, key, 'createdAt', 'string'),
     attached: field(r, key, 'attached', 'boolean'),
     replicaIds,
+    ...(typeof r.restoring === 'string' ? { restoring: r.restoring } : {}),
   };
 }
 
@@ -83,6 +86,38 @@ function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord
   };
 }
 
+export interface JobRecord {
+  id: string;
+  volume: string;
+  cron: string;
+  task: 'snapshot' | 'backup';
+  /** Snapshots (or backups) of this job kept; older ones are deleted after each run. */
+  retain: number;
+  /** Backup target URL; the daemon's default when absent. */
+  target?: string;
+  createdAt: string;
+  lastRunAt?: string;
+  lastOutcome?: string;
+}
+
+function validateJob(r: Record<string, unknown>, key: string): JobRecord {
+  const task = field<string>(r, key, 'task', 'string');
+  if (task !== 'snapshot' && task !== 'backup') {
+    throw new CorralError('CORRUPT_METADATA', `record ${key}: unknown task ${task}`);
+  }
+  return {
+    id: field(r, key, 'id', 'string'),
+    volume: field(r, key, 'volume', 'string'),
+    cron: field(r, key, 'cron', 'string'),
+    task,
+    retain: field(r, key, 'retain', 'number'),
+    createdAt: field(r, key, 'createdAt', 'string'),
+    ...(typeof r.target === 'string' ? { target: r.target } : {}),
+    ...(typeof r.lastRunAt === 'string' ? { lastRunAt: r.lastRunAt } : {}),
+    ...(typeof r.lastOutcome === 'string' ? { lastOutcome: r.lastOutcome } : {}),
+  };
+}
+
 export interface Spaces {
   volumes: KeySpace<VolumeRecord>;
   replicas: KeySpace<ReplicaRecord>;
@@ -90,6 +125,8 @@ export interface Spaces {
   bitmaps: KeySpace<Uint8Array>;
   /** Replica revision counters: key `<replicaId>`, 8 bytes big-endian. */
   revisions: KeySpace<Uint8Array>;
+  /** Recurring jobs: key `<jobId>`. */
+  jobs: KeySpace<JobRecord>;
   /** A batch across these spaces, written atomically. */
   batch(): KvBatch;
 }
@@ -100,6 +137,7 @@ export function openSpaces(kv: Kv): Spaces {
     replicas: kv.space('rep', jsonCodec('replica', 1, validateReplica)),
     bitmaps: kv.space('bmp', binaryCodec('bitmap', 1)),
     revisions: kv.space('rev', binaryCodec('revision', 1)),
+    jobs: kv.space('job', jsonCodec('job', 1, validateJob)),
     batch: () => kv.batch(),
   };
 }

@@ -346,6 +346,19 @@ export class Engine implements SupervisedEngine {
     };
   }
 
+  /**
+   * The `granuleBytes` blocks that may differ between snapshot `base` and
+   * snapshot `top` (all blocks holding data when `base` is undefined), from
+   * the layer bitmaps: what an incremental backup reads.
+   */
+  async touchedBlocks(
+    base: string | undefined,
+    top: string,
+    granuleBytes: number,
+  ): Promise<Set<number>> {
+    return this.#firstReadable('compare snapshots').replica.touchedBlocks(base, top, granuleBytes);
+  }
+
   abandon(): void {
     for (const m of this.#members) m.replica.abandon();
   }

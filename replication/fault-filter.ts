@@ -82,4 +82,7 @@ export class FaultFilter implements SupervisedEngine {
   snapshotDevice(name: string): BlockDevice {
     return this.#next.snapshotDevice(name);
   }
+  touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Promise<Set<number>> {
+    return this.#next.touchedBlocks(base, top, granuleBytes);
+  }
 }

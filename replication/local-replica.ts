@@ -795,13 +795,16 @@ export class LocalReplica implements Replica {
     this.#pending++;
     try {
       const end = offset + length;
+      // One pread per run of blocks held by the same layer (or one fill per run of zeros).
       for (let at = offset; at < end;) {
-        const block = Math.floor(at / BLOCK_SIZE);
-        const blockEnd = Math.min((block + 1) * BLOCK_SIZE, end);
+        let block = Math.floor(at / BLOCK_SIZE);
         const layer = this.#sourceBelow(top, block);
-        if (layer) await preadFull(layer.fd, out, at - offset, blockEnd - at, at);
-        else out.fill(0, at - offset, blockEnd - offset);
-        at = blockEnd;
+        let runEnd = Math.min((block + 1) * BLOCK_SIZE, end);
+        while (runEnd < end && this.#sourceBelow(top, ++block) === layer)
+          runEnd = Math.min((block + 1) * BLOCK_SIZE, end);
+        if (layer) await preadFull(layer.fd, out, at - offset, runEnd - at, at);
+        else out.fill(0, at - offset, runEnd - offset);
+        at = runEnd;
       }
     } finally {
       this.#leave();
@@ -833,6 +836,35 @@ export class LocalReplica implements Replica {
       if (last && last.hole === hole) last.lengthBytes += blockEnd - at;
       else out.push({ lengthBytes: blockEnd - at, hole, zero: hole });
       at = blockEnd;
+    }
+    return out;
+  }
+
+  /**
+   * Indexes of the `granuleBytes` blocks that any layer above snapshot `base`
+   * (from the bottom when undefined) up to snapshot `top` touched: what may
+   * differ between the two. From the bitmaps alone, no data is read.
+   */
+  touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Set<number> {
+    assert(granuleBytes % BLOCK_SIZE === 0, `granule of ${granuleBytes} bytes`);
+    const topIndex = this.#snapshotIndex(top);
+    const from = base === undefined ? 0 : this.#snapshotIndex(base) + 1;
+    if (from > topIndex + 1) {
+      throw new CorralError(
+        'NOT_FOUND',
+        `Snapshot ${base ?? ''} is not older than ${top} in volume ${this.#record.volume}`,
+      );
+    }
+    const perGranule = granuleBytes / BLOCK_SIZE;
+    const out = new Set<number>();
+    const chunks = Math.ceil(this.#blockCount / BLOCKS_PER_CHUNK);
+    for (let i = from; i <= topIndex; i++) {
+      const map = this.#layers[i]!.map;
+      for (let c = 0; c < chunks; c++) {
+        if (!map.hasChunk(c)) continue;
+        const first = c * BLOCKS_PER_CHUNK;
+        map.forEachSet(c, (bit) => out.add(Math.floor((first + bit) / perGranule)));
+      }
     }
     return out;
   }

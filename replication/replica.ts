@@ -40,4 +40,10 @@ export interface Replica extends BlockOps {
     into?: Uint8Array,
   ): Promise<Uint8Array>;
   extentsSnapshot(name: string, offset: number, length: number): Extent[] | Promise<Extent[]>;
+  /** Indexes of `granuleBytes` blocks touched by layers above `base` (or any) up to `top`. */
+  touchedBlocks(
+    base: string | undefined,
+    top: string,
+    granuleBytes: number,
+  ): Set<number> | Promise<Set<number>>;
 }

@@ -28,6 +28,7 @@ export interface SupervisedEngine extends BlockDevice {
   deleteSnapshot(name: string): Promise<void>;
   revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]>;
   snapshotDevice(name: string): BlockDevice;
+  touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Promise<Set<number>>;
 }
 
 export interface SupervisorEvent {

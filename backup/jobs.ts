@@ -1,0 +1,265 @@
+import { randomBytes } from 'node:crypto';
+import { CorralError } from '../common/errors.ts';
+import type { BlockDevice } from '../replication/block-device.ts';
+import {
+  BACKUP_BLOCK_SIZE,
+  backupConfigKey,
+  decodeBlock,
+  encodeBlock,
+  isAllZero,
+  sha256,
+  type BackupConfig,
+  type SnapshotRef,
+} from './format.ts';
+import type { BackupStore } from './store.ts';
+
+/** What a backup reads: one snapshot of a volume, and what its layer bitmaps know. */
+export interface BackupSource {
+  readonly volume: string;
+  readonly sizeBytes: number;
+  readonly snapshot: SnapshotRef;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Indexes of the `blockSize` blocks that may differ between snapshot `base`
+   * and this one, from the layer bitmaps; undefined when `base` is not an
+   * older snapshot of this chain (deleted, reverted away): then all is read.
+   */
+  changedSince(base: SnapshotRef, blockSize: number): Promise<Set<number> | undefined>;
+  /** Indexes of the `blockSize` blocks holding any data; the rest read as zeros. */
+  allocated(blockSize: number): Promise<Set<number>>;
+}
+
+export interface JobProgress {
+  phase: string;
+  done: number;
+  total: number;
+  /** Bytes read from the volume or the store so far. */
+  bytes: number;
+}
+
+export interface BackupOptions {
+  name?: string;
+  labels?: Record<string, string>;
+  concurrency?: number;
+  now?: Date;
+  onProgress?: (p: JobProgress) => void;
+  onStaleLock?: (detail: string) => void;
+}
+
+export function newBackupName(now: Date): string {
+  const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '').slice(0, 14);
+  return `backup-${stamp}-${randomBytes(3).toString('hex')}`;
+}
+
+async function pool(count: number, concurrency: number, fn: (i: number) => Promise<void>) {
+  let next = 0;
+  let failed = false;
+  const worker = async (): Promise<void> => {
+    while (!failed && next < count) {
+      const i = next++;
+      try {
+        await fn(i);
+      } catch (err) {
+        failed = true;
+        throw err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker));
+}
+
+/** The newest complete backup of the volume that an incremental one can build on. */
+async function baseOf(store: BackupStore, source: BackupSource): Promise<BackupConfig | undefined> {
+  const vol = await store.volumeConfig(source.volume);
+  let base = vol?.lastBackup ? await store.backupConfig(source.volume, vol.lastBackup) : undefined;
+  // The last backup may have been deleted: fall back on the newest left.
+  base ??= (await store.backups(source.volume)).at(-1);
+  if (!base || base.sizeBytes !== source.sizeBytes || base.blockSize !== BACKUP_BLOCK_SIZE)
+    return undefined;
+  return base;
+}
+
+/**
+ * Backs up one snapshot. Order (crash safety): blocks first, each an atomic
+ * put; then a sync; then the backup's config; then the volume's config. A
+ * job cut off before its config leaves only unlisted blocks, which the next
+ * delete collects; re-running it finds them and does not upload them again.
+ */
+export async function createBackup(
+  store: BackupStore,
+  source: BackupSource,
+  options: BackupOptions = {},
+): Promise<BackupConfig> {
+  const now = options.now ?? new Date();
+  const name = options.name ?? newBackupName(now);
+  const bs = BACKUP_BLOCK_SIZE;
+  const lock = await store.lock('backup', {
+    ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
+  });
+  try {
+    if (await store.target.exists(backupConfigKey(source.volume, name)))
+      throw new CorralError('ALREADY_EXISTS', `Backup ${name} already exists in ${store.url}`);
+    const base = await baseOf(store, source);
+    const changed = base ? await source.changedSince(base.snapshot, bs) : undefined;
+    const blocks = new Map<number, string>();
+    let toRead: number[];
+    if (base && changed) {
+      for (const [index, hash] of base.blocks) if (!changed.has(index)) blocks.set(index, hash);
+      toRead = [...changed].sort((a, b) => a - b);
+    } else {
+      toRead = [...(await source.allocated(bs))].sort((a, b) => a - b);
+    }
+    // Blocks the base lists are in the store (no delete runs while we hold the lock).
+    const known = new Set(base?.blocks.map(([, h]) => h));
+    const storing = new Map<string, Promise<void>>();
+    const stats = { blocksRead: 0, blocksStored: 0, bytesStored: 0 };
+    let bytes = 0;
+    const report = (): void =>
+      options.onProgress?.({
+        phase: 'backup',
+        done: stats.blocksRead,
+        total: toRead.length,
+        bytes,
+      });
+    report();
+    await pool(toRead.length, options.concurrency ?? 4, async (i) => {
+      const index = toRead[i]!;
+      const offset = index * bs;
+      const data = await source.read(offset, Math.min(bs, source.sizeBytes - offset));
+      stats.blocksRead++;
+      bytes += data.length;
+      if (!isAllZero(data)) {
+        const hash = sha256(data);
+        blocks.set(index, hash);
+        if (!known.has(hash)) {
+          let put = storing.get(hash);
+          if (!put) {
+            put = (async () => {
+              if (await store.hasBlock(hash)) return;
+              const encoded = await encodeBlock(data);
+              await store.putBlock(hash, encoded);
+              stats.blocksStored++;
+              stats.bytesStored += encoded.length;
+            })();
+            storing.set(hash, put);
+          }
+          await put;
+        }
+      }
+      report();
+    });
+    await store.target.sync();
+    const config: BackupConfig = {
+      name,
+      volume: source.volume,
+      snapshot: source.snapshot,
+      createdAt: now.toISOString(),
+      sizeBytes: source.sizeBytes,
+      blockSize: bs,
+      labels: options.labels ?? {},
+      blocks: [...blocks].sort((a, b) => a[0] - b[0]),
+      stats,
+    };
+    await store.putBackupConfig(config);
+    await store.target.sync();
+    const vol = await store.volumeConfig(source.volume);
+    await store.putVolumeConfig({
+      name: source.volume,
+      sizeBytes: source.sizeBytes,
+      blockSize: bs,
+      createdAt: vol?.createdAt ?? now.toISOString(),
+      lastBackup: name,
+    });
+    await store.target.sync();
+    return config;
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * Deletes a backup, then every block no other backup lists. Order: the config
+ * goes first (the backup is no longer listed), then the garbage; a delete cut
+ * off half way leaves unlisted blocks that the next delete or gc removes.
+ */
+export async function deleteBackup(
+  store: BackupStore,
+  backup: BackupConfig,
+  options: { onProgress?: (p: JobProgress) => void; onStaleLock?: (detail: string) => void } = {},
+): Promise<{ blocksRemoved: number }> {
+  const lock = await store.lock('delete', {
+    ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
+  });
+  try {
+    await store.target.delete(backupConfigKey(backup.volume, backup.name));
+    await store.target.sync();
+    const vol = await store.volumeConfig(backup.volume);
+    if (vol && vol.lastBackup === backup.name) {
+      const newest = (await store.backups(backup.volume)).at(-1);
+      await store.putVolumeConfig({ ...vol, lastBackup: newest?.name });
+      await store.target.sync();
+    }
+    return await store.collectGarbage((done, total) =>
+      options.onProgress?.({ phase: 'collect garbage', done, total, bytes: 0 }),
+    );
+  } finally {
+    await lock.release();
+  }
+}
+
+/** Collects garbage left by cut-off jobs, without deleting any backup. */
+export async function collectGarbage(
+  store: BackupStore,
+  options: { onStaleLock?: (detail: string) => void } = {},
+): Promise<{ blocksRemoved: number }> {
+  const lock = await store.lock('delete', {
+    ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
+  });
+  try {
+    return await store.collectGarbage();
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * Writes a backup into a device that reads as zeros (a new volume), checking
+ * every block against its checksum before it is written; then flushes.
+ */
+export async function restoreBackup(
+  store: BackupStore,
+  backup: BackupConfig,
+  device: BlockDevice,
+  options: { concurrency?: number; onProgress?: (p: JobProgress) => void } = {},
+): Promise<void> {
+  if (device.sizeBytes < backup.sizeBytes)
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Cannot restore backup ${backup.name} of ${backup.sizeBytes} bytes into ${device.sizeBytes} bytes`,
+    );
+  let done = 0;
+  let bytes = 0;
+  const total = backup.blocks.length;
+  options.onProgress?.({ phase: 'restore', done, total, bytes });
+  await pool(total, options.concurrency ?? 4, async (i) => {
+    const [index, hash] = backup.blocks[i]!;
+    const file = await store.getBlock(hash);
+    if (!file)
+      throw new CorralError(
+        'CORRUPT_METADATA',
+        `Backup ${backup.name} lists block ${hash} (at ${index * backup.blockSize}), which is missing from ${store.url}`,
+      );
+    const data = await decodeBlock(file, hash);
+    const offset = index * backup.blockSize;
+    if (data.length !== Math.min(backup.blockSize, backup.sizeBytes - offset))
+      throw new CorralError(
+        'CORRUPT_METADATA',
+        `Backup block ${hash} at ${offset} holds ${data.length} bytes, not a whole block`,
+      );
+    await device.write(offset, data);
+    done++;
+    bytes += data.length;
+    options.onProgress?.({ phase: 'restore', done, total, bytes });
+  });
+  await device.flush();
+}

@@ -1,0 +1,46 @@
+import { CorralError } from '../common/errors.ts';
+
+/**
+ * Where a backupstore lives. Keys are `/`-separated paths below the store's
+ * root; every `put` is atomic (a reader sees the whole object or none), so a
+ * job cut off half way never leaves a torn file behind a name.
+ */
+export interface BackupTarget {
+  /** The URL it was opened from, without credentials. */
+  readonly url: string;
+  /** The object's bytes, or undefined when there is none. */
+  get(key: string): Promise<Buffer | undefined>;
+  put(key: string, data: Uint8Array): Promise<void>;
+  exists(key: string): Promise<boolean>;
+  /** Keys below `prefix` (recursively), in no particular order. */
+  list(prefix: string): Promise<string[]>;
+  /** Removing an absent key is not an error. */
+  delete(key: string): Promise<void>;
+  /** Makes every `put` so far durable (a file target syncs; S3 acknowledges durably). */
+  sync(): Promise<void>;
+}
+
+/** Parses `file:///path` or `s3://bucket/prefix?endpoint=...&region=...` and opens it. */
+export async function openTarget(url: string): Promise<BackupTarget> {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Invalid backup target ${JSON.stringify(url)}: use file:///path or s3://bucket/prefix`,
+    );
+  }
+  if (parsed.protocol === 'file:') {
+    const { FileTarget } = await import('./file-target.ts');
+    return FileTarget.open(parsed);
+  }
+  if (parsed.protocol === 's3:') {
+    const { S3Target } = await import('./s3-target.ts');
+    return S3Target.open(parsed);
+  }
+  throw new CorralError(
+    'INVALID_ARGUMENT',
+    `Unsupported backup target ${JSON.stringify(url)}: use file:///path or s3://bucket/prefix`,
+  );
+}

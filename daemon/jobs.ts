@@ -1,0 +1,218 @@
+import { randomBytes } from 'node:crypto';
+import { Cron } from 'croner';
+import type { Clock } from '../common/clock.ts';
+import { CorralError } from '../common/errors.ts';
+import type { JobRecord, Spaces } from '../kv/spaces.ts';
+import type { BackupService } from './backups.ts';
+import type { Operations } from './operations.ts';
+import { validateVolumeName } from './names.ts';
+import type { VolumeManager } from './volumes.ts';
+
+export interface JobInfo extends JobRecord {
+  nextRunAt: string | undefined;
+}
+
+/** Retention counts above this would keep more snapshots than a chain serves well. */
+const MAX_RETAIN = 250;
+/** How often the scheduler looks for due jobs. */
+const TICK_MS = 1000;
+
+function parseCron(expr: unknown): Cron {
+  if (typeof expr !== 'string' || expr.trim() === '')
+    throw new CorralError('INVALID_ARGUMENT', 'cron must be a cron expression like "0 * * * *"');
+  try {
+    return new Cron(expr, { paused: true });
+  } catch (err) {
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Invalid cron expression ${JSON.stringify(expr)}: ${err instanceof Error ? err.message : String(err)}`,
+    );
+  }
+}
+
+/** The prefix of the snapshots a job takes: how retention finds its own and no one else's. */
+export function jobSnapshotPrefix(id: string): string {
+  return `job-${id}-`;
+}
+
+/**
+ * Recurring snapshot and backup jobs: records in LevelDB (they survive
+ * restarts), cron expressions through croner (host local time), runs as
+ * operations with events. Time comes from the Clock, so a test drives it.
+ * A run missed while the daemon was down runs once at the next start.
+ */
+export class JobScheduler {
+  readonly #spaces: Spaces;
+  readonly #volumes: VolumeManager;
+  readonly #backups: BackupService;
+  readonly #operations: Operations;
+  readonly #clock: Clock;
+  readonly #running = new Set<string>();
+  #timer: { cancel(): void } | undefined;
+  #ticking: Promise<void> | undefined;
+
+  constructor(options: {
+    spaces: Spaces;
+    volumes: VolumeManager;
+    backups: BackupService;
+    operations: Operations;
+    clock: Clock;
+  }) {
+    this.#spaces = options.spaces;
+    this.#volumes = options.volumes;
+    this.#backups = options.backups;
+    this.#operations = options.operations;
+    this.#clock = options.clock;
+  }
+
+  start(): void {
+    this.#timer = this.#clock.setInterval(() => {
+      this.#ticking ??= this.runDue().finally(() => (this.#ticking = undefined));
+    }, TICK_MS);
+  }
+
+  async stop(): Promise<void> {
+    this.#timer?.cancel();
+    await this.#ticking;
+  }
+
+  async add(input: {
+    volume: unknown;
+    cron: unknown;
+    task: unknown;
+    retain: unknown;
+    target?: unknown;
+  }): Promise<JobInfo> {
+    const volume = validateVolumeName(input.volume);
+    await this.#volumes.get(volume);
+    parseCron(input.cron);
+    if (input.task !== 'snapshot' && input.task !== 'backup')
+      throw new CorralError('INVALID_ARGUMENT', 'task must be snapshot or backup');
+    const retain = input.retain;
+    if (
+      typeof retain !== 'number' ||
+      !Number.isInteger(retain) ||
+      retain < 1 ||
+      retain > MAX_RETAIN
+    )
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `retain must be a whole number from 1 to ${MAX_RETAIN}, got ${JSON.stringify(retain)}`,
+      );
+    if (input.target !== undefined) {
+      if (input.task !== 'backup')
+        throw new CorralError('INVALID_ARGUMENT', 'only backup jobs take a target');
+      await this.#backups.store(input.target);
+    }
+    const record: JobRecord = {
+      id: randomBytes(4).toString('hex'),
+      volume,
+      cron: input.cron as string,
+      task: input.task,
+      retain,
+      createdAt: new Date(this.#clock.nowMs()).toISOString(),
+      ...(typeof input.target === 'string' ? { target: input.target } : {}),
+    };
+    await this.#spaces.jobs.put(record.id, record);
+    return this.#info(record);
+  }
+
+  async list(): Promise<JobInfo[]> {
+    return (await this.#spaces.jobs.entries()).map(([, j]) => this.#info(j));
+  }
+
+  async remove(id: string): Promise<void> {
+    if (!(await this.#spaces.jobs.get(id))) throw new CorralError('NOT_FOUND', `No job ${id}`);
+    await this.#spaces.jobs.del(id);
+  }
+
+  #next(job: JobRecord): Date | undefined {
+    const from = new Date(job.lastRunAt ?? job.createdAt);
+    return parseCron(job.cron).nextRun(from) ?? undefined;
+  }
+
+  #info(job: JobRecord): JobInfo {
+    return { ...job, nextRunAt: this.#next(job)?.toISOString() };
+  }
+
+  /** Runs every job whose time has come (once each, however many runs were missed). */
+  async runDue(): Promise<void> {
+    const now = this.#clock.nowMs();
+    for (const [, job] of await this.#spaces.jobs.entries()) {
+      const next = this.#next(job);
+      if (!next || next.getTime() > now || this.#running.has(job.id)) continue;
+      this.#running.add(job.id);
+      try {
+        await this.#run(job, new Date(now));
+      } finally {
+        this.#running.delete(job.id);
+      }
+    }
+  }
+
+  async #run(job: JobRecord, now: Date): Promise<void> {
+    const { done } = this.#operations.start(
+      'job',
+      `${job.task} job ${job.id}`,
+      job.volume,
+      () => (job.task === 'snapshot' ? this.#snapshotRun(job, now) : this.#backupRun(job, now)),
+      (outcome) => outcome,
+    );
+    let outcome: string;
+    try {
+      outcome = await done;
+    } catch (err) {
+      outcome = `failed: ${err instanceof Error ? err.message : String(err)}`;
+    }
+    // The job may have been removed while it ran.
+    if (await this.#spaces.jobs.get(job.id))
+      await this.#spaces.jobs.put(job.id, {
+        ...job,
+        lastRunAt: now.toISOString(),
+        lastOutcome: outcome,
+      });
+  }
+
+  #snapshotName(job: JobRecord, now: Date): string {
+    const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+    return `${jobSnapshotPrefix(job.id)}${stamp}`;
+  }
+
+  /** The job's own snapshots, oldest first. */
+  async #ownSnapshots(job: JobRecord): Promise<string[]> {
+    return (await this.#volumes.snapshots(job.volume))
+      .filter((s) => s.name.startsWith(jobSnapshotPrefix(job.id)))
+      .sort((a, b) => a.createdAt.localeCompare(b.createdAt))
+      .map((s) => s.name);
+  }
+
+  async #snapshotRun(job: JobRecord, now: Date): Promise<string> {
+    const name = this.#snapshotName(job, now);
+    await this.#volumes.createSnapshot(job.volume, name);
+    const own = await this.#ownSnapshots(job);
+    const old = own.slice(0, Math.max(0, own.length - job.retain));
+    for (const snap of old) await this.#volumes.deleteSnapshot(job.volume, snap);
+    return `snapshot ${name}; ${old.length} old snapshot(s) deleted, ${own.length - old.length} kept`;
+  }
+
+  async #backupRun(job: JobRecord, now: Date): Promise<string> {
+    const snapshot = this.#snapshotName(job, now);
+    await this.#volumes.createSnapshot(job.volume, snapshot);
+    const { done } = await this.#backups.create({
+      volume: job.volume,
+      snapshot,
+      ...(job.target !== undefined ? { target: job.target } : {}),
+      labels: { job: job.id },
+    });
+    const backup = await done;
+    // Keep only the newest snapshot of the job: the base of the next incremental backup.
+    for (const snap of (await this.#ownSnapshots(job)).slice(0, -1))
+      await this.#volumes.deleteSnapshot(job.volume, snap);
+    const own = (await this.#backups.list({ target: job.target, volume: job.volume })).filter(
+      (b) => b.labels.job === job.id,
+    );
+    const old = own.slice(0, Math.max(0, own.length - job.retain));
+    for (const b of old) await (await this.#backups.remove(b.url)).done;
+    return `backup ${backup.name} (${backup.stats.blocksStored} new blocks); ${old.length} old backup(s) deleted, ${own.length - old.length} kept`;
+  }
+}
