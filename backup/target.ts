@@ -44,3 +44,21 @@ export async function openTarget(url: string): Promise<BackupTarget> {
     `Unsupported backup target ${JSON.stringify(url)}: use file:///path or s3://bucket/prefix`,
   );
 }
+
+/**
+ * A filter for crash tests (nbdkit's delay filter): every operation waits
+ * `ms` first, so that a test can SIGKILL a job in the middle. Used only
+ * with CORRAL_FAULT_INJECTION=1 and CORRAL_BACKUP_DELAY_MS.
+ */
+export function delayed(target: BackupTarget, ms: number): BackupTarget {
+  const wait = (): Promise<void> => new Promise((r) => setTimeout(r, ms));
+  return {
+    url: target.url,
+    get: async (key) => (await wait(), target.get(key)),
+    put: async (key, data) => (await wait(), target.put(key, data)),
+    exists: async (key) => (await wait(), target.exists(key)),
+    list: async (prefix) => (await wait(), target.list(prefix)),
+    delete: async (key) => (await wait(), target.delete(key)),
+    sync: () => target.sync(),
+  };
+}

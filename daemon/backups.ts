@@ -9,7 +9,7 @@ import {
 } from '../backup/jobs.ts';
 import type { BackupConfig } from '../backup/format.ts';
 import { BackupStore } from '../backup/store.ts';
-import { openTarget } from '../backup/target.ts';
+import { delayed, openTarget } from '../backup/target.ts';
 import type { EventLog } from './events.ts';
 import type { Operation, Operations } from './operations.ts';
 import { validateSnapshotName, validateVolumeName } from './names.ts';
@@ -76,6 +76,8 @@ export interface BackupServiceOptions {
   /** The daemon's default target URL. */
   defaultTarget: string;
   concurrency?: number;
+  /** Tests only: every store operation waits this long (CORRAL_BACKUP_DELAY_MS). */
+  delayMs?: number;
 }
 
 /** Backups, restores and deletes as daemon operations. */
@@ -97,7 +99,10 @@ export class BackupService {
     const url = target ?? this.#o.defaultTarget;
     let store = this.#stores.get(url);
     if (!store) {
-      store = openTarget(url).then((t) => new BackupStore(t));
+      const delayMs = this.#o.delayMs;
+      store = openTarget(url).then(
+        (t) => new BackupStore(delayMs ? delayed(t, delayMs) : t),
+      );
       store.catch(() => this.#stores.delete(url));
       this.#stores.set(url, store);
     }

@@ -124,6 +124,9 @@ export async function startDaemon(
     events,
     clock: systemClock,
     defaultTarget: config.backupTarget,
+    ...(config.faultInjection && process.env.CORRAL_BACKUP_DELAY_MS
+      ? { delayMs: Number(process.env.CORRAL_BACKUP_DELAY_MS) }
+      : {}),
   });
   const jobs = new JobScheduler({ spaces, volumes, backups, operations, clock: systemClock });
   jobs.start();
