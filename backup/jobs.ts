@@ -46,6 +46,9 @@ export interface BackupOptions {
   onStaleLock?: (detail: string) => void;
 }
 
+/** A job waits this long for a conflicting one (a delete for running backups) before BUSY. */
+const LOCK_WAIT_MS = 10 * 60_000;
+
 export function newBackupName(now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '').slice(0, 14);
   return `backup-${stamp}-${randomBytes(3).toString('hex')}`;
@@ -93,7 +96,9 @@ export async function createBackup(
   const now = options.now ?? new Date();
   const name = options.name ?? newBackupName(now);
   const bs = BACKUP_BLOCK_SIZE;
+  options.onProgress?.({ phase: 'lock', done: 0, total: 0, bytes: 0 });
   const lock = await store.lock('backup', {
+    waitMs: LOCK_WAIT_MS,
     ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
   });
   try {
@@ -187,7 +192,9 @@ export async function deleteBackup(
   backup: BackupConfig,
   options: { onProgress?: (p: JobProgress) => void; onStaleLock?: (detail: string) => void } = {},
 ): Promise<{ blocksRemoved: number }> {
+  options.onProgress?.({ phase: 'lock', done: 0, total: 0, bytes: 0 });
   const lock = await store.lock('delete', {
+    waitMs: LOCK_WAIT_MS,
     ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
   });
   try {
@@ -213,6 +220,7 @@ export async function collectGarbage(
   options: { onStaleLock?: (detail: string) => void } = {},
 ): Promise<{ blocksRemoved: number }> {
   const lock = await store.lock('delete', {
+    waitMs: LOCK_WAIT_MS,
     ...(options.onStaleLock ? { onStale: options.onStaleLock } : {}),
   });
   try {

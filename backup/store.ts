@@ -204,7 +204,6 @@ export class BackupStore {
       const m = /\/(backup|delete)-([0-9a-f]+)\.lck$/.exec(key);
       if (!m || m[2] === ownId) continue;
       const other = m[1] as LockKind;
-      if (kind === 'backup' && other === 'backup') continue;
       const bytes = await this.target.get(key);
       if (!bytes) continue;
       let record: LockRecord | undefined;
@@ -225,6 +224,8 @@ export class BackupStore {
         );
         continue;
       }
+      // Backups run side by side; a delete runs alone.
+      if (kind === 'backup' && other === 'backup') continue;
       return record;
     }
     return undefined;
