@@ -214,6 +214,35 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
     assert.equal((await d.api_('GET', '/v1/operations/op-nope')).status, 404);
     const badUrl = await d.cli(['backup', 'restore', `file://${store}`, 'x']);
     assert.match(badUrl.stderr, /names no backup/);
+    const badCron = await d.cli([
+      'job',
+      'add',
+      'v',
+      '--cron',
+      '* *',
+      '--task',
+      'backup',
+      '--retain',
+      '2',
+    ]);
+    assert.equal(badCron.code, 1);
+    assert.match(badCron.stderr, /Invalid cron expression "\* \*".*INVALID_ARGUMENT/);
+    const job = await cliJson<{ id: string; nextRunAt: string }>(d, [
+      'job',
+      'add',
+      'v',
+      '--cron',
+      '30 2 * * *',
+      '--task',
+      'backup',
+      '--retain',
+      '7',
+    ]);
+    assert.match(job.nextRunAt, /T\d\d:30:00.000Z$/);
+    const jobs = await d.cli(['job', 'ls']);
+    assert.match(jobs.stdout, new RegExp(`${job.id}\\s+v\\s+backup\\s+30 2 \\* \\* \\*\\s+7`));
+    await cliJson(d, ['job', 'rm', job.id]);
+    assert.deepEqual(await cliJson(d, ['job', 'ls']), []);
 
     // A corrupted block is caught by its checksum: the restore fails and leaves no volume.
     const blocks = (
