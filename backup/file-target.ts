@@ -54,7 +54,7 @@ export class FileTarget implements BackupTarget {
     }
   }
 
-  async put(key: string, data: Uint8Array): Promise<void> {
+  async put(key: string, data: Uint8Array | readonly Uint8Array[]): Promise<void> {
     const file = this.#path(key);
     const dir = path.dirname(file);
     const tmp = `${file}${TMP_MARK}${randomBytes(4).toString('hex')}`;
@@ -65,7 +65,23 @@ export class FileTarget implements BackupTarget {
       }
       const handle = await fs.promises.open(tmp, 'w');
       try {
-        await handle.writeFile(data);
+        const chunks = data instanceof Uint8Array ? [data] : data;
+        const total = chunks.reduce((n, c) => n + c.length, 0);
+        let written = 0;
+        while (written < total) {
+          // writev may write less than asked: go on from where it stopped.
+          let skip = written;
+          const rest: Uint8Array[] = [];
+          for (const c of chunks) {
+            if (skip >= c.length) skip -= c.length;
+            else {
+              rest.push(skip > 0 ? c.subarray(skip) : c);
+              skip = 0;
+            }
+          }
+          const { bytesWritten } = await handle.writev(rest);
+          written += bytesWritten;
+        }
         await handle.datasync();
       } finally {
         await handle.close();

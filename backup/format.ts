@@ -190,13 +190,14 @@ const HEADER_BYTES = 12;
 const RAW = 0;
 const GZIP = 1;
 /** Compress a sample first: random data (encrypted, compressed already) is stored as is, 5x faster. */
-const SAMPLE_BYTES = 16 * 1024;
+const SAMPLE_BYTES = 8 * 1024;
 const WORTH_COMPRESSING = 0.9;
 
 const gzip = promisify(zlib.gzip);
 const gunzip = promisify(zlib.gunzip);
 
-export async function encodeBlock(data: Uint8Array): Promise<Buffer> {
+/** A block file as two chunks, header and payload: the payload may be `data` itself, not a copy. */
+export async function encodeBlock(data: Uint8Array): Promise<[Buffer, Uint8Array]> {
   let encoding = RAW;
   let payload: Uint8Array = data;
   const sampleAt = Math.max(0, Math.floor(data.length / 2) - SAMPLE_BYTES / 2);
@@ -208,14 +209,13 @@ export async function encodeBlock(data: Uint8Array): Promise<Buffer> {
       payload = packed;
     }
   }
-  const out = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
-  out.writeUInt32BE(MAGIC, 0);
-  out.writeUInt8(1, 4);
-  out.writeUInt8(encoding, 5);
-  out.writeUInt16BE(0, 6);
-  out.writeUInt32BE(data.length, 8);
-  out.set(payload, HEADER_BYTES);
-  return out;
+  const header = Buffer.alloc(HEADER_BYTES);
+  header.writeUInt32BE(MAGIC, 0);
+  header.writeUInt8(1, 4);
+  header.writeUInt8(encoding, 5);
+  header.writeUInt16BE(0, 6);
+  header.writeUInt32BE(data.length, 8);
+  return [header, payload];
 }
 
 /** Decodes a block file and checks it against its name: a block never restores as other bytes. */

@@ -100,7 +100,8 @@ export class S3Target implements BackupTarget {
     }
   }
 
-  async put(key: string, data: Uint8Array): Promise<void> {
+  async put(key: string, chunks: Uint8Array | readonly Uint8Array[]): Promise<void> {
+    const data = chunks instanceof Uint8Array ? chunks : Buffer.concat(chunks);
     if (data.length > MULTIPART_THRESHOLD) return this.#putMultipart(key, data);
     try {
       await this.#client.send(

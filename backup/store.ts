@@ -134,7 +134,7 @@ export class BackupStore {
     return this.target.exists(blockKey(hash));
   }
 
-  putBlock(hash: string, encoded: Uint8Array): Promise<void> {
+  putBlock(hash: string, encoded: readonly Uint8Array[]): Promise<void> {
     return this.target.put(blockKey(hash), encoded);
   }
 

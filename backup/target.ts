@@ -10,7 +10,8 @@ export interface BackupTarget {
   readonly url: string;
   /** The object's bytes, or undefined when there is none. */
   get(key: string): Promise<Buffer | undefined>;
-  put(key: string, data: Uint8Array): Promise<void>;
+  /** Writes the object; several chunks are written one after another (no copy into one buffer). */
+  put(key: string, data: Uint8Array | readonly Uint8Array[]): Promise<void>;
   exists(key: string): Promise<boolean>;
   /** Keys below `prefix` (recursively), in no particular order. */
   list(prefix: string): Promise<string[]>;

@@ -2,7 +2,9 @@
  * `npm run bench`: fio over NBD against Corral (a 1-replica volume) and, in
  * the same run on the same disk, against nbdkit and qemu-nbd serving a file.
  * Prints IOPS/bandwidth and the ratios, and rewrites the results table in
- * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10).
+ * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10);
+ * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
+ * BENCH_ONLY=backup runs the backup table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -10,6 +12,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess, ROOT } from '../test/helpers/daemon.ts';
+import { backupBench } from './backup.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -199,7 +202,19 @@ async function main(): Promise<void> {
   let chainIops = 0;
   let flatIops = 0;
   let fuseTable = '';
+  let backupTable = '';
   let corral: DaemonProcess | undefined;
+  if (process.env.BENCH_ONLY === 'backup') {
+    try {
+      corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
+      backupTable = await backupBench(corral, dir);
+    } finally {
+      await corral?.stop('SIGTERM');
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
+    await writeBackupTable(backupTable);
+    return;
+  }
   try {
     corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
     await corral.createVolume('bench', SIZE);
@@ -292,6 +307,7 @@ async function main(): Promise<void> {
       results.set(job.name, row);
     }
     if (process.env.BENCH_FUSE !== '0') fuseTable = await fuseBench(corral, dir);
+    if (process.env.BENCH_BACKUP !== '0') backupTable = await backupBench(corral, dir);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -323,6 +339,18 @@ async function main(): Promise<void> {
     console.log(`\n${fuseTable}`);
     await replaceSection(doc, 'bench-fuse', `${stamp}\n\n${fuseTable}`);
   }
+  await writeBackupTable(backupTable);
+}
+
+async function writeBackupTable(table: string): Promise<void> {
+  if (!table) return;
+  console.log(`\n${table}`);
+  const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; a 1 GiB volume backed up to a directory on the same disk).`;
+  await replaceSection(
+    path.join(ROOT, 'docs', 'PERFORMANCE.md'),
+    'bench-backup',
+    `${stamp}\n\n${table}`,
+  );
 }
 
 main().catch((err: unknown) => {

@@ -100,9 +100,7 @@ export class BackupService {
     let store = this.#stores.get(url);
     if (!store) {
       const delayMs = this.#o.delayMs;
-      store = openTarget(url).then(
-        (t) => new BackupStore(delayMs ? delayed(t, delayMs) : t),
-      );
+      store = openTarget(url).then((t) => new BackupStore(delayMs ? delayed(t, delayMs) : t));
       store.catch(() => this.#stores.delete(url));
       this.#stores.set(url, store);
     }
@@ -137,7 +135,7 @@ export class BackupService {
       volume,
       sizeBytes: access.sizeBytes,
       snapshot: { name: snapshot, createdAt: access.info.createdAt },
-      read: (offset, length) => access.read(offset, length),
+      read: (offset, length, into) => access.read(offset, length, into),
       changedSince: async (base, granule) => {
         try {
           const info = (await this.#o.volumes.snapshots(volume)).find((s) => s.name === base.name);

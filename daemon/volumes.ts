@@ -478,7 +478,7 @@ export class VolumeManager {
   ): {
     info: SnapshotInfo;
     sizeBytes: number;
-    read(offset: number, length: number): Promise<Uint8Array>;
+    read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
     touchedBlocks(base: string | undefined, granuleBytes: number): Promise<Set<number>>;
     release(): void;
   } {
@@ -492,8 +492,10 @@ export class VolumeManager {
     return {
       info,
       sizeBytes: supervisor.sizeBytes,
-      read: (offset, length) =>
-        supervisor.control(`read ${key}`, (e) => e.snapshotDevice(snapshot).read(offset, length)),
+      read: (offset, length, into) =>
+        supervisor.control(`read ${key}`, (e) =>
+          e.snapshotDevice(snapshot).read(offset, length, into),
+        ),
       touchedBlocks: (base, granuleBytes) =>
         supervisor.control(`compare ${key}`, (e) => e.touchedBlocks(base, snapshot, granuleBytes)),
       release: () => {

@@ -1,0 +1,93 @@
+/**
+ * Backup and restore throughput, for `npm run bench`: a 1 GiB volume full of
+ * data backed up to a directory on the same disk (full, then incremental
+ * after 64 MiB of scattered writes), then restored into a new volume.
+ */
+import * as path from 'node:path';
+import type { DaemonProcess } from '../test/helpers/daemon.ts';
+import { mustRun } from '../test/helpers/run.ts';
+
+const MiB = 1024 * 1024;
+
+interface Timed<T> {
+  seconds: number;
+  result: T;
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<Timed<T>> {
+  const start = performance.now();
+  const result = await fn();
+  return { seconds: (performance.now() - start) / 1000, result };
+}
+
+interface BackupResult {
+  name: string;
+  stats: { blocksRead: number; blocksStored: number; bytesStored: number };
+}
+
+async function waitOp<T>(d: DaemonProcess, method: string, route: string, body: unknown) {
+  const r = await d.api_<{ result: T; error?: unknown }>(method, `${route}?wait=true`, body);
+  if (r.status !== 200)
+    throw new Error(`${method} ${route}: ${r.status} ${JSON.stringify(r.json)}`);
+  return r.json.result;
+}
+
+function fill(uri: string, extra: string[]): Promise<unknown> {
+  return mustRun(
+    'fio',
+    [
+      '--name=fill',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--bs=1M',
+      '--iodepth=8',
+      '--refill_buffers',
+      '--randrepeat=0',
+      ...extra,
+    ],
+    { timeoutMs: 600_000 },
+  );
+}
+
+/** Returns a Markdown table. */
+export async function backupBench(corral: DaemonProcess, dir: string): Promise<string> {
+  const rows: string[] = [
+    '| data | full backup | incremental (64 MiB changed) | restore | stored |',
+    '| --- | ---: | ---: | ---: | ---: |',
+  ];
+  for (const [label, compress] of [
+    ['random (incompressible)', 0],
+    ['half compressible', 50],
+  ] as const) {
+    const volume = `bk${compress}`;
+    const target = `file://${path.join(dir, `store-${compress}`)}`;
+    await corral.createVolume(volume, '1G');
+    const mix = compress ? [`--buffer_compress_percentage=${compress}`] : [];
+    await fill(corral.uri(volume), ['--rw=write', '--size=1G', ...mix]);
+    await mustRun('sync', []);
+    const full = await timed(() =>
+      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target }),
+    );
+    await fill(corral.uri(volume), ['--rw=randwrite', '--io_size=64M', '--size=1G', ...mix]);
+    await mustRun('sync', []);
+    const incr = await timed(() =>
+      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target }),
+    );
+    const restore = await timed(() =>
+      waitOp<unknown>(corral, 'POST', '/v1/restores', {
+        backup: full.result.name,
+        volume: `${volume}-restored`,
+        target,
+      }),
+    );
+    const mbps = (bytes: number, s: number) => `${(bytes / MiB / s).toFixed(0)} MB/s`;
+    const incrBytes = incr.result.stats.blocksRead * 2 * MiB;
+    rows.push(
+      `| ${label} | ${mbps(1024 * MiB, full.seconds)} (${full.seconds.toFixed(1)} s) | ${mbps(incrBytes, incr.seconds)} (${incr.result.stats.blocksRead} blocks read, ${incr.seconds.toFixed(2)} s) | ${mbps(1024 * MiB, restore.seconds)} (${restore.seconds.toFixed(1)} s) | ${(full.result.stats.bytesStored / MiB).toFixed(0)} MiB |`,
+    );
+    console.error(rows.at(-1));
+    await corral.api_('DELETE', `/v1/volumes/${volume}-restored`);
+    await corral.api_('DELETE', `/v1/volumes/${volume}`);
+  }
+  return rows.join('\n');
+}
