@@ -27,7 +27,21 @@ const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
  * connection and hand it to the right server. Under Deno, whose node:http2
  * server aborts under load (denoland/deno#36788), Deno.serve does it all.
  */
-export async function serveHttp(fetch: Fetch, host: string, port: number): Promise<HttpServer> {
+/** Handles an HTTP/2 request outside Hono (the replica data streams); false to pass it on. */
+export type StreamHandler = (
+  req: http2.Http2ServerRequest,
+  res: http2.Http2ServerResponse,
+) => boolean;
+
+/** Flow-control windows for peers: many replica writes in flight on one stream. */
+const WINDOW_BYTES = 32 * 1024 * 1024;
+
+export async function serveHttp(
+  fetch: Fetch,
+  host: string,
+  port: number,
+  streams?: StreamHandler,
+): Promise<HttpServer> {
   const deno = (globalThis as { Deno?: DenoServe }).Deno;
   if (deno) {
     let listening!: (port: number) => void;
@@ -41,7 +55,13 @@ export async function serveHttp(fetch: Fetch, host: string, port: number): Promi
 
   const listener = getRequestListener(fetch);
   const h1 = http.createServer((req, res) => void listener(req, res));
-  const h2 = http2.createServer((req, res) => void listener(req, res));
+  const h2 = http2.createServer({ settings: { initialWindowSize: WINDOW_BYTES } }, (req, res) => {
+    if (streams?.(req, res)) return;
+    void listener(req, res);
+  });
+  h2.on('session', (session) => {
+    session.once('remoteSettings', () => session.setLocalWindowSize(WINDOW_BYTES));
+  });
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
     sockets.add(socket);

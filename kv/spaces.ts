@@ -118,6 +118,26 @@ function validateJob(r: Record<string, unknown>, key: string): JobRecord {
   };
 }
 
+export interface HostedRecord {
+  id: string;
+  volume: string;
+  /** The API URL of the daemon running the volume's engine. */
+  engine: string;
+  /** The newest engine epoch seen: streams from older engines are refused. */
+  epoch: number;
+  createdAt: string;
+}
+
+function validateHosted(r: Record<string, unknown>, key: string): HostedRecord {
+  return {
+    id: field(r, key, 'id', 'string'),
+    volume: field(r, key, 'volume', 'string'),
+    engine: field(r, key, 'engine', 'string'),
+    epoch: field(r, key, 'epoch', 'number'),
+    createdAt: field(r, key, 'createdAt', 'string'),
+  };
+}
+
 export interface Spaces {
   volumes: KeySpace<VolumeRecord>;
   replicas: KeySpace<ReplicaRecord>;
@@ -125,6 +145,10 @@ export interface Spaces {
   bitmaps: KeySpace<Uint8Array>;
   /** Replica revision counters: key `<replicaId>`, 8 bytes big-endian. */
   revisions: KeySpace<Uint8Array>;
+  /** Replicas kept here for engines on other hosts: key `<replicaId>`. */
+  hosted: KeySpace<HostedRecord>;
+  /** This node: key `self`. */
+  node: KeySpace<{ id: string; secret: string; createdAt: string }>;
   /** Recurring jobs: key `<jobId>`. */
   jobs: KeySpace<JobRecord>;
   /** A batch across these spaces, written atomically. */
@@ -138,6 +162,15 @@ export function openSpaces(kv: Kv): Spaces {
     bitmaps: kv.space('bmp', binaryCodec('bitmap', 1)),
     revisions: kv.space('rev', binaryCodec('revision', 1)),
     jobs: kv.space('job', jsonCodec('job', 1, validateJob)),
+    hosted: kv.space('hst', jsonCodec('hosted replica', 1, validateHosted)),
+    node: kv.space(
+      'nod',
+      jsonCodec('node', 1, (r, key) => ({
+        id: field<string>(r, key, 'id', 'string'),
+        secret: field<string>(r, key, 'secret', 'string'),
+        createdAt: field<string>(r, key, 'createdAt', 'string'),
+      })),
+    ),
     batch: () => kv.batch(),
   };
 }

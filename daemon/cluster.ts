@@ -1,0 +1,126 @@
+import { timingSafeEqual } from 'node:crypto';
+import * as fs from 'node:fs';
+import { CorralError } from '../common/errors.ts';
+
+export interface NodeInfo {
+  id: string;
+  url: string;
+  state: 'up' | 'down';
+  totalBytes: number;
+  freeBytes: number;
+  replicas: number;
+  version?: string;
+  error?: string;
+}
+
+export interface ClusterOptions {
+  /** This daemon's API URL as its peers reach it. */
+  selfUrl: string;
+  nodeId: string;
+  peers: string[];
+  secret: string;
+  dataDir: string;
+  version: string;
+  /** Replicas this host keeps (its own volumes' and those hosted for peers). */
+  replicaCount: () => Promise<number>;
+}
+
+/** Peer calls give up after this long: a node that does not answer is down. */
+const PEER_TIMEOUT_MS = 3000;
+
+/**
+ * The hosts this daemon knows (itself and its `--peer`s) and the shared
+ * cluster secret every peer call carries as a bearer token.
+ */
+export class Cluster {
+  readonly #o: ClusterOptions;
+
+  constructor(options: ClusterOptions) {
+    this.#o = options;
+  }
+
+  get selfUrl(): string {
+    return this.#o.selfUrl;
+  }
+
+  get secret(): string {
+    return this.#o.secret;
+  }
+
+  get peers(): string[] {
+    return this.#o.peers;
+  }
+
+  /** Whether a request carries the cluster secret. */
+  authorized(header: string | undefined): boolean {
+    const want = Buffer.from(`Bearer ${this.#o.secret}`);
+    const got = Buffer.from(header ?? '');
+    return got.length === want.length && timingSafeEqual(got, want);
+  }
+
+  async self(): Promise<NodeInfo> {
+    const st = await fs.promises.statfs(this.#o.dataDir);
+    return {
+      id: this.#o.nodeId,
+      url: this.#o.selfUrl,
+      state: 'up',
+      totalBytes: st.blocks * st.bsize,
+      freeBytes: st.bavail * st.bsize,
+      replicas: await this.#o.replicaCount(),
+      version: this.#o.version,
+    };
+  }
+
+  /** Calls a peer's API with the cluster secret; errors come back as CorralErrors. */
+  async call<T>(url: string, method: string, route: string, body?: unknown): Promise<T> {
+    let response: Response;
+    try {
+      response = await fetch(url + route, {
+        method,
+        headers: {
+          authorization: `Bearer ${this.#o.secret}`,
+          ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+        },
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+        signal: AbortSignal.timeout(PEER_TIMEOUT_MS),
+      });
+    } catch (err) {
+      throw new CorralError(
+        'IO_ERROR',
+        `Peer ${url} does not answer: ${err instanceof Error ? (err.cause instanceof Error ? err.cause.message : err.message) : String(err)}`,
+      );
+    }
+    if (response.status === 204) return undefined as T;
+    const json = (await response.json().catch(() => ({}))) as {
+      error?: { code: CorralError['code']; message: string };
+    };
+    if (!response.ok)
+      throw new CorralError(
+        json.error?.code ?? 'IO_ERROR',
+        `Peer ${url}: ${json.error?.message ?? `HTTP ${response.status}`}`,
+      );
+    return json as T;
+  }
+
+  /** This node and every peer, peers that do not answer as down. */
+  async nodes(): Promise<NodeInfo[]> {
+    const peers = await Promise.all(
+      this.#o.peers.map(async (url): Promise<NodeInfo> => {
+        try {
+          return { ...(await this.call<NodeInfo>(url, 'GET', '/v1/node')), url };
+        } catch (err) {
+          return {
+            id: '',
+            url,
+            state: 'down',
+            totalBytes: 0,
+            freeBytes: 0,
+            replicas: 0,
+            error: err instanceof Error ? err.message : String(err),
+          };
+        }
+      }),
+    );
+    return [await this.self(), ...peers];
+  }
+}

@@ -1,0 +1,142 @@
+import type { Clock } from '../common/clock.ts';
+import { CorralError } from '../common/errors.ts';
+import type { Spaces } from '../kv/spaces.ts';
+import { LocalReplica } from '../replication/local-replica.ts';
+import { ReplicaSession, type StreamOut } from '../replication/replica-server.ts';
+import type { EventLog } from './events.ts';
+
+interface Live {
+  replica: LocalReplica;
+  session: ReplicaSession;
+  end: () => void;
+}
+
+/**
+ * Replicas this host keeps for engines on other hosts. Each is served to
+ * one engine stream at a time; a stream from an engine with a newer epoch
+ * replaces the current one, a stream from an older epoch is refused (a stale
+ * engine, cut off by a partition, must not write after its successor did).
+ */
+export class HostedReplicas {
+  readonly #spaces: Spaces;
+  readonly #root: string;
+  readonly #clock: Clock;
+  readonly #events: EventLog;
+  readonly #live = new Map<string, Live>();
+
+  constructor(options: { spaces: Spaces; root: string; clock: Clock; events: EventLog }) {
+    this.#spaces = options.spaces;
+    this.#root = options.root;
+    this.#clock = options.clock;
+    this.#events = options.events;
+  }
+
+  async ids(): Promise<string[]> {
+    return this.#spaces.hosted.keys();
+  }
+
+  /** Creates an empty replica for `volume`, whose engine runs at `engine`. */
+  async create(input: {
+    volume: unknown;
+    sizeBytes: unknown;
+    engine: unknown;
+    epoch: unknown;
+  }): Promise<{ id: string }> {
+    const { volume, sizeBytes, engine, epoch } = input;
+    if (
+      typeof volume !== 'string' ||
+      typeof engine !== 'string' ||
+      typeof sizeBytes !== 'number' ||
+      typeof epoch !== 'number'
+    )
+      throw new CorralError('INVALID_ARGUMENT', 'volume, sizeBytes, engine and epoch are needed');
+    const now = new Date(this.#clock.nowMs());
+    // Replica first, then the record that keeps it: a crash between leaves an unowned
+    // replica, removed at the next start.
+    const replica = await LocalReplica.create({
+      spaces: this.#spaces,
+      root: this.#root,
+      volume,
+      sizeBytes,
+      now,
+    });
+    await replica.close();
+    await this.#spaces.hosted.put(replica.id, {
+      id: replica.id,
+      volume,
+      engine,
+      epoch,
+      createdAt: now.toISOString(),
+    });
+    this.#events.add({
+      type: 'replica-hosted',
+      volume,
+      message: `replica ${replica.id} for the engine at ${engine}`,
+    });
+    return { id: replica.id };
+  }
+
+  async remove(id: string): Promise<void> {
+    const record = await this.#spaces.hosted.get(id);
+    if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
+    this.#live.get(id)?.end();
+    this.#live.delete(id);
+    await this.#spaces.hosted.del(id);
+    await LocalReplica.destroy({ spaces: this.#spaces, root: this.#root, id });
+    this.#events.add({ type: 'replica-removed', volume: record.volume, message: `replica ${id}` });
+  }
+
+  /**
+   * Starts serving replica `id` to an engine stream. Returns the session to
+   * feed with the stream's bytes and a function to call when the stream ends.
+   */
+  async attach(
+    id: string,
+    epoch: number,
+    out: StreamOut,
+    end: () => void,
+  ): Promise<{ push: (chunk: Buffer) => void; closed: () => Promise<void> }> {
+    const record = await this.#spaces.hosted.get(id);
+    if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
+    if (!Number.isSafeInteger(epoch) || epoch < record.epoch)
+      throw new CorralError(
+        'BUSY',
+        `Replica ${id} belongs to a newer engine (epoch ${record.epoch}); this engine's epoch ${epoch} is stale`,
+      );
+    const previous = this.#live.get(id);
+    if (previous) {
+      previous.end();
+      this.#live.delete(id);
+      await previous.replica.close().catch(() => undefined);
+    }
+    if (epoch > record.epoch) await this.#spaces.hosted.put(id, { ...record, epoch });
+    const replica = await LocalReplica.open({ spaces: this.#spaces, root: this.#root, id });
+    const session = new ReplicaSession(replica, out, (err) => {
+      this.#events.add({
+        type: 'replica-stream-error',
+        volume: record.volume,
+        message: `replica ${id}: ${err.message}`,
+      });
+      end();
+    });
+    const live: Live = { replica, session, end };
+    this.#live.set(id, live);
+    return {
+      push: (chunk) => session.push(chunk),
+      closed: async () => {
+        session.close();
+        if (this.#live.get(id) === live) this.#live.delete(id);
+        // What the engine flushed is durable already; flush the rest before letting go.
+        await replica.close().catch(() => undefined);
+      },
+    };
+  }
+
+  async stop(): Promise<void> {
+    for (const [id, live] of this.#live) {
+      live.end();
+      this.#live.delete(id);
+      await live.replica.close().catch(() => undefined);
+    }
+  }
+}

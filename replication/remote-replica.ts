@@ -1,0 +1,320 @@
+import * as http2 from 'node:http2';
+import { CorralError } from '../common/errors.ts';
+import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
+import type { Replica, SnapshotInfo } from './replica.ts';
+import type { RemoteInfo } from './replica-server.ts';
+import {
+  decodeError,
+  EPOCH_HEADER,
+  Flag,
+  FrameReader,
+  ioPath,
+  Op,
+  parseReply,
+  requestHeader,
+  type OpCode,
+} from './wire.ts';
+
+export interface RemoteReplicaOptions {
+  /** The peer daemon's API URL, e.g. http://127.0.0.2:9500. */
+  url: string;
+  id: string;
+  /** The cluster secret, sent as a bearer token. */
+  secret: string;
+  /** The engine's epoch: the replica refuses streams from an older engine. */
+  epoch: number;
+  /** A request unanswered for this long fails the replica (ERR). */
+  timeoutMs: number;
+}
+
+/** HTTP/2 flow-control windows: large, so that many writes are in flight on one stream. */
+const WINDOW_BYTES = 32 * 1024 * 1024;
+
+interface Pending {
+  resolve: (payload: Buffer) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * A replica on another host, reached over one long-lived HTTP/2 stream
+ * (replication/wire.ts). The first failure of any kind — an error reply, a
+ * timeout, a lost connection — makes it fail every request from then on:
+ * the engine sets it to ERR and a rebuild replaces it, never a silent resume.
+ */
+export class RemoteReplica implements Replica {
+  readonly id: string;
+  readonly location: string;
+  sizeBytes = 0;
+  readonly #o: RemoteReplicaOptions;
+  #session: http2.ClientHttp2Session | undefined;
+  #stream: http2.ClientHttp2Stream | undefined;
+  readonly #pending = new Map<number, Pending>();
+  readonly #reader = new FrameReader();
+  #nextId = 1;
+  #revision = 0n;
+  #snapshots: SnapshotInfo[] = [];
+  #dead: CorralError | undefined;
+
+  private constructor(options: RemoteReplicaOptions) {
+    this.#o = options;
+    this.id = options.id;
+    this.location = options.url;
+  }
+
+  /**
+   * Connects and reads the replica's state. Never throws: an unreachable
+   * replica comes back dead (`failure` says why), for the engine to start in ERR.
+   */
+  static async connect(options: RemoteReplicaOptions): Promise<RemoteReplica> {
+    const r = new RemoteReplica(options);
+    try {
+      await r.#open();
+      r.#apply(JSON.parse((await r.#call('info')).toString('utf8')) as RemoteInfo);
+    } catch (err) {
+      r.#die(
+        err instanceof CorralError
+          ? err
+          : new CorralError('IO_ERROR', `replica ${options.id} at ${options.url}: ${String(err)}`),
+      );
+    }
+    return r;
+  }
+
+  /** Why it failed, or undefined while healthy. */
+  get failure(): string | undefined {
+    return this.#dead?.message;
+  }
+
+  #open(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const session = http2.connect(this.#o.url, {
+        settings: { initialWindowSize: WINDOW_BYTES },
+      });
+      this.#session = session;
+      const timer = setTimeout(
+        () => reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`)),
+        this.#o.timeoutMs,
+      );
+      session.once('error', (err) => {
+        clearTimeout(timer);
+        reject(this.#err(err.message));
+        this.#die(this.#err(`connection failed: ${err.message}`));
+      });
+      session.once('close', () => this.#die(this.#err('connection closed')));
+      session.once('connect', () => session.setLocalWindowSize(WINDOW_BYTES));
+      const stream = session.request({
+        ':method': 'POST',
+        ':path': ioPath(this.#o.id),
+        authorization: `Bearer ${this.#o.secret}`,
+        [EPOCH_HEADER]: String(this.#o.epoch),
+      });
+      this.#stream = stream;
+      stream.once('response', (headers) => {
+        clearTimeout(timer);
+        const status = Number(headers[':status']);
+        if (status === 200) {
+          resolve();
+          return;
+        }
+        let body = '';
+        stream.setEncoding('utf8');
+        stream.on('data', (d: string) => (body += d));
+        stream.once('end', () => {
+          let message = `HTTP ${status}`;
+          try {
+            message = (JSON.parse(body) as { error: { message: string } }).error.message;
+          } catch {
+            // keep the status
+          }
+          reject(this.#err(message));
+        });
+      });
+      stream.on('data', (chunk: Buffer) => {
+        if (!this.#stream || stream !== this.#stream) return;
+        this.#reader.push(chunk);
+        try {
+          for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
+        } catch (err) {
+          this.#die(this.#err(err instanceof Error ? err.message : String(err)));
+        }
+      });
+      stream.once('error', (err) => this.#die(this.#err(`stream failed: ${err.message}`)));
+      stream.once('close', () => this.#die(this.#err('stream closed')));
+    });
+  }
+
+  #err(message: string): CorralError {
+    return new CorralError('IO_ERROR', `Replica ${this.#o.id} at ${this.#o.url}: ${message}`);
+  }
+
+  #settle(frame: Buffer): void {
+    const reply = parseReply(frame);
+    const p = this.#pending.get(reply.id);
+    if (!p) return;
+    this.#pending.delete(reply.id);
+    clearTimeout(p.timer);
+    if (reply.revision > this.#revision) this.#revision = reply.revision;
+    if (reply.ok) p.resolve(reply.payload);
+    else p.reject(decodeError(reply.payload, `Replica ${this.#o.id} at ${this.#o.url}`));
+  }
+
+  #die(err: CorralError): void {
+    if (this.#dead) return;
+    this.#dead = err;
+    for (const p of this.#pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this.#pending.clear();
+    this.#stream?.close();
+    this.#session?.destroy();
+  }
+
+  #send(op: OpCode, flags: number, offset: number, count: number, payload: Uint8Array) {
+    if (this.#dead) return Promise.reject(this.#dead);
+    const stream = this.#stream;
+    if (!stream) return Promise.reject(this.#err('not connected'));
+    const id = this.#nextId++;
+    if (this.#nextId > 0xffffffff) this.#nextId = 1;
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#die(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
+      }, this.#o.timeoutMs);
+      this.#pending.set(id, { resolve, reject, timer });
+      stream.write(requestHeader(op, id, flags, offset, count, payload));
+      if (payload.length > 0) stream.write(payload);
+    });
+  }
+
+  #call(method: string, args?: Record<string, unknown>): Promise<Buffer> {
+    const body = Buffer.from(JSON.stringify({ method, ...(args ? { args } : {}) }));
+    return this.#send(Op.CONTROL, 0, 0, 0, body);
+  }
+
+  #apply(info: RemoteInfo): void {
+    this.sizeBytes = info.sizeBytes;
+    this.#revision = BigInt(info.revision);
+    this.#snapshots = info.snapshots;
+  }
+
+  revision(): bigint {
+    return this.#revision;
+  }
+
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    const data = await this.#send(Op.READ, 0, offset, length, EMPTY);
+    if (data.length !== length) throw this.#err(`read returned ${data.length} of ${length} bytes`);
+    if (!into) return data;
+    into.set(data);
+    return into;
+  }
+
+  async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    await this.#send(Op.WRITE, options?.fua ? Flag.FUA : 0, offset, data.length, data);
+  }
+
+  async flush(): Promise<void> {
+    await this.#send(Op.FLUSH, 0, 0, 0, EMPTY);
+  }
+
+  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    await this.#send(Op.TRIM, options?.fua ? Flag.FUA : 0, offset, length, EMPTY);
+  }
+
+  async zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    const flags = (options?.fua ? Flag.FUA : 0) | (options?.noHole ? Flag.NO_HOLE : 0);
+    await this.#send(Op.ZERO, flags, offset, length, EMPTY);
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    return JSON.parse(
+      (await this.#send(Op.EXTENTS, 0, offset, length, EMPTY)).toString('utf8'),
+    ) as Extent[];
+  }
+
+  snapshots(): SnapshotInfo[] {
+    return this.#snapshots;
+  }
+
+  async snapshot(name: string, now: Date): Promise<void> {
+    this.#apply(
+      JSON.parse(
+        (await this.#call('snapshot', { name, now: now.toISOString() })).toString('utf8'),
+      ) as RemoteInfo,
+    );
+  }
+
+  async deleteSnapshot(name: string): Promise<void> {
+    this.#apply(
+      JSON.parse((await this.#call('deleteSnapshot', { name })).toString('utf8')) as RemoteInfo,
+    );
+  }
+
+  async revert(
+    name: string,
+    now: Date,
+    options?: { discardNewer?: boolean },
+  ): Promise<string[]> {
+    const out = JSON.parse(
+      (
+        await this.#call('revert', {
+          name,
+          now: now.toISOString(),
+          discardNewer: options?.discardNewer === true,
+        })
+      ).toString('utf8'),
+    ) as RemoteInfo & { removed: string[] };
+    this.#apply(out);
+    return out.removed;
+  }
+
+  async readSnapshot(
+    name: string,
+    offset: number,
+    length: number,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
+    const data = await this.#send(Op.READ_SNAPSHOT, 0, offset, length, Buffer.from(name));
+    if (!into) return data;
+    into.set(data);
+    return into;
+  }
+
+  async extentsSnapshot(name: string, offset: number, length: number): Promise<Extent[]> {
+    return JSON.parse(
+      (await this.#call('extentsSnapshot', { name, offset, length })).toString('utf8'),
+    ) as Extent[];
+  }
+
+  async touchedBlocks(
+    base: string | undefined,
+    top: string,
+    granuleBytes: number,
+  ): Promise<Set<number>> {
+    const list = JSON.parse(
+      (
+        await this.#call('touchedBlocks', {
+          ...(base !== undefined ? { base } : {}),
+          top,
+          granule: granuleBytes,
+        })
+      ).toString('utf8'),
+    ) as number[];
+    return new Set(list);
+  }
+
+  async close(): Promise<void> {
+    if (!this.#dead) await this.flush().catch(() => undefined);
+    this.abandon();
+  }
+
+  abandon(): void {
+    if (this.#dead) return;
+    this.#dead = this.#err('closed');
+    this.#stream?.close();
+    this.#session?.close();
+  }
+}
+
+const EMPTY = Buffer.alloc(0);

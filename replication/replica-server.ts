@@ -1,0 +1,175 @@
+import { CorralError } from '../common/errors.ts';
+import type { Replica } from './replica.ts';
+import {
+  errorPayload,
+  Flag,
+  FrameReader,
+  Op,
+  parseRequest,
+  replyHeader,
+  type Request,
+} from './wire.ts';
+
+export interface StreamOut {
+  write(chunk: Buffer): void;
+  cork(): void;
+  uncork(): void;
+}
+
+/**
+ * The replica side of one engine's I/O stream (replication/wire.ts): parses
+ * requests as they arrive, runs them on the local replica concurrently, and
+ * writes the replies of one event-loop turn together.
+ */
+export class ReplicaSession {
+  readonly #replica: Replica;
+  readonly #out: StreamOut;
+  readonly #reader = new FrameReader();
+  readonly #onFatal: (err: Error) => void;
+  #corked = false;
+  #closed = false;
+
+  constructor(replica: Replica, out: StreamOut, onFatal: (err: Error) => void) {
+    this.#replica = replica;
+    this.#out = out;
+    this.#onFatal = onFatal;
+  }
+
+  push(chunk: Buffer): void {
+    if (this.#closed) return;
+    this.#reader.push(chunk);
+    try {
+      for (let frame = this.#reader.next(); frame; frame = this.#reader.next()) {
+        this.#handle(parseRequest(frame));
+      }
+    } catch (err) {
+      // A bad frame means the stream can no longer be trusted: end it, the engine sees a lost replica.
+      this.#closed = true;
+      this.#onFatal(err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+
+  close(): void {
+    this.#closed = true;
+  }
+
+  #reply(id: number, ok: boolean, payload: Buffer): void {
+    if (this.#closed) return;
+    if (!this.#corked) {
+      this.#corked = true;
+      this.#out.cork();
+      setImmediate(() => {
+        this.#corked = false;
+        this.#out.uncork();
+      });
+    }
+    this.#out.write(replyHeader(id, ok, this.#replica.revision(), payload));
+    if (payload.length > 0) this.#out.write(payload);
+  }
+
+  #handle(req: Request): void {
+    this.#run(req).then(
+      (payload) => this.#reply(req.id, true, payload),
+      (err: unknown) => this.#reply(req.id, false, errorPayload(err)),
+    );
+  }
+
+  async #run(req: Request): Promise<Buffer> {
+    const r = this.#replica;
+    const fua = (req.flags & Flag.FUA) !== 0;
+    switch (req.op) {
+      case Op.READ: {
+        const data = await r.read(req.offset, req.count);
+        return Buffer.from(data.buffer, data.byteOffset, data.length);
+      }
+      case Op.WRITE:
+        // The payload is a view of the received chunk: the replica writes it before we return.
+        await r.write(req.offset, req.payload, { fua });
+        return EMPTY;
+      case Op.FLUSH:
+        await r.flush();
+        return EMPTY;
+      case Op.TRIM:
+        await r.trim(req.offset, req.count, { fua });
+        return EMPTY;
+      case Op.ZERO:
+        await r.zero(req.offset, req.count, { fua, noHole: (req.flags & Flag.NO_HOLE) !== 0 });
+        return EMPTY;
+      case Op.EXTENTS:
+        return json(await r.extents(req.offset, req.count));
+      case Op.READ_SNAPSHOT: {
+        const name = req.payload.toString('utf8');
+        const data = await r.readSnapshot(name, req.offset, req.count);
+        return Buffer.from(data.buffer, data.byteOffset, data.length);
+      }
+      case Op.CONTROL:
+        return json(await this.#control(JSON.parse(req.payload.toString('utf8')) as Call));
+      default:
+        throw new CorralError('INVALID_ARGUMENT', `Replica stream: unknown op ${String(req.op)}`);
+    }
+  }
+
+  async #control(call: Call): Promise<unknown> {
+    const r = this.#replica;
+    const a = call.args ?? {};
+    const str = (k: string): string => {
+      const v = a[k];
+      if (typeof v !== 'string') throw new CorralError('INVALID_ARGUMENT', `${call.method}: ${k}`);
+      return v;
+    };
+    switch (call.method) {
+      case 'info':
+        break;
+      case 'snapshot':
+        await r.snapshot(str('name'), new Date(str('now')));
+        break;
+      case 'deleteSnapshot':
+        await r.deleteSnapshot(str('name'));
+        break;
+      case 'revert': {
+        const removed = await r.revert(str('name'), new Date(str('now')), {
+          discardNewer: a.discardNewer === true,
+        });
+        return { ...this.#info(), removed };
+      }
+      case 'extentsSnapshot':
+        return r.extentsSnapshot(str('name'), Number(a.offset), Number(a.length));
+      case 'touchedBlocks':
+        return [
+          ...(await r.touchedBlocks(
+            typeof a.base === 'string' ? a.base : undefined,
+            str('top'),
+            Number(a.granule),
+          )),
+        ];
+      default:
+        throw new CorralError('INVALID_ARGUMENT', `Replica stream: unknown call ${call.method}`);
+    }
+    return this.#info();
+  }
+
+  #info(): RemoteInfo {
+    return {
+      sizeBytes: this.#replica.sizeBytes,
+      revision: this.#replica.revision().toString(),
+      snapshots: this.#replica.snapshots(),
+    };
+  }
+}
+
+interface Call {
+  method: string;
+  args?: Record<string, unknown>;
+}
+
+export interface RemoteInfo {
+  sizeBytes: number;
+  revision: string;
+  snapshots: ReturnType<Replica['snapshots']>;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+function json(value: unknown): Buffer {
+  return Buffer.from(JSON.stringify(value));
+}
