@@ -1,7 +1,9 @@
 import { Hono, type Context } from 'hono';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 import type { BackupService } from './backups.ts';
+import type { Cluster } from './cluster.ts';
 import type { EventLog } from './events.ts';
+import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
 import type { Operation, Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
@@ -24,6 +26,8 @@ export interface ApiOptions {
   backups: BackupService;
   jobs: JobScheduler;
   operations: Operations;
+  cluster: Cluster;
+  hosted: HostedReplicas;
   events: EventLog;
   version: string;
   faultInjection: boolean;
@@ -50,7 +54,7 @@ function flag(value: unknown): boolean {
 
 /** The control API under /v1: JSON in and out, errors as { error: { code, message } }. */
 export function createApi(options: ApiOptions): Hono {
-  const { volumes, events, backups, jobs, operations } = options;
+  const { volumes, events, backups, jobs, operations, cluster, hosted } = options;
 
   /** Long work answers 202 with its operation, or with `?wait=true` waits and answers with the result. */
   const started = async (
@@ -126,6 +130,45 @@ export function createApi(options: ApiOptions): Hono {
       }),
     );
   });
+
+  app.get('/v1/node', async (c) => c.json(await cluster.self()));
+  app.get('/v1/nodes', async (c) => c.json({ nodes: await cluster.nodes() }));
+  // Peer calls: only with the cluster secret.
+  app.use('/v1/replicas/*', async (c, next) => {
+    if (!cluster.authorized(c.req.header('authorization')))
+      return c.json(
+        { error: { code: 'UNAUTHORIZED', message: 'The cluster secret is missing or wrong' } },
+        401,
+      );
+    return next();
+  });
+  app.use('/v1/replicas', async (c, next) => {
+    if (!cluster.authorized(c.req.header('authorization')))
+      return c.json(
+        { error: { code: 'UNAUTHORIZED', message: 'The cluster secret is missing or wrong' } },
+        401,
+      );
+    return next();
+  });
+  app.post('/v1/replicas', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(
+      await hosted.create({
+        volume: body.volume,
+        sizeBytes: body.sizeBytes,
+        engine: body.engine,
+        epoch: body.epoch,
+      }),
+      201,
+    );
+  });
+  app.delete('/v1/replicas/:id', async (c) => {
+    await hosted.remove(c.req.param('id'));
+    return c.body(null, 204);
+  });
+  app.get('/v1/volumes/:name/replicas', async (c) =>
+    c.json({ replicas: (await volumes.get(c.req.param('name'))).replicas }),
+  );
 
   app.get('/v1/operations', (c) => c.json({ operations: operations.list() }));
   app.get('/v1/operations/:id', (c) => c.json(operations.get(c.req.param('id'))));

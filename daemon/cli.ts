@@ -8,6 +8,7 @@ import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeInfo } from './volumes.ts';
+import type { NodeInfo } from './cluster.ts';
 import type { SnapshotInfo } from '../replication/replica.ts';
 
 const USAGE = `corral ${VERSION} — distributed block storage
@@ -15,7 +16,8 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH] [--fuse-mount DIR]
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
-                [--backup-target URL]
+                [--backup-target URL] [--peer URL ...] [--advertise URL]
+                [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
@@ -24,6 +26,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup --retain N [--target URL] | ls | rm ID
+  corral node ls | replica ls VOL
   corral events [--volume NAME] [--json]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
@@ -63,6 +66,9 @@ async function runDaemon(args: string[]): Promise<void> {
       'nbd-max-connections': { type: 'string' },
       'merge-rate': { type: 'string' },
       'backup-target': { type: 'string' },
+      advertise: { type: 'string' },
+      'cluster-secret': { type: 'string' },
+      'replica-timeout': { type: 'string' },
     },
     strict: true,
   });
@@ -79,6 +85,10 @@ async function runDaemon(args: string[]): Promise<void> {
     mergeBytesPerSecond: values['merge-rate'] ? parseSize(values['merge-rate']) : undefined,
     faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
     backupTarget: values['backup-target'] ?? `file://${path.join(dataDir, 'backups')}`,
+    peers: (values.peer ?? []).map((p) => p.replace(/\/+$/, '')),
+    advertise: values.advertise,
+    clusterSecret: values['cluster-secret'] ?? process.env.CORRAL_CLUSTER_SECRET,
+    replicaTimeoutMs: Number(values['replica-timeout'] ?? 5000),
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
       if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);
@@ -266,6 +276,38 @@ async function runClient(args: string[]): Promise<void> {
         return;
       }
     }
+  } else if (noun === 'node' && verb === 'ls') {
+    const { values } = parse();
+    const { nodes } = await call<{ nodes: NodeInfo[] }>(api, 'GET', '/v1/nodes');
+    print(values.json === true, nodes, () =>
+      table([
+        ['URL', 'ID', 'STATE', 'FREE', 'TOTAL', 'REPLICAS'],
+        ...nodes.map((n) => [
+          n.url,
+          n.id,
+          n.state,
+          n.state === 'up' ? formatSize(n.freeBytes) : '',
+          n.state === 'up' ? formatSize(n.totalBytes) : '',
+          n.state === 'up' ? String(n.replicas) : (n.error ?? ''),
+        ]),
+      ]),
+    );
+    return;
+  } else if (noun === 'replica' && verb === 'ls') {
+    const { values, positionals } = parse();
+    const volume = need(positionals, 'volume name');
+    const { replicas } = await call<{ replicas: VolumeInfo['replicas'] }>(
+      api,
+      'GET',
+      `/v1/volumes/${encodeURIComponent(volume)}/replicas`,
+    );
+    print(values.json === true, replicas, () =>
+      table([
+        ['REPLICA', 'LOCATION', 'MODE', 'REVISION'],
+        ...replicas.map((r) => [r.id, r.location, r.mode, r.revision]),
+      ]),
+    );
+    return;
   } else if (noun === 'backup') {
     return runBackupCommand(api, verb, rest);
   } else if (noun === 'job') {

@@ -43,6 +43,10 @@ export class Cluster {
     return this.#o.selfUrl;
   }
 
+  set selfUrl(url: string) {
+    this.#o.selfUrl = url;
+  }
+
   get secret(): string {
     return this.#o.secret;
   }

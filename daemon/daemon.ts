@@ -8,7 +8,11 @@ import { openSpaces } from '../kv/spaces.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
+import { Cluster } from './cluster.ts';
+import { HostedReplicas } from './hosted.ts';
+import { replicaStreams } from './replica-io.ts';
 import { EventLog } from './events.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
@@ -29,6 +33,14 @@ export interface DaemonConfig {
   faultInjection: boolean;
   /** Where backups go when no target is named: file:///<data dir>/backups by default. */
   backupTarget: string;
+  /** Other daemons' API URLs: replicas can go there. */
+  peers: string[];
+  /** This daemon's API URL as peers reach it; default http://<listen address>. */
+  advertise: string | undefined;
+  /** Shared by every daemon of a cluster; default: one made at first start and kept. */
+  clusterSecret: string | undefined;
+  /** A remote replica request unanswered this long sets it to ERR. */
+  replicaTimeoutMs: number;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -66,12 +78,36 @@ export async function startDaemon(
   const kv = await Kv.open(path.join(config.dataDir, 'meta'));
   const spaces = openSpaces(kv);
   const events = new EventLog();
+  let node = await spaces.node.get('self');
+  if (!node) {
+    node = {
+      id: randomUUID(),
+      secret: randomBytes(24).toString('base64url'),
+      createdAt: new Date().toISOString(),
+    };
+    await spaces.node.put('self', node);
+  }
+  const replicaRoot = path.join(config.dataDir, 'replicas');
+  const hosted = new HostedReplicas({ spaces, root: replicaRoot, clock: systemClock, events });
+  // The URL is known once the API listens (the port may be 0): filled in below.
+  const cluster = new Cluster({
+    selfUrl: config.advertise ?? '',
+    nodeId: node.id,
+    peers: config.peers,
+    secret: config.clusterSecret ?? node.secret,
+    dataDir: config.dataDir,
+    version: VERSION,
+    replicaCount: async () => (await spaces.replicas.keys()).length,
+  });
   // The NBD server asks the volume manager for exports and the manager asks the server for
   // connection counts: tie the knot through these late-bound functions.
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
   const volumes = new VolumeManager({
     spaces,
-    replicaRoot: path.join(config.dataDir, 'replicas'),
+    replicaRoot,
+    cluster,
+    replicaTimeoutMs: config.replicaTimeoutMs,
+    hostedIds: () => hosted.ids(),
     clock: systemClock,
     events,
     hangTimeoutMs: config.hangTimeoutMs,
@@ -86,11 +122,7 @@ export async function startDaemon(
       return holders.length > 0 ? holders : [`${fuse.openCount(name)} open file handle(s)`];
     },
   });
-  await volumes.start();
-  for (const v of config.ensureVolumes) {
-    if (!(await volumes.list()).some((x) => x.name === v.name))
-      await volumes.create({ name: v.name, size: v.size });
-  }
+  const operations = new Operations(events);
   const nbd = new NbdServer({
     exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
     log: { warn: (m) => log(`warn: ${m}`) },
@@ -117,7 +149,6 @@ export async function startDaemon(
       );
     }
   }
-  const operations = new Operations(events);
   const backups = new BackupService({
     volumes,
     operations,
@@ -135,11 +166,25 @@ export async function startDaemon(
     backups,
     jobs,
     operations,
+    cluster,
+    hosted,
     events,
     version: VERSION,
     faultInjection: config.faultInjection,
   });
-  const http = await serveHttp(app.fetch, config.listen.host, config.listen.port);
+  const http = await serveHttp(
+    app.fetch,
+    config.listen.host,
+    config.listen.port,
+    replicaStreams(cluster, hosted),
+  );
+  cluster.selfUrl = config.advertise ?? `http://${config.listen.host}:${http.port}`;
+  // Volumes attach once the API serves: their replicas on peers are reached from here.
+  await volumes.start();
+  for (const v of config.ensureVolumes) {
+    if (!(await volumes.list()).some((x) => x.name === v.name))
+      await volumes.create({ name: v.name, size: v.size });
+  }
 
   let stopping: Promise<void> | undefined;
   return {
@@ -154,6 +199,7 @@ export async function startDaemon(
         await nbd.close();
         await fuse?.unmount();
         await volumes.stop();
+        await hosted.stop();
         await kv.close();
       })()),
   };

@@ -33,26 +33,28 @@ export function replicaStreams(cluster: Cluster, hosted: HostedReplicas): Stream
       cork: () => stream.cork(),
       uncork: () => stream.uncork(),
     };
-    hosted.attach(id, epoch, out, () => stream.close()).then(
-      (session) => {
-        res.writeHead(200, { 'content-type': 'application/octet-stream' });
-        req.on('data', (chunk: Buffer) => session.push(chunk));
-        let done = false;
-        const finish = (): void => {
-          if (done) return;
-          done = true;
-          void session.closed().finally(() => {
-            if (!stream.destroyed) res.end();
-          });
-        };
-        req.once('end', finish);
-        stream.once('close', finish);
-      },
-      (err: unknown) => {
-        const code = err instanceof CorralError ? err.code : 'INTERNAL';
-        refuse(res, STATUS[code] ?? 500, code, err instanceof Error ? err.message : String(err));
-      },
-    );
+    hosted
+      .attach(id, epoch, out, () => stream.close())
+      .then(
+        (session) => {
+          res.writeHead(200, { 'content-type': 'application/octet-stream' });
+          req.on('data', (chunk: Buffer) => session.push(chunk));
+          let done = false;
+          const finish = (): void => {
+            if (done) return;
+            done = true;
+            void session.closed().finally(() => {
+              if (!stream.destroyed) res.end();
+            });
+          };
+          req.once('end', finish);
+          stream.once('close', finish);
+        },
+        (err: unknown) => {
+          const code = err instanceof CorralError ? err.code : 'INTERNAL';
+          refuse(res, STATUS[code] ?? 500, code, err instanceof Error ? err.message : String(err));
+        },
+      );
     return true;
   };
 }

@@ -6,6 +6,9 @@ import type { BlockDevice } from '../replication/block-device.ts';
 import { Engine } from '../replication/engine.ts';
 import { FaultFilter, type FaultMode } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
+import { RemoteReplica } from '../replication/remote-replica.ts';
+import type { Replica } from '../replication/replica.ts';
+import type { Cluster, NodeInfo } from './cluster.ts';
 import { copyAllocated } from '../replication/copy.ts';
 import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
@@ -44,6 +47,12 @@ export interface VolumeManagerOptions {
   disconnect: (name: string) => void;
   /** Who holds a volume's FUSE image open (loop devices, processes); empty when nobody does. */
   imageHolders: (name: string) => Promise<string[]>;
+  /** The hosts replicas can go to; absent: this host only. */
+  cluster?: Cluster;
+  /** A remote replica request unanswered this long sets the replica to ERR. */
+  replicaTimeoutMs?: number;
+  /** Replica ids kept here for engines elsewhere: not orphans. */
+  hostedIds?: () => Promise<string[]>;
 }
 
 /** The volumes of this host: their records, and an engine per attached one. */
@@ -69,7 +78,10 @@ export class VolumeManager {
   async start(): Promise<void> {
     await fs.promises.mkdir(this.#o.replicaRoot, { recursive: true });
     const volumes = await this.#o.spaces.volumes.entries();
-    const owned = new Set(volumes.flatMap(([, v]) => v.replicaIds));
+    const owned = new Set([
+      ...volumes.flatMap(([, v]) => v.replicaIds),
+      ...((await this.#o.hostedIds?.()) ?? []),
+    ]);
     for (const id of await this.#o.spaces.replicas.keys()) {
       if (!owned.has(id))
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
@@ -166,10 +178,10 @@ export class VolumeManager {
         `Invalid replica count ${JSON.stringify(replicaCount)}: use a whole number from 1 to 16`,
       );
     }
-    if (replicaCount > 1) {
+    if (replicaCount > 1 && source) {
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `Cannot place ${replicaCount} replicas: this daemon knows 1 host (replication across hosts comes with peers)`,
+        'A clone starts with one replica; create it, then raise its replicas (not yet supported)',
       );
     }
     const frontend = input.frontend ?? 'nbd';
@@ -182,6 +194,22 @@ export class VolumeManager {
     return this.#withLock(name, async () => {
       if (await this.#o.spaces.volumes.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
+      const peers = replicaCount > 1 ? await this.#place(name, sizeBytes, replicaCount) : [];
+      const remoteReplicas: Array<{ id: string; url: string }> = [];
+      try {
+        for (const url of peers) {
+          const { id } = await this.#o.cluster!.call<{ id: string }>(url, 'POST', '/v1/replicas', {
+            volume: name,
+            sizeBytes,
+            engine: this.#o.cluster!.selfUrl,
+            epoch: 1,
+          });
+          remoteReplicas.push({ id, url });
+        }
+      } catch (err) {
+        await this.#removeRemote(name, remoteReplicas);
+        throw err;
+      }
       // Replica first, then the volume record that owns it: a crash in between leaves
       // an unowned replica, removed at the next start.
       const replica = await LocalReplica.create({
@@ -205,6 +233,8 @@ export class VolumeManager {
         attached: true,
         replicaIds: [replica.id],
         ...(input.restoring !== undefined ? { restoring: input.restoring } : {}),
+        ...(remoteReplicas.length > 0 ? { remoteReplicas } : {}),
+        epoch: 0,
       };
       if (input.restoring !== undefined) this.#restoring.add(name);
       await this.#o.spaces.volumes.put(name, record);
@@ -217,9 +247,15 @@ export class VolumeManager {
   async #attach(record: VolumeRecord): Promise<void> {
     this.#frontends.set(record.name, record.frontend);
     if (this.#attached.has(record.name)) return;
+    if (record.remoteReplicas?.length) {
+      // A new engine: replicas elsewhere will refuse the previous one from now on.
+      record.epoch = (record.epoch ?? 0) + 1;
+      await this.#o.spaces.volumes.put(record.name, record);
+    }
     let fault: FaultFilter | undefined;
     const start = async (): Promise<SupervisedEngine> => {
-      const replicas = [];
+      const replicas: Replica[] = [];
+      const failed = new Map<Replica, string>();
       try {
         for (const id of record.replicaIds) {
           replicas.push(
@@ -242,10 +278,29 @@ export class VolumeManager {
         for (const r of replicas) r.abandon();
         throw err;
       }
+      const cluster = this.#o.cluster;
+      if (cluster) {
+        const remote = await Promise.all(
+          (record.remoteReplicas ?? []).map((r) =>
+            RemoteReplica.connect({
+              url: r.url,
+              id: r.id,
+              secret: cluster.secret,
+              epoch: record.epoch ?? 1,
+              timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+            }),
+          ),
+        );
+        for (const r of remote) {
+          replicas.push(r);
+          if (r.failure !== undefined) failed.set(r, r.failure);
+        }
+      }
       const engine = new Engine({
         volume: record.name,
         sizeBytes: record.sizeBytes,
         replicas,
+        failed,
         onEvent: (e) =>
           this.#o.events.add({
             type: e.type,
@@ -339,8 +394,49 @@ export class VolumeManager {
       for (const id of record.replicaIds) {
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
       }
+      await this.#removeRemote(name, record.remoteReplicas ?? []);
       this.#o.events.add({ type: 'volume-removed', volume: name, message: 'removed' });
     });
+  }
+
+  /**
+   * Picks the peers for a volume's other replicas: one replica per host
+   * (this host keeps the first, next to the engine), the hosts with the most
+   * free space first.
+   */
+  async #place(name: string, sizeBytes: number, count: number): Promise<string[]> {
+    const cluster = this.#o.cluster;
+    const nodes: NodeInfo[] = cluster ? await cluster.nodes() : [];
+    const [self, ...peers] = nodes;
+    const fits = (n: NodeInfo) => n.state === 'up' && n.freeBytes >= sizeBytes;
+    const eligible = peers.filter(fits).sort((a, b) => b.freeBytes - a.freeBytes);
+    const hosts = (self && fits(self) ? 1 : 0) + eligible.length;
+    if (!self || !fits(self) || hosts < count) {
+      const why = nodes
+        .map((n) =>
+          n.state !== 'up' ? `${n.url} is down` : `${n.url} has ${n.freeBytes} bytes free`,
+        )
+        .join('; ');
+      throw new CorralError(
+        'LIMIT_REACHED',
+        `Cannot place ${count} replicas of volume ${name} (${sizeBytes} bytes) on distinct hosts: ${hosts} of ${Math.max(nodes.length, 1)} can take one${why ? ` (${why})` : ' (no --peer given)'}`,
+      );
+    }
+    return eligible.slice(0, count - 1).map((n) => n.url);
+  }
+
+  async #removeRemote(volume: string, remote: Array<{ id: string; url: string }>): Promise<void> {
+    for (const r of remote) {
+      try {
+        await this.#o.cluster?.call(r.url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
+      } catch (err) {
+        this.#o.events.add({
+          type: 'replica-left-behind',
+          volume,
+          message: `replica ${r.id} on ${r.url} could not be removed: ${err instanceof Error ? err.message : String(err)}`,
+        });
+      }
+    }
   }
 
   async list(): Promise<VolumeInfo[]> {
@@ -355,12 +451,10 @@ export class VolumeManager {
     const entry = this.#attached.get(record.name);
     const replicas =
       entry?.supervisor.engine?.replicaModes() ??
-      record.replicaIds.map((id) => ({
-        id,
-        location: 'local',
-        mode: entry ? 'restarting' : 'detached',
-        revision: '',
-      }));
+      [
+        ...record.replicaIds.map((id) => ({ id, location: 'local' })),
+        ...(record.remoteReplicas ?? []).map((r) => ({ id: r.id, location: r.url })),
+      ].map((r) => ({ ...r, mode: entry ? 'restarting' : 'detached', revision: '' }));
     return {
       name: record.name,
       sizeBytes: record.sizeBytes,

@@ -21,6 +21,10 @@ export interface VolumeRecord {
   replicaIds: string[];
   /** Being restored from this backup: not served until done, removed if the daemon died meanwhile. */
   restoring?: string;
+  /** Replicas on other hosts: their id there and the host's API URL. */
+  remoteReplicas?: Array<{ id: string; url: string }>;
+  /** Grows at every attach: a host keeping a replica refuses streams from older engines. */
+  epoch?: number;
 }
 
 export interface LayerRecord {
@@ -58,6 +62,15 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     attached: field(r, key, 'attached', 'boolean'),
     replicaIds,
     ...(typeof r.restoring === 'string' ? { restoring: r.restoring } : {}),
+    ...(Array.isArray(r.remoteReplicas)
+      ? {
+          remoteReplicas: (r.remoteReplicas as Array<Record<string, unknown>>).map((x) => ({
+            id: field<string>(x, key, 'id', 'string'),
+            url: field<string>(x, key, 'url', 'string'),
+          })),
+        }
+      : {}),
+    ...(typeof r.epoch === 'number' ? { epoch: r.epoch } : {}),
   };
 }
 

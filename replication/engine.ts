@@ -22,7 +22,7 @@ function isUserError(err: unknown): boolean {
 }
 
 export interface EngineEvent {
-  type: 'replica-error';
+  type: 'replica-error' | 'replica-behind';
   volume: string;
   replica: string;
   message: string;
@@ -32,6 +32,12 @@ export interface EngineOptions {
   volume: string;
   sizeBytes: number;
   replicas: Replica[];
+  /**
+   * Replicas known to be unusable at start (unreachable), with why: they
+   * begin in ERR. Of the others, those whose revision is below the highest
+   * missed writes and begin in ERR too, until a rebuild replaces them.
+   */
+  failed?: Map<Replica, string>;
   readOnly?: boolean;
   onEvent?: (event: EngineEvent) => void;
 }
@@ -62,8 +68,32 @@ export class Engine implements SupervisedEngine {
     this.sizeBytes = options.sizeBytes;
     this.#readOnly = options.readOnly ?? false;
     this.#onEvent = options.onEvent ?? (() => undefined);
+    const failed = options.failed ?? new Map<Replica, string>();
+    const reachable = options.replicas.filter((r) => !failed.has(r));
+    const freshest = reachable.reduce((max, r) => (r.revision() > max ? r.revision() : max), 0n);
     this.#members = options.replicas
-      .map((replica): Member => ({ replica, mode: 'RW' }))
+      .map((replica): Member => {
+        const why = failed.get(replica);
+        if (why !== undefined) {
+          this.#onEvent({
+            type: 'replica-error',
+            volume: this.volume,
+            replica: replica.id,
+            message: why,
+          });
+          return { replica, mode: 'ERR' };
+        }
+        if (replica.revision() < freshest) {
+          this.#onEvent({
+            type: 'replica-behind',
+            volume: this.volume,
+            replica: replica.id,
+            message: `revision ${replica.revision()} is behind ${freshest}: it missed writes and is not trusted until rebuilt`,
+          });
+          return { replica, mode: 'ERR' };
+        }
+        return { replica, mode: 'RW' };
+      })
       // Local replicas first: reads go to the first RW member.
       .sort(
         (a, b) => Number(b.replica.location === 'local') - Number(a.replica.location === 'local'),

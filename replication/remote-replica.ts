@@ -251,11 +251,7 @@ export class RemoteReplica implements Replica {
     );
   }
 
-  async revert(
-    name: string,
-    now: Date,
-    options?: { discardNewer?: boolean },
-  ): Promise<string[]> {
+  async revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]> {
     const out = JSON.parse(
       (
         await this.#call('revert', {

@@ -85,7 +85,12 @@ export function requestHeader(
   return h;
 }
 
-export function replyHeader(id: number, ok: boolean, revision: bigint, payload: Uint8Array): Buffer {
+export function replyHeader(
+  id: number,
+  ok: boolean,
+  revision: bigint,
+  payload: Uint8Array,
+): Buffer {
   const h = Buffer.allocUnsafe(REPLY_HEADER);
   h.writeUInt32BE(REPLY_HEADER - 4 + payload.length, 0);
   h.writeUInt8(REPLY, 4);
