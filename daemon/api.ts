@@ -166,6 +166,13 @@ export function createApi(options: ApiOptions): Hono {
     await hosted.remove(c.req.param('id'));
     return c.body(null, 204);
   });
+  app.delete('/v1/volumes/:name/replicas/:id', async (c) => {
+    await volumes.removeReplica(c.req.param('name'), c.req.param('id'));
+    return c.body(null, 204);
+  });
+  app.post('/v1/volumes/:name/verify', async (c) =>
+    started(c, await volumes.verify(c.req.param('name'))),
+  );
   app.get('/v1/volumes/:name/replicas', async (c) =>
     c.json({ replicas: (await volumes.get(c.req.param('name'))).replicas }),
   );

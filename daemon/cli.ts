@@ -3,7 +3,8 @@ import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../common/size.ts';
 import { VERSION } from '../common/version.ts';
 import { ApiError, call } from './client.ts';
-import { print, table, UsageError } from './cli-util.ts';
+import { follow, print, table, UsageError } from './cli-util.ts';
+import type { Operation } from './operations.ts';
 import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
@@ -18,6 +19,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
+                [--rebuild-delay MS] [--rebuild-rate BYTES/S]
   corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
@@ -26,7 +28,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup --retain N [--target URL] | ls | rm ID
-  corral node ls | replica ls VOL
+  corral node ls | replica ls VOL | replica rm VOL REPLICA | volume verify VOL
   corral events [--volume NAME] [--json]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
@@ -69,6 +71,8 @@ async function runDaemon(args: string[]): Promise<void> {
       advertise: { type: 'string' },
       'cluster-secret': { type: 'string' },
       'replica-timeout': { type: 'string' },
+      'rebuild-delay': { type: 'string' },
+      'rebuild-rate': { type: 'string' },
     },
     strict: true,
   });
@@ -89,6 +93,8 @@ async function runDaemon(args: string[]): Promise<void> {
     advertise: values.advertise,
     clusterSecret: values['cluster-secret'] ?? process.env.CORRAL_CLUSTER_SECRET,
     replicaTimeoutMs: Number(values['replica-timeout'] ?? 5000),
+    rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
+    rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
       if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);
@@ -154,7 +160,7 @@ async function runClient(args: string[]): Promise<void> {
     return value;
   };
 
-  if (noun === 'volume') {
+  if (noun === 'volume' && verb !== 'verify') {
     switch (verb) {
       case 'create': {
         const { values, positionals } = parse();
@@ -293,6 +299,49 @@ async function runClient(args: string[]): Promise<void> {
       ]),
     );
     return;
+  } else if (noun === 'replica' && verb === 'rm') {
+    const { values, positionals } = parse();
+    const volume = need(positionals, 'volume name');
+    const id = need(positionals.slice(1), 'replica id');
+    await call(
+      api,
+      'DELETE',
+      `/v1/volumes/${encodeURIComponent(volume)}/replicas/${encodeURIComponent(id)}`,
+    );
+    print(
+      values.json === true,
+      { removed: id },
+      () => `removed replica ${id}; a new one will be built`,
+    );
+    return;
+  } else if (noun === 'volume' && verb === 'verify') {
+    const { values, positionals } = parse();
+    const volume = need(positionals, 'volume name');
+    const { operation } = await call<{ operation: Operation }>(
+      api,
+      'POST',
+      `/v1/volumes/${encodeURIComponent(volume)}/verify`,
+    );
+    const done = await follow(api, operation, values.json === true);
+    const r = done.result as {
+      replicas: number;
+      differences: Array<{ snapshot?: string; offset: number; length: number; replicas: string[] }>;
+    };
+    print(values.json === true, r, () =>
+      r.differences.length === 0
+        ? `${r.replicas} replicas of ${volume} are identical (every snapshot and the live volume)`
+        : table([
+            ['VIEW', 'OFFSET', 'LENGTH', 'DIFFERING REPLICAS'],
+            ...r.differences.map((d) => [
+              d.snapshot ?? '(live)',
+              String(d.offset),
+              formatSize(d.length),
+              d.replicas.join(', '),
+            ]),
+          ]),
+    );
+    if (r.differences.length > 0) process.exitCode = 3;
+    return;
   } else if (noun === 'replica' && verb === 'ls') {
     const { values, positionals } = parse();
     const volume = need(positionals, 'volume name');
@@ -303,8 +352,16 @@ async function runClient(args: string[]): Promise<void> {
     );
     print(values.json === true, replicas, () =>
       table([
-        ['REPLICA', 'LOCATION', 'MODE', 'REVISION'],
-        ...replicas.map((r) => [r.id, r.location, r.mode, r.revision]),
+        ['REPLICA', 'LOCATION', 'MODE', 'REVISION', 'REBUILD'],
+        ...replicas.map((r) => [
+          r.id,
+          r.location,
+          r.mode,
+          r.revision,
+          r.rebuild
+            ? `${Math.floor((100 * r.rebuild.done) / Math.max(1, r.rebuild.total))}% (${formatSize(r.rebuild.bytesCopied)} copied)`
+            : '',
+        ]),
       ]),
     );
     return;

@@ -41,6 +41,9 @@ export interface DaemonConfig {
   clusterSecret: string | undefined;
   /** A remote replica request unanswered this long sets it to ERR. */
   replicaTimeoutMs: number;
+  /** A replica in ERR this long is rebuilt (in place if its host is back, else elsewhere). */
+  rebuildDelayMs: number;
+  rebuildBytesPerSecond: number | undefined;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -102,12 +105,18 @@ export async function startDaemon(
   // The NBD server asks the volume manager for exports and the manager asks the server for
   // connection counts: tie the knot through these late-bound functions.
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
+  const operations = new Operations(events);
   const volumes = new VolumeManager({
     spaces,
     replicaRoot,
     cluster,
     replicaTimeoutMs: config.replicaTimeoutMs,
     hostedIds: () => hosted.ids(),
+    operations,
+    rebuildDelayMs: config.rebuildDelayMs,
+    ...(config.rebuildBytesPerSecond
+      ? { rebuildBytesPerSecond: config.rebuildBytesPerSecond }
+      : {}),
     clock: systemClock,
     events,
     hangTimeoutMs: config.hangTimeoutMs,
@@ -122,7 +131,6 @@ export async function startDaemon(
       return holders.length > 0 ? holders : [`${fuse.openCount(name)} open file handle(s)`];
     },
   });
-  const operations = new Operations(events);
   const nbd = new NbdServer({
     exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
     log: { warn: (m) => log(`warn: ${m}`) },
@@ -181,6 +189,7 @@ export async function startDaemon(
   cluster.selfUrl = config.advertise ?? `http://${config.listen.host}:${http.port}`;
   // Volumes attach once the API serves: their replicas on peers are reached from here.
   await volumes.start();
+  volumes.startRepairs();
   for (const v of config.ensureVolumes) {
     if (!(await volumes.list()).some((x) => x.name === v.name))
       await volumes.create({ name: v.name, size: v.size });

@@ -9,6 +9,8 @@ import { LocalReplica } from '../replication/local-replica.ts';
 import { RemoteReplica } from '../replication/remote-replica.ts';
 import type { Replica } from '../replication/replica.ts';
 import type { Cluster, NodeInfo } from './cluster.ts';
+import type { Operation, Operations } from './operations.ts';
+import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
 import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
@@ -30,7 +32,13 @@ export interface VolumeInfo {
   state: 'attached' | 'detached' | 'failed' | 'restoring';
   engineRestarts: number;
   nbdConnections: number;
-  replicas: Array<{ id: string; location: string; mode: string; revision: string }>;
+  replicas: Array<{
+    id: string;
+    location: string;
+    mode: string;
+    revision: string;
+    rebuild?: RebuildProgress;
+  }>;
 }
 
 export interface VolumeManagerOptions {
@@ -53,6 +61,12 @@ export interface VolumeManagerOptions {
   replicaTimeoutMs?: number;
   /** Replica ids kept here for engines elsewhere: not orphans. */
   hostedIds?: () => Promise<string[]>;
+  /** Long work (rebuild, verify) as operations with progress. */
+  operations?: Operations;
+  /** A replica in ERR this long is rebuilt (reusing its data if its host is back). */
+  rebuildDelayMs?: number;
+  /** Bytes per second a rebuild may copy; undefined for no limit. */
+  rebuildBytesPerSecond?: number;
 }
 
 /** The volumes of this host: their records, and an engine per attached one. */
@@ -69,6 +83,13 @@ export class VolumeManager {
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
   readonly #restoring = new Set<string>();
+  /** Volumes whose replicas are being repaired (one repair at a time per volume). */
+  readonly #repairing = new Set<string>();
+  /** When each `volume/replica` was first seen in ERR. */
+  readonly #failedSince = new Map<string, number>();
+  #repairTimer: { cancel(): void } | undefined;
+  /** Rebuilds under way, to stop them at detach and shutdown. */
+  readonly #rebuilds = new Map<string, AbortController>();
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
@@ -362,6 +383,7 @@ export class VolumeManager {
     const entry = this.#attached.get(record.name);
     if (!entry) return;
     this.#checkNotHeld(record.name, undefined, 'detach it');
+    this.#rebuilds.get(record.name)?.abort();
     const clients = this.#o.connections(record.name);
     if (clients > 0 && !force) {
       throw new CorralError(
@@ -626,6 +648,204 @@ export class VolumeManager {
     return this.attachedNames().filter((n) => this.#frontends.get(n) === 'fuse');
   }
 
+  /** Looks for replicas to rebuild every `intervalMs`. */
+  startRepairs(intervalMs = 1000): void {
+    this.#repairTimer = this.#o.clock.setInterval(() => {
+      for (const name of this.#attached.keys()) {
+        if (this.#repairing.has(name) || this.#restoring.has(name)) continue;
+        this.#repairing.add(name);
+        this.#repair(name)
+          .catch((err: unknown) =>
+            this.#o.events.add({
+              type: 'repair-failed',
+              volume: name,
+              message: err instanceof Error ? err.message : String(err),
+            }),
+          )
+          .finally(() => this.#repairing.delete(name));
+      }
+    }, intervalMs);
+  }
+
+  /**
+   * One look at a volume's replicas: a replica in ERR for `rebuildDelayMs`
+   * is rebuilt in place if its host answers again (it keeps what it has and
+   * copies what changed), else replaced by a new replica on another host;
+   * a volume with fewer replicas than it should have gets a new one.
+   */
+  async #repair(name: string): Promise<void> {
+    const entry = this.#attached.get(name);
+    const engine = entry?.supervisor.engine;
+    const cluster = this.#o.cluster;
+    if (!entry || !engine || !cluster) return;
+    const record = await this.#o.spaces.volumes.get(name);
+    if (!record) return;
+    const now = this.#o.clock.nowMs();
+    const modes = engine.replicaModes();
+    for (const m of modes) {
+      const key = `${name}/${m.id}`;
+      if (m.mode === 'ERR') {
+        if (!this.#failedSince.has(key)) this.#failedSince.set(key, now);
+      } else this.#failedSince.delete(key);
+    }
+    const delay = this.#o.rebuildDelayMs ?? 10_000;
+    const failed = modes.find(
+      (m) =>
+        m.mode === 'ERR' &&
+        m.location !== 'local' &&
+        now - (this.#failedSince.get(`${name}/${m.id}`) ?? now) >= delay,
+    );
+    const connect = (id: string, url: string) =>
+      RemoteReplica.connect({
+        url,
+        id,
+        secret: cluster.secret,
+        epoch: record.epoch ?? 1,
+        timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+      });
+    if (failed) {
+      const back = await connect(failed.id, failed.location);
+      if (back.failure === undefined) {
+        await this.#rebuild(name, back, failed.id);
+        this.#failedSince.delete(`${name}/${failed.id}`);
+        return;
+      }
+      back.abandon();
+      // Its host is still away: a new replica elsewhere, after as long again.
+      if (now - (this.#failedSince.get(`${name}/${failed.id}`) ?? now) < 2 * delay) return;
+      await this.#replace(record, failed.id, connect);
+      return;
+    }
+    if (modes.length < record.replicaCount) await this.#replace(record, undefined, connect);
+  }
+
+  async #replace(
+    record: VolumeRecord,
+    replaces: string | undefined,
+    connect: (id: string, url: string) => Promise<RemoteReplica>,
+  ): Promise<void> {
+    const cluster = this.#o.cluster!;
+    const used = new Set((record.remoteReplicas ?? []).map((r) => r.url));
+    const nodes = await cluster.nodes();
+    const target = nodes
+      .slice(1)
+      .filter((n) => n.state === 'up' && n.freeBytes >= record.sizeBytes && !used.has(n.url))
+      .sort((a, b) => b.freeBytes - a.freeBytes)[0];
+    if (!target) return; // no host with room: stay degraded, try again later
+    const { id } = await cluster.call<{ id: string }>(target.url, 'POST', '/v1/replicas', {
+      volume: record.name,
+      sizeBytes: record.sizeBytes,
+      engine: cluster.selfUrl,
+      epoch: record.epoch ?? 1,
+    });
+    const replica = await connect(id, target.url);
+    if (replica.failure !== undefined) {
+      await this.#removeRemote(record.name, [{ id, url: target.url }]);
+      return;
+    }
+    // Recorded before the copy: a crash mid-rebuild leaves a replica that is behind
+    // (its revision says so) rather than one nobody knows about.
+    const old = (record.remoteReplicas ?? []).find((r) => r.id === replaces);
+    record.remoteReplicas = [
+      ...(record.remoteReplicas ?? []).filter((r) => r.id !== replaces),
+      { id, url: target.url },
+    ];
+    if (replaces !== undefined && record.replicaIds.includes(replaces))
+      record.replicaIds = record.replicaIds.filter((r) => r !== replaces);
+    await this.#o.spaces.volumes.put(record.name, record);
+    await this.#rebuild(record.name, replica, replaces);
+    if (old) await this.#removeRemote(record.name, [old]);
+  }
+
+  async #rebuild(name: string, target: RemoteReplica, replaces: string | undefined) {
+    const entry = this.#attached.get(name);
+    if (!entry) return;
+    const abort = new AbortController();
+    this.#rebuilds.set(name, abort);
+    const now = new Date(this.#o.clock.nowMs());
+    const work = (
+      update?: (p: { phase: string; done: number; total: number; bytes: number }) => void,
+    ) =>
+      entry.supervisor.control(`rebuild replica ${target.id}`, (e) =>
+        e.rebuild(target, {
+          clock: this.#o.clock,
+          signal: abort.signal,
+          now,
+          snapshotName: `rebuild-${autoSnapshotName(now).slice(5)}`,
+          ...(replaces !== undefined ? { replaces } : {}),
+          ...(this.#o.rebuildBytesPerSecond
+            ? { bytesPerSecond: this.#o.rebuildBytesPerSecond }
+            : {}),
+          onProgress: (p) =>
+            update?.({ phase: 'rebuild', done: p.done, total: p.total, bytes: p.bytesCopied }),
+        }),
+      );
+    try {
+      const ops = this.#o.operations;
+      const result: RebuildProgress = ops
+        ? await ops.start(
+            'rebuild',
+            `replica ${target.id} at ${target.location}`,
+            name,
+            (update) => work(update),
+            (p) =>
+              `${p.bytesCopied} bytes copied; ${p.layersSkipped} of ${p.layers} layers already held`,
+          ).done
+        : await work();
+      void result;
+    } catch (err) {
+      target.abandon();
+      throw err;
+    } finally {
+      this.#rebuilds.delete(name);
+    }
+  }
+
+  /** Takes a replica out of a volume; the repair loop then places a new one. */
+  async removeReplica(name: string, id: string): Promise<void> {
+    const record = await this.#record(name);
+    const entry = this.#attachedEntry(name, 'remove a replica');
+    await entry.supervisor.control(`remove replica ${id}`, (e) => e.removeReplica(id));
+    const remote = (record.remoteReplicas ?? []).filter((r) => r.id === id);
+    record.remoteReplicas = (record.remoteReplicas ?? []).filter((r) => r.id !== id);
+    const local = record.replicaIds.includes(id);
+    record.replicaIds = record.replicaIds.filter((r) => r !== id);
+    await this.#o.spaces.volumes.put(name, record);
+    if (local)
+      await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+    await this.#removeRemote(name, remote);
+  }
+
+  /** Compares all healthy replicas of a volume, as an operation. */
+  async verify(
+    name: string,
+  ): Promise<{
+    operation: Operation;
+    done: Promise<{ replicas: number; differences: Difference[] }>;
+  }> {
+    await this.#record(name);
+    const entry = this.#attachedEntry(name, 'verify it');
+    const ops = this.#o.operations;
+    if (!ops) throw new CorralError('INTERNAL', 'operations are not set up');
+    return ops.start(
+      'verify',
+      `volume ${name}`,
+      name,
+      (update) =>
+        entry.supervisor.control('verify', async (e) => {
+          const replicas = e.replicaModes().filter((m) => m.mode === 'RW').length;
+          const differences = await e.verify((done, total) =>
+            update({ phase: 'verify', done, total, bytes: done }),
+          );
+          return { replicas, differences };
+        }),
+      (r) =>
+        r.differences.length === 0
+          ? `${r.replicas} replicas identical`
+          : `${r.differences.length} ranges differ`,
+    );
+  }
+
   setFault(name: string, mode: FaultMode): void {
     const entry = this.#attached.get(name);
     if (!entry) throw new CorralError('NOT_FOUND', `Volume ${name} is not attached`);
@@ -636,6 +856,8 @@ export class VolumeManager {
 
   /** Flushes and closes every engine (graceful stop). */
   async stop(): Promise<void> {
+    this.#repairTimer?.cancel();
+    for (const abort of this.#rebuilds.values()) abort.abort();
     const entries = [...this.#attached.values()];
     this.#attached.clear();
     const results = await Promise.allSettled(entries.map((e) => e.supervisor.stop()));

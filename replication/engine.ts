@@ -10,6 +10,13 @@ import {
 } from './block-device.ts';
 import type { Replica, ReplicaMode, SnapshotInfo } from './replica.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
+import {
+  compareReplicas,
+  copyLayers,
+  type CopyOptions,
+  type Difference,
+  type RebuildProgress,
+} from './rebuild.ts';
 
 function isUserError(err: unknown): boolean {
   return (
@@ -22,7 +29,7 @@ function isUserError(err: unknown): boolean {
 }
 
 export interface EngineEvent {
-  type: 'replica-error' | 'replica-behind';
+  type: 'replica-error' | 'replica-behind' | 'replica-removed';
   volume: string;
   replica: string;
   message: string;
@@ -59,6 +66,8 @@ export class Engine implements SupervisedEngine {
   readonly #members: Member[];
   readonly #onEvent: (event: EngineEvent) => void;
   #gate: Promise<void> | undefined;
+  /** The rebuild under way: snapshot operations wait for it (the chains must hold still). */
+  #rebuilding: { replica: string; progress: RebuildProgress } | undefined;
   #inflight = 0;
   readonly #idleWaiters: Array<() => void> = [];
 
@@ -118,7 +127,143 @@ export class Engine implements SupervisedEngine {
       location: m.replica.location,
       mode: m.mode,
       revision: m.replica.revision().toString(),
+      ...(this.#rebuilding?.replica === m.replica.id
+        ? { rebuild: { ...this.#rebuilding.progress } }
+        : {}),
     }));
+  }
+
+  #checkNotRebuilding(what: string): void {
+    if (this.#rebuilding)
+      throw new CorralError(
+        'BUSY',
+        `Cannot ${what}: replica ${this.#rebuilding.replica} of volume ${this.volume} is being rebuilt; try again when it is done`,
+      );
+  }
+
+  /**
+   * Adds `target` — a new replica, or one back from an absence — in place of
+   * the replica `replaces`, and rebuilds it (docs/ARCHITECTURE.md, "Rebuild"):
+   * its chain is aligned with a healthy replica's; I/O pauses while every
+   * replica takes snapshot `snapshotName` and the target joins in WO mode (it
+   * gets every write from then on); then the snapshot layers it lacks are
+   * copied granule by granule where digests differ, checked, and the target
+   * takes the source's revision and turns RW.
+   */
+  async rebuild(
+    target: Replica,
+    options: CopyOptions & { replaces?: string; snapshotName: string; now: Date },
+  ): Promise<RebuildProgress> {
+    this.#checkNotRebuilding(`rebuild replica ${target.id}`);
+    const source = this.#firstReadable('rebuild a replica');
+    const progress: RebuildProgress = {
+      done: 0,
+      total: 0,
+      bytesCopied: 0,
+      layers: 0,
+      layersSkipped: 0,
+    };
+    this.#rebuilding = { replica: target.id, progress };
+    let member: Member | undefined;
+    try {
+      const key = (s: SnapshotInfo) => `${s.name}@${s.createdAt}`;
+      const wanted = source.replica.snapshots().map(key);
+      // Snapshots deleted while the target was away: merge them away there too.
+      for (const s of target.snapshots())
+        if (!wanted.includes(key(s))) await target.deleteSnapshot(s.name);
+      const kept = target.snapshots().map(key);
+      if (kept.join('|') !== wanted.slice(0, kept.length).join('|'))
+        throw new CorralError(
+          'IO_ERROR',
+          `Replica ${target.id}'s snapshots cannot be lined up with volume ${this.volume}'s; replace it with a new replica`,
+        );
+      const resume = await this.#pause();
+      try {
+        await this.#mirror('take the rebuild snapshot', (r) =>
+          r.snapshot(options.snapshotName, options.now),
+        );
+        // The first missing snapshot freezes the target's stale head: its blocks are
+        // compared, not copied blind. The others start empty.
+        for (const s of source.replica.snapshots().slice(kept.length))
+          await target.snapshot(s.name, new Date(s.createdAt));
+        if (options.replaces !== undefined) {
+          const old = this.#members.findIndex((m) => m.replica.id === options.replaces);
+          if (old >= 0) {
+            const [gone] = this.#members.splice(old, 1);
+            if (gone && gone.replica !== target) gone.replica.abandon();
+          }
+        }
+        member = { replica: target, mode: 'WO' };
+        this.#members.push(member);
+      } finally {
+        resume();
+      }
+      const copied = await copyLayers(source.replica, target, this.sizeBytes, {
+        ...options,
+        onProgress: (p) => {
+          Object.assign(progress, p);
+          options.onProgress?.(p);
+        },
+      });
+      const finish = await this.#pause();
+      try {
+        if (member.mode !== 'WO')
+          throw new CorralError('IO_ERROR', `Replica ${target.id} failed while it was rebuilt`);
+        await this.#mirror('flush after rebuild', (r) => r.flush());
+        await target.setRevision(source.replica.revision());
+        member.mode = 'RW';
+      } finally {
+        finish();
+      }
+      return copied;
+    } catch (err) {
+      if (member) this.#fail(member, err);
+      throw err;
+    } finally {
+      this.#rebuilding = undefined;
+    }
+  }
+
+  /** Takes a replica out of the volume (the last healthy one cannot go). */
+  removeReplica(id: string): Replica {
+    const i = this.#members.findIndex((m) => m.replica.id === id);
+    if (i < 0) throw new CorralError('NOT_FOUND', `Volume ${this.volume} has no replica ${id}`);
+    const m = this.#members[i]!;
+    if (m.mode === 'RW' && this.#members.filter((x) => x.mode === 'RW').length === 1)
+      throw new CorralError(
+        'BUSY',
+        `Cannot remove replica ${id}: it is the last healthy replica of volume ${this.volume}`,
+      );
+    if (this.#rebuilding?.replica === id)
+      throw new CorralError('BUSY', `Cannot remove replica ${id} while it is rebuilt`);
+    this.#members.splice(i, 1);
+    m.replica.abandon();
+    this.#onEvent({
+      type: 'replica-removed',
+      volume: this.volume,
+      replica: id,
+      message: 'removed',
+    });
+    return m.replica;
+  }
+
+  /** Compares every healthy replica's chain and live volume; lists what differs. */
+  async verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]> {
+    const healthy = this.#members.filter((m) => m.mode === 'RW').map((m) => m.replica);
+    if (healthy.length === 0) throw this.#noReplica('verify');
+    return compareReplicas(
+      healthy,
+      this.sizeBytes,
+      async (fn) => {
+        const resume = await this.#pause();
+        try {
+          return await fn();
+        } finally {
+          resume();
+        }
+      },
+      onProgress,
+    );
   }
 
   #check(what: string, offset: number, length: number, maxLength = Number.MAX_SAFE_INTEGER): void {
@@ -307,6 +452,7 @@ export class Engine implements SupervisedEngine {
 
   /** A crash-consistent snapshot: I/O pauses while every replica switches its head. */
   async snapshot(name: string, now: Date): Promise<SnapshotInfo> {
+    this.#checkNotRebuilding(`take snapshot ${name}`);
     const resume = await this.#pause();
     try {
       await this.#mirror('take a snapshot', (r) => r.snapshot(name, now), { userErrors: true });
@@ -320,6 +466,7 @@ export class Engine implements SupervisedEngine {
 
   /** Online: the merge runs beside I/O. */
   async deleteSnapshot(name: string): Promise<void> {
+    this.#checkNotRebuilding(`delete snapshot ${name}`);
     await this.#mirror(`delete snapshot ${name}`, (r) => r.deleteSnapshot(name), {
       userErrors: true,
     });
@@ -330,6 +477,7 @@ export class Engine implements SupervisedEngine {
     now: Date,
     options: { discardNewer?: boolean } = {},
   ): Promise<string[]> {
+    this.#checkNotRebuilding(`revert to ${name}`);
     const resume = await this.#pause();
     try {
       let removed: string[] = [];

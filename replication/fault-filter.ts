@@ -5,7 +5,8 @@ import type {
   WriteOptions,
   ZeroOptions,
 } from './block-device.ts';
-import type { SnapshotInfo } from './replica.ts';
+import type { Replica, SnapshotInfo } from './replica.ts';
+import type { CopyOptions, Difference, RebuildProgress } from './rebuild.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 
 export type FaultMode = 'none' | 'throw' | 'hang';
@@ -84,5 +85,17 @@ export class FaultFilter implements SupervisedEngine {
   }
   touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Promise<Set<number>> {
     return this.#next.touchedBlocks(base, top, granuleBytes);
+  }
+  rebuild(
+    target: Replica,
+    options: CopyOptions & { replaces?: string; snapshotName: string; now: Date },
+  ): Promise<RebuildProgress> {
+    return this.#next.rebuild(target, options);
+  }
+  removeReplica(id: string): Replica {
+    return this.#next.removeReplica(id);
+  }
+  verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]> {
+    return this.#next.verify(onProgress);
   }
 }

@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { assert } from '../common/assert.ts';
 import { CorralError, ioError } from '../common/errors.ts';
 import type { Clock } from '../common/clock.ts';
@@ -865,6 +865,184 @@ export class LocalReplica implements Replica {
         const first = c * BLOCKS_PER_CHUNK;
         map.forEachSet(c, (bit) => out.add(Math.floor((first + bit) / perGranule)));
       }
+    }
+    return out;
+  }
+
+  /** The snapshot layer `name` (not through the chain), for rebuild. */
+  #layerOf(name: string): OpenLayer {
+    const layer = this.#layers[this.#snapshotIndex(name)]!;
+    return layer;
+  }
+
+  /**
+   * For every `granuleBytes` block of snapshot layer `name` holding anything:
+   * a SHA-256 of its block states and of the data of its DATA blocks. Two
+   * replicas' layers are equal where these are: a rebuild copies the rest.
+   */
+  async layerDigests(
+    name: string,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<Array<[number, string]>> {
+    this.#checkRange(offset, length);
+    assert(offset % granuleBytes === 0, 'digest ranges start on a granule');
+    const layer = this.#layerOf(name);
+    const perGranule = granuleBytes / BLOCK_SIZE;
+    const granules = new Set<number>();
+    const firstBlock = offset / BLOCK_SIZE;
+    const endBlock = Math.ceil((offset + length) / BLOCK_SIZE);
+    for (let c = Math.floor(firstBlock / BLOCKS_PER_CHUNK); c * BLOCKS_PER_CHUNK < endBlock; c++) {
+      if (!layer.map.hasChunk(c)) continue;
+      layer.map.forEachSet(c, (bit) => {
+        const block = c * BLOCKS_PER_CHUNK + bit;
+        if (block >= firstBlock && block < endBlock) granules.add(Math.floor(block / perGranule));
+      });
+    }
+    const out: Array<[number, string]> = [];
+    for (const g of [...granules].sort((a, b) => a - b)) {
+      const offset = g * granuleBytes;
+      const length = Math.min(granuleBytes, this.sizeBytes - offset);
+      const { states, data } = await this.readLayerChunk(name, offset, length);
+      out.push([g, createHash('sha256').update(states).update(data).digest('hex')]);
+    }
+    return out;
+  }
+
+  /**
+   * Block states (0 absent, 1 data, 2 zero) of a snapshot layer's range, and
+   * the bytes of its DATA blocks in order — of the blocks `mask` selects
+   * (a non-zero byte per block), or all.
+   */
+  async readLayerChunk(
+    name: string,
+    offset: number,
+    length: number,
+    mask?: Uint8Array,
+  ): Promise<{ states: Uint8Array; data: Uint8Array }> {
+    this.#checkRange(offset, length);
+    assert(offset % BLOCK_SIZE === 0 && length % BLOCK_SIZE === 0, 'layer ranges are whole blocks');
+    const layer = this.#layerOf(name);
+    const first = offset / BLOCK_SIZE;
+    const states = new Uint8Array(length / BLOCK_SIZE);
+    const wanted = (i: number) => states[i] === DATA && (!mask || mask[i] !== 0);
+    let dataBlocks = 0;
+    for (let i = 0; i < states.length; i++) {
+      states[i] = layer.map.state(first + i);
+      if (wanted(i)) dataBlocks++;
+    }
+    const data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE);
+    this.#pending++;
+    try {
+      let at = 0;
+      for (let i = 0; i < states.length;) {
+        if (!wanted(i)) {
+          i++;
+          continue;
+        }
+        let j = i;
+        while (j < states.length && wanted(j)) j++;
+        await preadFull(layer.fd, data, at, (j - i) * BLOCK_SIZE, (first + i) * BLOCK_SIZE);
+        at += (j - i) * BLOCK_SIZE;
+        i = j;
+      }
+    } finally {
+      this.#leave();
+    }
+    return { states, data };
+  }
+
+  /** Makes a snapshot layer's range equal to what `readLayerChunk` returned elsewhere (rebuild). */
+  async writeLayerChunk(
+    name: string,
+    offset: number,
+    states: Uint8Array,
+    data: Uint8Array,
+    mask?: Uint8Array,
+  ): Promise<void> {
+    this.#checkRange(offset, states.length * BLOCK_SIZE);
+    assert(offset % BLOCK_SIZE === 0, 'layer ranges are whole blocks');
+    const layer = this.#layerOf(name);
+    const first = offset / BLOCK_SIZE;
+    const chosen = (i: number) => !mask || mask[i] !== 0;
+    const wanted = (i: number) => states[i] === DATA && chosen(i);
+    this.#pending++;
+    try {
+      let at = 0;
+      for (let i = 0; i < states.length;) {
+        if (!wanted(i)) {
+          i++;
+          continue;
+        }
+        let j = i;
+        while (j < states.length && wanted(j)) j++;
+        const run = data.subarray(at, at + (j - i) * BLOCK_SIZE);
+        assert(run.length === (j - i) * BLOCK_SIZE, 'layer chunk data shorter than its states');
+        await pwriteFull(layer.fd, run, (first + i) * BLOCK_SIZE);
+        at += run.length;
+        i = j;
+      }
+    } catch (err) {
+      throw ioError(`Cannot write layer ${name} of replica ${this.id}`, err);
+    } finally {
+      this.#leave();
+    }
+    for (let i = 0; i < states.length; i++) {
+      if (!chosen(i)) continue;
+      const state = states[i]!;
+      assert(state === ABSENT || state === DATA || state === ZERO, `block state ${state}`);
+      layer.map.set(first + i, state as typeof ABSENT);
+    }
+    this.#unsynced.add(layer);
+    // Blocks below the head changed: resolve reads afresh.
+    this.#index.clear();
+  }
+
+  /**
+   * 8 bytes per block of a snapshot layer's range: its state, then the first
+   * 7 bytes of the SHA-256 of its data (DATA blocks). A rebuild copies the
+   * blocks whose bytes differ, not whole granules.
+   */
+  async layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array> {
+    const { states, data } = await this.readLayerChunk(name, offset, length);
+    const out = Buffer.alloc(states.length * 8);
+    let at = 0;
+    for (let i = 0; i < states.length; i++) {
+      out[i * 8] = states[i]!;
+      if (states[i] === DATA) {
+        createHash('sha256')
+          .update(data.subarray(at, at + BLOCK_SIZE))
+          .digest()
+          .copy(out, i * 8 + 1, 0, 7);
+        at += BLOCK_SIZE;
+      }
+    }
+    return out;
+  }
+
+  /** After a rebuild: the revision of the replica it was copied from, made durable. */
+  async setRevision(revision: bigint): Promise<void> {
+    this.#revision = revision;
+    await this.flush();
+  }
+
+  /** SHA-256 per `granuleBytes` of the volume as seen at a snapshot (or now), for verify. */
+  async viewDigests(
+    snapshot: string | undefined,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<string[]> {
+    this.#checkRange(offset, length);
+    const out: string[] = [];
+    const buf = Buffer.allocUnsafe(granuleBytes);
+    for (let at = offset; at < offset + length; at += granuleBytes) {
+      const n = Math.min(granuleBytes, offset + length - at);
+      const view = buf.subarray(0, n);
+      if (snapshot === undefined) await this.read(at, n, view);
+      else await this.readSnapshot(snapshot, at, n, view);
+      out.push(createHash('sha256').update(view).digest('hex'));
     }
     return out;
   }

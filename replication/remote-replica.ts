@@ -5,6 +5,8 @@ import type { Replica, SnapshotInfo } from './replica.ts';
 import type { RemoteInfo } from './replica-server.ts';
 import {
   decodeError,
+  decodeParts,
+  encodeParts,
   EPOCH_HEADER,
   Flag,
   FrameReader,
@@ -298,6 +300,72 @@ export class RemoteReplica implements Replica {
       ).toString('utf8'),
     ) as number[];
     return new Set(list);
+  }
+
+  async layerDigests(
+    name: string,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<Array<[number, string]>> {
+    return JSON.parse(
+      (await this.#call('layerDigests', { name, offset, length, granule: granuleBytes })).toString(
+        'utf8',
+      ),
+    ) as Array<[number, string]>;
+  }
+
+  async readLayerChunk(
+    name: string,
+    offset: number,
+    length: number,
+    mask?: Uint8Array,
+  ): Promise<{ states: Uint8Array; data: Uint8Array }> {
+    const payload = Buffer.concat(encodeParts([Buffer.from(name), mask ?? EMPTY]));
+    const reply = await this.#send(Op.READ_LAYER, 0, offset, length, payload);
+    const [states, data] = decodeParts(reply) as [Buffer, Buffer];
+    return { states, data };
+  }
+
+  async writeLayerChunk(
+    name: string,
+    offset: number,
+    states: Uint8Array,
+    data: Uint8Array,
+    mask?: Uint8Array,
+  ): Promise<void> {
+    const payload = Buffer.concat(encodeParts([Buffer.from(name), states, data, mask ?? EMPTY]));
+    await this.#send(Op.WRITE_LAYER, 0, offset, states.length * 4096, payload);
+  }
+
+  async layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array> {
+    return this.#send(Op.LAYER_BLOCK_DIGESTS, 0, offset, length, Buffer.from(name));
+  }
+
+  async setRevision(revision: bigint): Promise<void> {
+    this.#apply(
+      JSON.parse(
+        (await this.#call('setRevision', { revision: revision.toString() })).toString('utf8'),
+      ) as RemoteInfo,
+    );
+  }
+
+  async viewDigests(
+    snapshot: string | undefined,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<string[]> {
+    return JSON.parse(
+      (
+        await this.#call('viewDigests', {
+          ...(snapshot !== undefined ? { snapshot } : {}),
+          offset,
+          length,
+          granule: granuleBytes,
+        })
+      ).toString('utf8'),
+    ) as string[];
   }
 
   async close(): Promise<void> {

@@ -1,6 +1,8 @@
 import { CorralError } from '../common/errors.ts';
 import type { Replica } from './replica.ts';
 import {
+  decodeParts,
+  encodeParts,
   errorPayload,
   Flag,
   FrameReader,
@@ -102,6 +104,40 @@ export class ReplicaSession {
         const data = await r.readSnapshot(name, req.offset, req.count);
         return Buffer.from(data.buffer, data.byteOffset, data.length);
       }
+      case Op.READ_LAYER: {
+        const [name, mask] = decodeParts(req.payload) as [Buffer, Buffer];
+        const { states, data } = await r.readLayerChunk(
+          name.toString('utf8'),
+          req.offset,
+          req.count,
+          mask.length > 0 ? mask : undefined,
+        );
+        return Buffer.concat(encodeParts([states, data]));
+      }
+      case Op.WRITE_LAYER: {
+        const [name, states, data, mask] = decodeParts(req.payload) as [
+          Buffer,
+          Buffer,
+          Buffer,
+          Buffer,
+        ];
+        await r.writeLayerChunk(
+          name.toString('utf8'),
+          req.offset,
+          states,
+          data,
+          mask.length > 0 ? mask : undefined,
+        );
+        return EMPTY;
+      }
+      case Op.LAYER_BLOCK_DIGESTS: {
+        const digests = await r.layerBlockDigests(
+          req.payload.toString('utf8'),
+          req.offset,
+          req.count,
+        );
+        return Buffer.from(digests.buffer, digests.byteOffset, digests.length);
+      }
       case Op.CONTROL:
         return json(await this.#control(JSON.parse(req.payload.toString('utf8')) as Call));
       default:
@@ -142,6 +178,18 @@ export class ReplicaSession {
             Number(a.granule),
           )),
         ];
+      case 'setRevision':
+        await r.setRevision(BigInt(str('revision')));
+        break;
+      case 'layerDigests':
+        return r.layerDigests(str('name'), Number(a.offset), Number(a.length), Number(a.granule));
+      case 'viewDigests':
+        return r.viewDigests(
+          typeof a.snapshot === 'string' ? a.snapshot : undefined,
+          Number(a.offset),
+          Number(a.length),
+          Number(a.granule),
+        );
       default:
         throw new CorralError('INVALID_ARGUMENT', `Replica stream: unknown call ${call.method}`);
     }

@@ -46,4 +46,37 @@ export interface Replica extends BlockOps {
     top: string,
     granuleBytes: number,
   ): Set<number> | Promise<Set<number>>;
+  /** Rebuild: per granule of snapshot layer `name` holding anything, a digest of its states and data. */
+  layerDigests(
+    name: string,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<Array<[number, string]>>;
+  /** Rebuild: a snapshot layer's block states (0 absent, 1 data, 2 zero) and its DATA blocks' bytes. */
+  readLayerChunk(
+    name: string,
+    offset: number,
+    length: number,
+    mask?: Uint8Array,
+  ): Promise<{ states: Uint8Array; data: Uint8Array }>;
+  /** Rebuild: makes a snapshot layer's range (the blocks `mask` selects) equal to `readLayerChunk`'s answer elsewhere. */
+  writeLayerChunk(
+    name: string,
+    offset: number,
+    states: Uint8Array,
+    data: Uint8Array,
+    mask?: Uint8Array,
+  ): Promise<void>;
+  /** Rebuild: 8 bytes per block (state, 7 bytes of its data's SHA-256). */
+  layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array>;
+  /** Rebuild: takes the source's revision once the copy is complete, durably. */
+  setRevision(revision: bigint): Promise<void>;
+  /** Verify: SHA-256 per granule of the volume at a snapshot (undefined: now). */
+  viewDigests(
+    snapshot: string | undefined,
+    offset: number,
+    length: number,
+    granuleBytes: number,
+  ): Promise<string[]>;
 }

@@ -7,13 +7,15 @@ import type {
   WriteOptions,
   ZeroOptions,
 } from './block-device.ts';
-import type { ReplicaMode, SnapshotInfo } from './replica.ts';
+import type { Replica, ReplicaMode, SnapshotInfo } from './replica.ts';
+import type { CopyOptions, Difference, RebuildProgress } from './rebuild.ts';
 
 export interface ReplicaStatus {
   id: string;
   location: string;
   mode: ReplicaMode;
   revision: string;
+  rebuild?: RebuildProgress;
 }
 
 /** What the supervisor runs: an engine, seen as a block device it can tear down. */
@@ -29,6 +31,12 @@ export interface SupervisedEngine extends BlockDevice {
   revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]>;
   snapshotDevice(name: string): BlockDevice;
   touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Promise<Set<number>>;
+  rebuild(
+    target: Replica,
+    options: CopyOptions & { replaces?: string; snapshotName: string; now: Date },
+  ): Promise<RebuildProgress>;
+  removeReplica(id: string): Replica;
+  verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]>;
 }
 
 export interface SupervisorEvent {

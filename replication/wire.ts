@@ -27,6 +27,9 @@ export const Op = {
   EXTENTS: 6,
   CONTROL: 7,
   READ_SNAPSHOT: 8,
+  READ_LAYER: 9,
+  WRITE_LAYER: 10,
+  LAYER_BLOCK_DIGESTS: 11,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 
@@ -200,4 +203,29 @@ export function parseReply(frame: Buffer): Reply {
     revision: frame.readBigUInt64BE(6),
     payload,
   };
+}
+
+/**
+ * Rebuild payloads, as a list of parts: u16 count, then per part u32 length
+ * and bytes. READ_LAYER: [name, mask]; its reply [states, data];
+ * WRITE_LAYER: [name, states, data, mask]; LAYER_DIGESTS: [name] → [digests].
+ * An empty mask selects every block.
+ */
+export function encodeParts(parts: Uint8Array[]): Buffer[] {
+  const head = Buffer.allocUnsafe(2 + 4 * parts.length);
+  head.writeUInt16BE(parts.length, 0);
+  parts.forEach((p, i) => head.writeUInt32BE(p.length, 2 + 4 * i));
+  return [head, ...parts.map((p) => Buffer.from(p.buffer, p.byteOffset, p.length))];
+}
+
+export function decodeParts(payload: Buffer): Buffer[] {
+  const count = payload.readUInt16BE(0);
+  let at = 2 + 4 * count;
+  const out: Buffer[] = [];
+  for (let i = 0; i < count; i++) {
+    const n = payload.readUInt32BE(2 + 4 * i);
+    out.push(payload.subarray(at, at + n));
+    at += n;
+  }
+  return out;
 }

@@ -1,0 +1,169 @@
+import { CorralError } from '../common/errors.ts';
+import type { Clock } from '../common/clock.ts';
+import { BLOCK_SIZE } from './block-device.ts';
+import type { Replica } from './replica.ts';
+
+/** Rebuild and verify compare in granules of this size, and ask for this much per request. */
+export const GRANULE_BYTES = 1024 * 1024;
+export const WINDOW_BYTES = 64 * 1024 * 1024;
+
+export interface RebuildProgress {
+  /** Bytes of layers compared so far, of `total`. */
+  done: number;
+  total: number;
+  /** Bytes copied (data of differing granules): what a short absence keeps small. */
+  bytesCopied: number;
+  layers: number;
+  layersSkipped: number;
+}
+
+export interface CopyOptions {
+  clock: Clock;
+  /** Copy no faster than this (bytes per second); undefined for no limit. */
+  bytesPerSecond?: number;
+  signal?: AbortSignal;
+  onProgress?: (p: RebuildProgress) => void;
+}
+
+/**
+ * Makes every snapshot layer of `target` equal to `source`'s: per granule,
+ * the digests of both sides are compared and only differing granules are
+ * copied, then checked again on the target. A layer the target already holds
+ * unchanged costs its digests only. Both chains must name the same snapshots.
+ */
+export async function copyLayers(
+  source: Replica,
+  target: Replica,
+  sizeBytes: number,
+  options: CopyOptions,
+): Promise<RebuildProgress> {
+  const names = source.snapshots().map((s) => s.name);
+  const progress: RebuildProgress = {
+    done: 0,
+    total: names.length * sizeBytes,
+    bytesCopied: 0,
+    layers: names.length,
+    layersSkipped: 0,
+  };
+  const started = options.clock.nowMs();
+  for (const name of names) {
+    let copiedHere = 0;
+    for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
+      if (options.signal?.aborted)
+        throw new CorralError('SHUTTING_DOWN', `Rebuild of replica ${target.id} was stopped`);
+      const length = Math.min(WINDOW_BYTES, sizeBytes - offset);
+      const [want, have] = await Promise.all([
+        source.layerDigests(name, offset, length, GRANULE_BYTES),
+        target.layerDigests(name, offset, length, GRANULE_BYTES),
+      ]);
+      const wanted = new Map(want);
+      const held = new Map(have);
+      const differing = new Set<number>();
+      for (const [g, d] of want) if (held.get(g) !== d) differing.add(g);
+      for (const [g] of have) if (!wanted.has(g)) differing.add(g);
+      for (const g of [...differing].sort((a, b) => a - b)) {
+        const at = g * GRANULE_BYTES;
+        const n = Math.min(GRANULE_BYTES, sizeBytes - at);
+        // Within a differing granule, only the blocks whose state or bytes differ travel.
+        const [mine, theirs] = await Promise.all([
+          source.layerBlockDigests(name, at, n),
+          target.layerBlockDigests(name, at, n),
+        ]);
+        const mask = new Uint8Array(n / BLOCK_SIZE);
+        for (let b = 0; b < mask.length; b++) {
+          for (let k = b * 8; k < b * 8 + 8; k++) {
+            if (mine[k] !== theirs[k]) {
+              mask[b] = 1;
+              break;
+            }
+          }
+        }
+        const chunk = await source.readLayerChunk(name, at, n, mask);
+        await target.writeLayerChunk(name, at, chunk.states, chunk.data, mask);
+        progress.bytesCopied += chunk.data.length;
+        copiedHere += chunk.data.length;
+        if (options.bytesPerSecond) {
+          const due = started + (progress.bytesCopied / options.bytesPerSecond) * 1000;
+          const wait = due - options.clock.nowMs();
+          if (wait > 0) await options.clock.sleep(wait);
+        }
+      }
+      if (differing.size > 0) {
+        // Verified by checksum: the target's granules must now digest as the source's.
+        const after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+        for (const g of differing) {
+          if (after.get(g) !== wanted.get(g))
+            throw new CorralError(
+              'IO_ERROR',
+              `Rebuild of replica ${target.id}: layer ${name} at ${g * GRANULE_BYTES} differs from the source after the copy`,
+            );
+        }
+      }
+      progress.done += length;
+      options.onProgress?.({ ...progress });
+    }
+    if (copiedHere === 0) progress.layersSkipped++;
+  }
+  return progress;
+}
+
+export interface Difference {
+  /** Snapshot name, or undefined for the live volume. */
+  snapshot: string | undefined;
+  offset: number;
+  length: number;
+  /** Replica ids whose bytes differ from the first replica's. */
+  replicas: string[];
+}
+
+/**
+ * Compares every view (each snapshot and the live volume) of the replicas,
+ * granule by granule, from digests the replicas compute where they live.
+ * `quiesce` runs around each window of the live volume so that writes in
+ * flight do not show up as differences.
+ */
+export async function compareReplicas(
+  replicas: Replica[],
+  sizeBytes: number,
+  quiesce: <T>(fn: () => Promise<T>) => Promise<T>,
+  onProgress?: (done: number, total: number) => void,
+): Promise<Difference[]> {
+  const views: Array<string | undefined> = [
+    ...replicas[0]!.snapshots().map((s) => s.name),
+    undefined,
+  ];
+  const out: Difference[] = [];
+  let done = 0;
+  for (const view of views) {
+    for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
+      const length = Math.min(WINDOW_BYTES, sizeBytes - offset);
+      const digest = () =>
+        Promise.all(replicas.map((r) => r.viewDigests(view, offset, length, GRANULE_BYTES)));
+      const all = view === undefined ? await quiesce(digest) : await digest();
+      const first = all[0]!;
+      first.forEach((d, i) => {
+        const differ = replicas.filter((_, k) => all[k]![i] !== d).map((r) => r.id);
+        if (differ.length === 0) return;
+        const at = offset + i * GRANULE_BYTES;
+        const last = out[out.length - 1];
+        if (
+          last &&
+          last.snapshot === view &&
+          last.offset + last.length === at &&
+          last.replicas.join() === differ.join()
+        )
+          last.length += Math.min(GRANULE_BYTES, sizeBytes - at);
+        else
+          out.push({
+            snapshot: view,
+            offset: at,
+            length: Math.min(GRANULE_BYTES, sizeBytes - at),
+            replicas: differ,
+          });
+      });
+      done += length;
+      onProgress?.(done, views.length * sizeBytes);
+    }
+  }
+  return out;
+}
