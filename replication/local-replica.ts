@@ -992,7 +992,7 @@ export class LocalReplica implements Replica {
       if (!chosen(i)) continue;
       const state = states[i]!;
       assert(state === ABSENT || state === DATA || state === ZERO, `block state ${state}`);
-      layer.map.set(first + i, state as typeof ABSENT);
+      layer.map.set(first + i, state);
     }
     this.#unsynced.add(layer);
     // Blocks below the head changed: resolve reads afresh.

@@ -1,4 +1,5 @@
 import { spawn, type SpawnOptions } from 'node:child_process';
+import * as net from 'node:net';
 
 export interface RunResult {
   code: number | null;
@@ -83,4 +84,16 @@ export async function waitFor<T>(
 export async function duBytes(dir: string): Promise<number> {
   const { stdout } = await mustRun('du', ['-sB1', dir]);
   return Number(stdout.split(/\s/)[0]);
+}
+
+/** A TCP port free on loopback now (for daemons that must know each other's address up front). */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const port = (server.address() as net.AddressInfo).port;
+      server.close(() => resolve(port));
+    });
+  });
 }

@@ -1,11 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { ROOT } from './daemon.ts';
-import { waitFor } from './run.ts';
+import { freePort, waitFor } from './run.ts';
 
 /** s3rver's fixed credentials; the daemons under test get them through the usual variables. */
 export const S3_ENV = {
@@ -13,17 +12,6 @@ export const S3_ENV = {
   AWS_SECRET_ACCESS_KEY: 'S3RVER',
   AWS_REGION: 'us-east-1',
 };
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const port = (server.address() as net.AddressInfo).port;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** A real S3 server process (s3rver) on loopback with one bucket, and a client to inspect it. */
 export class S3Server {

@@ -1,0 +1,48 @@
+import { DaemonProcess } from './daemon.ts';
+import { freePort } from './run.ts';
+
+export const CLUSTER_SECRET = 'test-cluster-secret';
+
+/**
+ * `n` real daemons on loopback that know each other (`--peer`), sharing a
+ * cluster secret. Daemon i keeps its data dir and API port across restarts.
+ */
+export class TestCluster {
+  readonly daemons: DaemonProcess[];
+  readonly urls: string[];
+
+  private constructor(daemons: DaemonProcess[], urls: string[]) {
+    this.daemons = daemons;
+    this.urls = urls;
+  }
+
+  static async start(n: number, args: string[] = []): Promise<TestCluster> {
+    const ports = await Promise.all(Array.from({ length: n }, () => freePort()));
+    const urls = ports.map((p) => `http://127.0.0.1:${p}`);
+    const daemons = await Promise.all(
+      ports.map((port, i) =>
+        DaemonProcess.start({
+          args: [
+            '--listen',
+            `127.0.0.1:${port}`,
+            ...urls.filter((_, j) => j !== i).flatMap((u) => ['--peer', u]),
+            ...args,
+          ],
+          env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
+        }),
+      ),
+    );
+    return new TestCluster(daemons, urls);
+  }
+
+  /** Starts daemon i again on its data dir and port (after a kill). */
+  async restart(i: number): Promise<DaemonProcess> {
+    const d = await this.daemons[i]!.restart();
+    this.daemons[i] = d;
+    return d;
+  }
+
+  async cleanup(): Promise<void> {
+    for (const d of this.daemons) await d.cleanup();
+  }
+}
