@@ -90,6 +90,8 @@ export class VolumeManager {
   #repairTimer: { cancel(): void } | undefined;
   /** Rebuilds under way, to stop them at detach and shutdown. */
   readonly #rebuilds = new Map<string, AbortController>();
+  /** Record updates from engines (failed replicas), one at a time per volume. */
+  readonly #recordUpdates = new Map<string, Promise<void>>();
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
@@ -275,10 +277,12 @@ export class VolumeManager {
     }
     let fault: FaultFilter | undefined;
     const start = async (): Promise<SupervisedEngine> => {
+      // Read afresh: a restarted engine must see replicas replaced since the attach.
+      const rec = (await this.#o.spaces.volumes.get(record.name)) ?? record;
       const replicas: Replica[] = [];
       const failed = new Map<Replica, string>();
       try {
-        for (const id of record.replicaIds) {
+        for (const id of rec.replicaIds) {
           replicas.push(
             await LocalReplica.open({
               spaces: this.#o.spaces,
@@ -302,12 +306,12 @@ export class VolumeManager {
       const cluster = this.#o.cluster;
       if (cluster) {
         const remote = await Promise.all(
-          (record.remoteReplicas ?? []).map((r) =>
+          (rec.remoteReplicas ?? []).map((r) =>
             RemoteReplica.connect({
               url: r.url,
               id: r.id,
               secret: cluster.secret,
-              epoch: record.epoch ?? 1,
+              epoch: rec.epoch ?? 1,
               timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
             }),
           ),
@@ -317,11 +321,23 @@ export class VolumeManager {
           if (r.failure !== undefined) failed.set(r, r.failure);
         }
       }
+      for (const r of replicas) {
+        if (rec.failedReplicas?.includes(r.id) && !failed.has(r))
+          failed.set(r, 'it failed before and has not been rebuilt since');
+      }
+      const markFailed = (id: string, isFailed: boolean) =>
+        this.#updateRecord(record.name, (rec) => {
+          const set = new Set(rec.failedReplicas ?? []);
+          if (isFailed) set.add(id);
+          else set.delete(id);
+          rec.failedReplicas = [...set];
+        });
       const engine = new Engine({
         volume: record.name,
         sizeBytes: record.sizeBytes,
         replicas,
         failed,
+        markFailed,
         onEvent: (e) =>
           this.#o.events.add({
             type: e.type,
@@ -329,6 +345,9 @@ export class VolumeManager {
             message: `replica ${e.replica}: ${e.message}`,
           }),
       });
+      // Replicas that start in ERR (unreachable, behind, another chain) missed or will miss
+      // writes: recorded before any I/O.
+      for (const m of engine.replicaModes()) if (m.mode === 'ERR') await markFailed(m.id, true);
       if (!this.#o.faultInjection) return engine;
       fault = new FaultFilter(engine);
       const entry = this.#attached.get(record.name);
@@ -648,6 +667,21 @@ export class VolumeManager {
     return this.attachedNames().filter((n) => this.#frontends.get(n) === 'fuse');
   }
 
+  /** Changes a volume's record, one change at a time per volume. */
+  #updateRecord(name: string, change: (record: VolumeRecord) => void): Promise<void> {
+    const next = (this.#recordUpdates.get(name) ?? Promise.resolve()).then(async () => {
+      const record = await this.#o.spaces.volumes.get(name);
+      if (!record) return;
+      change(record);
+      await this.#o.spaces.volumes.put(name, record);
+    });
+    this.#recordUpdates.set(
+      name,
+      next.catch(() => undefined),
+    );
+    return next;
+  }
+
   /** Looks for replicas to rebuild every `intervalMs`. */
   startRepairs(intervalMs = 1000): void {
     this.#repairTimer = this.#o.clock.setInterval(() => {
@@ -746,13 +780,15 @@ export class VolumeManager {
     // Recorded before the copy: a crash mid-rebuild leaves a replica that is behind
     // (its revision says so) rather than one nobody knows about.
     const old = (record.remoteReplicas ?? []).find((r) => r.id === replaces);
-    record.remoteReplicas = [
-      ...(record.remoteReplicas ?? []).filter((r) => r.id !== replaces),
-      { id, url: target.url },
-    ];
-    if (replaces !== undefined && record.replicaIds.includes(replaces))
-      record.replicaIds = record.replicaIds.filter((r) => r !== replaces);
-    await this.#o.spaces.volumes.put(record.name, record);
+    // The new replica is recorded as failed until its rebuild completes.
+    await this.#updateRecord(record.name, (rec) => {
+      rec.remoteReplicas = [
+        ...(rec.remoteReplicas ?? []).filter((r) => r.id !== replaces),
+        { id, url: target.url },
+      ];
+      rec.replicaIds = rec.replicaIds.filter((r) => r !== replaces);
+      rec.failedReplicas = [...(rec.failedReplicas ?? []).filter((r) => r !== replaces), id];
+    });
     await this.#rebuild(record.name, replica, replaces);
     if (old) await this.#removeRemote(record.name, [old]);
   }
@@ -807,19 +843,19 @@ export class VolumeManager {
     const entry = this.#attachedEntry(name, 'remove a replica');
     await entry.supervisor.control(`remove replica ${id}`, (e) => e.removeReplica(id));
     const remote = (record.remoteReplicas ?? []).filter((r) => r.id === id);
-    record.remoteReplicas = (record.remoteReplicas ?? []).filter((r) => r.id !== id);
     const local = record.replicaIds.includes(id);
-    record.replicaIds = record.replicaIds.filter((r) => r !== id);
-    await this.#o.spaces.volumes.put(name, record);
+    await this.#updateRecord(name, (rec) => {
+      rec.remoteReplicas = (rec.remoteReplicas ?? []).filter((r) => r.id !== id);
+      rec.replicaIds = rec.replicaIds.filter((r) => r !== id);
+      rec.failedReplicas = (rec.failedReplicas ?? []).filter((r) => r !== id);
+    });
     if (local)
       await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
     await this.#removeRemote(name, remote);
   }
 
   /** Compares all healthy replicas of a volume, as an operation. */
-  async verify(
-    name: string,
-  ): Promise<{
+  async verify(name: string): Promise<{
     operation: Operation;
     done: Promise<{ replicas: number; differences: Difference[] }>;
   }> {

@@ -25,6 +25,8 @@ export interface VolumeRecord {
   remoteReplicas?: Array<{ id: string; url: string }>;
   /** Grows at every attach: a host keeping a replica refuses streams from older engines. */
   epoch?: number;
+  /** Replicas set to ERR (they missed writes): never trusted again until rebuilt. */
+  failedReplicas?: string[];
 }
 
 export interface LayerRecord {
@@ -32,6 +34,8 @@ export interface LayerRecord {
   createdAt: string;
   /** Snapshot name; absent on the head (the live, writable layer). */
   snapshot?: string;
+  /** When the snapshot was taken (the layer was frozen); older records lack it. */
+  snapshotAt?: string;
 }
 
 export interface ReplicaRecord {
@@ -71,6 +75,9 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
         }
       : {}),
     ...(typeof r.epoch === 'number' ? { epoch: r.epoch } : {}),
+    ...(Array.isArray(r.failedReplicas)
+      ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }
+      : {}),
   };
 }
 
@@ -94,6 +101,7 @@ function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord
         createdAt: field(layer, key, 'createdAt', 'string'),
       };
       if (typeof layer.snapshot === 'string') out.snapshot = layer.snapshot;
+      if (typeof layer.snapshotAt === 'string') out.snapshotAt = layer.snapshotAt;
       return out;
     }),
   };

@@ -47,6 +47,11 @@ export interface EngineOptions {
   failed?: Map<Replica, string>;
   readOnly?: boolean;
   onEvent?: (event: EngineEvent) => void;
+  /**
+   * Records durably that a replica failed (true) or was rebuilt (false); the
+   * record's failed replicas come back in `failed` at the next start.
+   */
+  markFailed?: (replicaId: string, failed: boolean) => Promise<void>;
 }
 
 interface Member {
@@ -65,6 +70,7 @@ export class Engine implements SupervisedEngine {
   readonly #readOnly: boolean;
   readonly #members: Member[];
   readonly #onEvent: (event: EngineEvent) => void;
+  readonly #markFailed: (replicaId: string, failed: boolean) => Promise<void>;
   #gate: Promise<void> | undefined;
   /** The rebuild under way: snapshot operations wait for it (the chains must hold still). */
   #rebuilding: { replica: string; progress: RebuildProgress } | undefined;
@@ -77,9 +83,20 @@ export class Engine implements SupervisedEngine {
     this.sizeBytes = options.sizeBytes;
     this.#readOnly = options.readOnly ?? false;
     this.#onEvent = options.onEvent ?? (() => undefined);
+    this.#markFailed = options.markFailed ?? (() => Promise.resolve());
     const failed = options.failed ?? new Map<Replica, string>();
     const reachable = options.replicas.filter((r) => !failed.has(r));
     const freshest = reachable.reduce((max, r) => (r.revision() > max ? r.revision() : max), 0n);
+    // The chain of the freshest replica (local first) is the volume's: one that differs is not trusted.
+    const chainOf = (r: Replica) =>
+      r
+        .snapshots()
+        .map((s) => `${s.name}@${s.createdAt}`)
+        .join('|');
+    const reference = reachable
+      .filter((r) => r.revision() === freshest)
+      .sort((a, b) => Number(b.location === 'local') - Number(a.location === 'local'))[0];
+    const chain = reference ? chainOf(reference) : '';
     this.#members = options.replicas
       .map((replica): Member => {
         const why = failed.get(replica);
@@ -98,6 +115,15 @@ export class Engine implements SupervisedEngine {
             volume: this.volume,
             replica: replica.id,
             message: `revision ${replica.revision()} is behind ${freshest}: it missed writes and is not trusted until rebuilt`,
+          });
+          return { replica, mode: 'ERR' };
+        }
+        if (chainOf(replica) !== chain) {
+          this.#onEvent({
+            type: 'replica-behind',
+            volume: this.volume,
+            replica: replica.id,
+            message: `its snapshots differ from the volume's: not trusted until rebuilt`,
           });
           return { replica, mode: 'ERR' };
         }
@@ -175,7 +201,7 @@ export class Engine implements SupervisedEngine {
       if (kept.join('|') !== wanted.slice(0, kept.length).join('|'))
         throw new CorralError(
           'IO_ERROR',
-          `Replica ${target.id}'s snapshots cannot be lined up with volume ${this.volume}'s; replace it with a new replica`,
+          `Replica ${target.id}'s snapshots (${kept.join(', ') || 'none'}) cannot be lined up with volume ${this.volume}'s (${wanted.join(', ') || 'none'}); replace it with a new replica`,
         );
       const resume = await this.#pause();
       try {
@@ -211,13 +237,14 @@ export class Engine implements SupervisedEngine {
           throw new CorralError('IO_ERROR', `Replica ${target.id} failed while it was rebuilt`);
         await this.#mirror('flush after rebuild', (r) => r.flush());
         await target.setRevision(source.replica.revision());
+        await this.#markFailed(target.id, false);
         member.mode = 'RW';
       } finally {
         finish();
       }
       return copied;
     } catch (err) {
-      if (member) this.#fail(member, err);
+      if (member) await this.#fail(member, err);
       throw err;
     } finally {
       this.#rebuilding = undefined;
@@ -336,7 +363,7 @@ export class Engine implements SupervisedEngine {
       try {
         return await member.replica.read(offset, length, into);
       } catch (err) {
-        this.#fail(member, err);
+        await this.#fail(member, err);
       }
     }
   }
@@ -375,7 +402,7 @@ export class Engine implements SupervisedEngine {
       try {
         return await member.replica.extents(offset, length);
       } catch (err) {
-        this.#fail(member, err);
+        await this.#fail(member, err);
       }
     }
   }
@@ -412,13 +439,19 @@ export class Engine implements SupervisedEngine {
     ) {
       throw failures[0]!.err;
     }
-    for (const f of failures) this.#fail(f.member, f.err);
+    await Promise.all(failures.map((f) => this.#fail(f.member, f.err)));
     if (!this.#members.some((m) => m.mode === 'RW')) {
       throw this.#noReplica(what, failures[0]?.err);
     }
   }
 
-  #fail(member: Member, err: unknown): void {
+  /**
+   * Sets a replica to ERR and makes that durable before the operation that
+   * found it answers: a replica that missed a write must never be trusted
+   * again after a crash, even if its revision counter (persisted at flushes
+   * only) looks current.
+   */
+  async #fail(member: Member, err: unknown): Promise<void> {
     if (member.mode === 'ERR') return;
     member.mode = 'ERR';
     const message = err instanceof Error ? err.message : String(err);
@@ -428,6 +461,7 @@ export class Engine implements SupervisedEngine {
       replica: member.replica.id,
       message,
     });
+    await this.#markFailed(member.replica.id, true);
   }
 
   #noReplica(what: string, cause?: unknown): CorralError {

@@ -562,7 +562,8 @@ export class LocalReplica implements Replica {
       if (name === undefined) continue;
       out.push({
         name,
-        createdAt: l.record.createdAt,
+        // When it was taken: the same on every replica (the engine passes one time to all).
+        createdAt: l.record.snapshotAt ?? l.record.createdAt,
         parent,
         allocatedBytes: l.map.countData() * BLOCK_SIZE,
       });
@@ -614,7 +615,7 @@ export class LocalReplica implements Replica {
     await this.flush();
     const layer = await this.#newLayer(now);
     const layers = this.#record.layers.map((l, i, all) =>
-      i === all.length - 1 ? { ...l, snapshot: name } : l,
+      i === all.length - 1 ? { ...l, snapshot: name, snapshotAt: now.toISOString() } : l,
     );
     const record: ReplicaRecord = { ...this.#record, layers: [...layers, layer.record] };
     try {

@@ -172,7 +172,7 @@ describe('replication across three daemons', () => {
       await d1.api_<{ operations: Operation[] }>('GET', '/v1/operations')
     ).json.operations.find((o) => o.kind === 'rebuild' && o.volume === 'db');
     assert.equal(rebuild?.state, 'succeeded');
-    const copied = rebuild!.result!.bytesCopied;
+    const copied = rebuild.result!.bytesCopied;
     assert.ok(copied > 0, 'the changed blocks were copied');
     assert.ok(
       copied <= 3 * written,
