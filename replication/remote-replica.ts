@@ -116,6 +116,14 @@ export class RemoteReplica implements Replica {
         clearTimeout(timer);
         const status = Number(headers[':status']);
         if (status === 200) {
+          stream.on('data', (chunk: Buffer) => {
+            this.#reader.push(chunk);
+            try {
+              for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
+            } catch (err) {
+              this.#die(this.#err(err instanceof Error ? err.message : String(err)));
+            }
+          });
           resolve();
           return;
         }
@@ -131,15 +139,6 @@ export class RemoteReplica implements Replica {
           }
           reject(this.#err(message));
         });
-      });
-      stream.on('data', (chunk: Buffer) => {
-        if (!this.#stream || stream !== this.#stream) return;
-        this.#reader.push(chunk);
-        try {
-          for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
-        } catch (err) {
-          this.#die(this.#err(err instanceof Error ? err.message : String(err)));
-        }
       });
       stream.once('error', (err) => this.#die(this.#err(`stream failed: ${err.message}`)));
       stream.once('close', () => this.#die(this.#err('stream closed')));
