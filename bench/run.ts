@@ -4,7 +4,7 @@
  * Prints IOPS/bandwidth and the ratios, and rewrites the results table in
  * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10);
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
- * BENCH_ONLY=backup runs the backup table alone.
+ * BENCH_REPLICATION=0 the 3-replica table; BENCH_ONLY=backup|replication runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -13,6 +13,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DaemonProcess, ROOT } from '../test/helpers/daemon.ts';
 import { backupBench } from './backup.ts';
+import { replicationBench } from './replication.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -203,7 +204,15 @@ async function main(): Promise<void> {
   let flatIops = 0;
   let fuseTable = '';
   let backupTable = '';
+  let replicationTable = '';
   let corral: DaemonProcess | undefined;
+  if (process.env.BENCH_ONLY === 'replication') {
+    const table = await replicationBench(JOBS, fio, prefill);
+    console.log(`\n${table}`);
+    await writeSection('bench-replication', table);
+    await fs.promises.rm(dir, { recursive: true, force: true });
+    return;
+  }
   if (process.env.BENCH_ONLY === 'backup') {
     try {
       corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
@@ -308,6 +317,8 @@ async function main(): Promise<void> {
     }
     if (process.env.BENCH_FUSE !== '0') fuseTable = await fuseBench(corral, dir);
     if (process.env.BENCH_BACKUP !== '0') backupTable = await backupBench(corral, dir);
+    if (process.env.BENCH_REPLICATION !== '0')
+      replicationTable = await replicationBench(JOBS, fio, prefill);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -340,6 +351,15 @@ async function main(): Promise<void> {
     await replaceSection(doc, 'bench-fuse', `${stamp}\n\n${fuseTable}`);
   }
   await writeBackupTable(backupTable);
+  if (replicationTable) {
+    console.log(`\n${replicationTable}`);
+    await writeSection('bench-replication', replicationTable);
+  }
+}
+
+async function writeSection(name: string, table: string): Promise<void> {
+  const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons on this machine, fio ioengine=nbd on daemon 1, ${RUNTIME_S} s per job).`;
+  await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), name, `${stamp}\n\n${table}`);
 }
 
 async function writeBackupTable(table: string): Promise<void> {

@@ -34,6 +34,8 @@ export type StreamHandler = (
 ) => boolean;
 
 /** Flow-control windows for peers: many replica writes in flight on one stream. */
+/** HTTP/2 frames up to 1 MiB (the default is 16 KiB): a large write crosses in a few frames. */
+const MAX_H2_FRAME = 1024 * 1024;
 const WINDOW_BYTES = 32 * 1024 * 1024;
 
 export async function serveHttp(
@@ -55,7 +57,7 @@ export async function serveHttp(
 
   const listener = getRequestListener(fetch);
   const h1 = http.createServer((req, res) => void listener(req, res));
-  const h2 = http2.createServer({ settings: { initialWindowSize: WINDOW_BYTES } }, (req, res) => {
+  const h2 = http2.createServer({ settings: { initialWindowSize: WINDOW_BYTES, maxFrameSize: MAX_H2_FRAME } }, (req, res) => {
     if (streams?.(req, res)) return;
     void listener(req, res);
   });
@@ -64,6 +66,8 @@ export async function serveHttp(
   });
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
+    // Replica replies are small and latency-bound: no Nagle delay.
+    socket.setNoDelay(true);
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
     socket.once('readable', () => {

@@ -40,6 +40,9 @@ export const MAX_SNAPSHOTS = 500;
 /** Blocks copied per step when a snapshot is merged away: big enough to stream, small enough to interleave with I/O. */
 const MERGE_RUN_BLOCKS = 16;
 
+/** Unflushed bytes a replica lets pile up before it flushes on its own (write-behind). */
+const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
+
 /** Largest zero buffer kept for NO_HOLE write-zeroes: never one buffer the size of the request. */
 const ZERO_PIECE_BYTES = 1024 * 1024;
 const ZERO_PIECE = new Uint8Array(ZERO_PIECE_BYTES);
@@ -95,6 +98,8 @@ export class LocalReplica implements Replica {
   #revision: bigint;
   #persistedRevision: bigint;
   #unsynced = new Set<OpenLayer>();
+  /** Bytes written since the last flush began: past WRITE_BEHIND_BYTES a flush starts on its own. */
+  #unsyncedBytes = 0;
   /** Metadata changes that must land in the next flush's batch, after its data sync. */
   readonly #commits: Array<(batch: KvBatch) => void> = [];
   #flushRunning: Promise<void> | undefined;
@@ -371,7 +376,14 @@ export class LocalReplica implements Replica {
       this.#leave();
     }
     this.#unsynced.add(head);
+    this.#unsyncedBytes += data.length;
     if (options?.fua) await this.flush();
+    else if (this.#unsyncedBytes >= WRITE_BEHIND_BYTES) {
+      // Write-behind: keep the dirty data of a replica small, so that a client's flush (and a
+      // snapshot, a rebuild step) never waits for gigabytes of page cache to reach the disk.
+      this.#unsyncedBytes = 0;
+      this.flush().catch(() => undefined);
+    }
   }
 
   async #readModifyWrite(
@@ -486,6 +498,7 @@ export class LocalReplica implements Replica {
 
   async #runFlush(): Promise<void> {
     if (this.#closed) return;
+    this.#unsyncedBytes = 0;
     const layers = [...this.#unsynced];
     this.#unsynced.clear();
     const chunks = this.#layers.map((layer) => ({ layer, dirty: layer.map.takeDirty() }));

@@ -1,4 +1,5 @@
 import * as http2 from 'node:http2';
+import * as net from 'node:net';
 import { CorralError } from '../common/errors.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
 import type { Replica, SnapshotInfo } from './replica.ts';
@@ -29,7 +30,15 @@ export interface RemoteReplicaOptions {
   timeoutMs: number;
 }
 
+/** Payloads up to this size are copied behind their header: one write instead of two. */
+const SMALL_PAYLOAD = 64 * 1024;
+
+/** A request may take this many ping timeouts before the replica is failed. */
+const REQUEST_TIMEOUT_FACTOR = 6;
+
 /** HTTP/2 flow-control windows: large, so that many writes are in flight on one stream. */
+/** HTTP/2 frames up to 1 MiB (the default is 16 KiB): a large write crosses in a few frames. */
+const MAX_H2_FRAME = 1024 * 1024;
 const WINDOW_BYTES = 32 * 1024 * 1024;
 
 interface Pending {
@@ -57,6 +66,8 @@ export class RemoteReplica implements Replica {
   #revision = 0n;
   #snapshots: SnapshotInfo[] = [];
   #dead: CorralError | undefined;
+  #pinger: NodeJS.Timeout | undefined;
+  #corked = false;
 
   private constructor(options: RemoteReplicaOptions) {
     this.#o = options;
@@ -90,8 +101,12 @@ export class RemoteReplica implements Replica {
 
   #open(): Promise<void> {
     return new Promise((resolve, reject) => {
+      const target = new URL(this.#o.url);
       const session = http2.connect(this.#o.url, {
-        settings: { initialWindowSize: WINDOW_BYTES },
+        settings: { initialWindowSize: WINDOW_BYTES, maxFrameSize: MAX_H2_FRAME },
+        // Small requests must leave at once (Nagle would hold them for the previous ACK).
+        createConnection: () =>
+          net.connect({ host: target.hostname, port: Number(target.port || 80), noDelay: true }),
       });
       this.#session = session;
       const timer = setTimeout(
@@ -104,7 +119,23 @@ export class RemoteReplica implements Replica {
         this.#die(this.#err(`connection failed: ${err.message}`));
       });
       session.once('close', () => this.#die(this.#err('connection closed')));
-      session.once('connect', () => session.setLocalWindowSize(WINDOW_BYTES));
+      session.once('connect', () => {
+        session.setLocalWindowSize(WINDOW_BYTES);
+        // Liveness apart from the requests: a peer that stops answering pings within the
+        // timeout is gone (crashed host, partition), however long its disk takes to flush.
+        this.#pinger = setInterval(() => {
+          const sent = session.ping((err) => {
+            clearTimeout(deadline);
+            if (err) this.#die(this.#err(`ping failed: ${err.message}`));
+          });
+          const deadline = setTimeout(
+            () => this.#die(this.#err(`no answer to a ping in ${this.#o.timeoutMs} ms`)),
+            this.#o.timeoutMs,
+          );
+          if (!sent) clearTimeout(deadline);
+        }, Math.max(100, Math.floor(this.#o.timeoutMs / 3)));
+        this.#pinger.unref();
+      });
       const stream = session.request({
         ':method': 'POST',
         ':path': ioPath(this.#o.id),
@@ -163,6 +194,7 @@ export class RemoteReplica implements Replica {
   #die(err: CorralError): void {
     if (this.#dead) return;
     this.#dead = err;
+    clearInterval(this.#pinger);
     for (const p of this.#pending.values()) {
       clearTimeout(p.timer);
       p.reject(err);
@@ -179,12 +211,29 @@ export class RemoteReplica implements Replica {
     const id = this.#nextId++;
     if (this.#nextId > 0xffffffff) this.#nextId = 1;
     return new Promise<Buffer>((resolve, reject) => {
+      // The peer answers pings (checked apart): a request may take longer, as a flush behind
+      // a slow disk does, but not forever.
+      const limit = this.#o.timeoutMs * REQUEST_TIMEOUT_FACTOR;
       const timer = setTimeout(() => {
-        this.#die(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
-      }, this.#o.timeoutMs);
+        this.#die(this.#err(`no answer to a request in ${limit} ms`));
+      }, limit);
       this.#pending.set(id, { resolve, reject, timer });
-      stream.write(requestHeader(op, id, flags, offset, count, payload));
-      if (payload.length > 0) stream.write(payload);
+      // Requests of one loop turn leave together: one DATA frame for many small writes.
+      if (!this.#corked) {
+        this.#corked = true;
+        stream.cork();
+        setImmediate(() => {
+          this.#corked = false;
+          stream.uncork();
+        });
+      }
+      const header = requestHeader(op, id, flags, offset, count, payload);
+      if (payload.length === 0) stream.write(header);
+      else if (payload.length <= SMALL_PAYLOAD) stream.write(Buffer.concat([header, payload]));
+      else {
+        stream.write(header);
+        stream.write(payload);
+      }
     });
   }
 
@@ -373,10 +422,8 @@ export class RemoteReplica implements Replica {
   }
 
   abandon(): void {
-    if (this.#dead) return;
-    this.#dead = this.#err('closed');
-    this.#stream?.close();
-    this.#session?.close();
+    // Requests still out fail now: nothing may wait forever on a replica let go.
+    this.#die(this.#err('closed'));
   }
 }
 
