@@ -12,7 +12,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
 import { Cluster } from './cluster.ts';
 import { HostedReplicas } from './hosted.ts';
-import { replicaStreams } from './replica-io.ts';
+import { replicaUpgrades } from './replica-io.ts';
 import { EventLog } from './events.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
@@ -184,7 +184,7 @@ export async function startDaemon(
     app.fetch,
     config.listen.host,
     config.listen.port,
-    replicaStreams(cluster, hosted),
+    replicaUpgrades(cluster, hosted),
   );
   cluster.selfUrl = config.advertise ?? `http://${config.listen.host}:${http.port}`;
   // Volumes attach once the API serves: their replicas on peers are reached from here.

@@ -20,29 +20,26 @@ interface DenoServe {
 /** The HTTP/2 connection preface a prior-knowledge (h2c) client opens with. */
 const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
 
-/**
- * Serves the API on one port for both peers and people: HTTP/2 cleartext for
- * daemons and tools, HTTP/1.1 for curl and browsers. Node's http2 server has
- * no cleartext HTTP/1.1 fallback, so we look at the first bytes of each
- * connection and hand it to the right server. Under Deno, whose node:http2
- * server aborts under load (denoland/deno#36788), Deno.serve does it all.
- */
-/** Handles an HTTP/2 request outside Hono (the replica data streams); false to pass it on. */
-export type StreamHandler = (
-  req: http2.Http2ServerRequest,
-  res: http2.Http2ServerResponse,
+/** Takes an HTTP/1.1 Upgrade (the replica data connections); false when it is not one of ours. */
+export type UpgradeHandler = (
+  req: http.IncomingMessage,
+  socket: net.Socket,
+  head: Buffer,
 ) => boolean;
 
-/** Flow-control windows for peers: many replica writes in flight on one stream. */
-/** HTTP/2 frames up to 1 MiB (the default is 16 KiB): a large write crosses in a few frames. */
-const MAX_H2_FRAME = 1024 * 1024;
-const WINDOW_BYTES = 32 * 1024 * 1024;
-
+/**
+ * Serves the API on one port for both peers and people: HTTP/2 cleartext for
+ * daemons and tools, HTTP/1.1 for curl and browsers (and the replica data
+ * connections, upgraded from HTTP/1.1). Node's http2 server has no cleartext
+ * HTTP/1.1 fallback, so we look at the first bytes of each connection and
+ * hand it to the right server. Under Deno, whose node:http2 server aborts
+ * under load (denoland/deno#36788), Deno.serve does it all.
+ */
 export async function serveHttp(
   fetch: Fetch,
   host: string,
   port: number,
-  streams?: StreamHandler,
+  upgrades?: UpgradeHandler,
 ): Promise<HttpServer> {
   const deno = (globalThis as { Deno?: DenoServe }).Deno;
   if (deno) {
@@ -57,13 +54,10 @@ export async function serveHttp(
 
   const listener = getRequestListener(fetch);
   const h1 = http.createServer((req, res) => void listener(req, res));
-  const h2 = http2.createServer({ settings: { initialWindowSize: WINDOW_BYTES, maxFrameSize: MAX_H2_FRAME } }, (req, res) => {
-    if (streams?.(req, res)) return;
-    void listener(req, res);
+  h1.on('upgrade', (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => {
+    if (!upgrades?.(req, socket, head)) socket.destroy();
   });
-  h2.on('session', (session) => {
-    session.once('remoteSettings', () => session.setLocalWindowSize(WINDOW_BYTES));
-  });
+  const h2 = http2.createServer((req, res) => void listener(req, res));
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
     // Replica replies are small and latency-bound: no Nagle delay.

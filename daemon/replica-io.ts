@@ -1,58 +1,67 @@
-import type * as http2 from 'node:http2';
+import type * as http from 'node:http';
+import type * as net from 'node:net';
 import { CorralError } from '../common/errors.ts';
-import { EPOCH_HEADER, PATH_PREFIX } from '../replication/wire.ts';
+import {
+  EPOCH_HEADER,
+  PATH_PREFIX,
+  UPGRADE_PROTOCOL,
+  upgradeAccepted,
+  upgradeRefused,
+} from '../replication/wire.ts';
 import type { Cluster } from './cluster.ts';
 import type { HostedReplicas } from './hosted.ts';
-import type { StreamHandler } from './http.ts';
+import type { UpgradeHandler } from './http.ts';
 
 const STATUS: Partial<Record<string, number>> = { NOT_FOUND: 404, BUSY: 409 };
 
-function refuse(res: http2.Http2ServerResponse, status: number, code: string, message: string) {
-  res.writeHead(status, { 'content-type': 'application/json' });
-  res.end(JSON.stringify({ error: { code, message } }));
-}
-
 /**
- * `POST /v1/replicas/:id/io` over HTTP/2: one engine's long-lived stream of
- * frames to a replica kept here (replication/wire.ts). Served beside Hono,
- * not through it: the request body and the response stay open both ways.
+ * `GET /v1/replicas/:id/io` with `Upgrade: corral-replica/1`: one engine's
+ * long-lived connection to a replica kept here (replication/wire.ts). The
+ * cluster secret and the engine's epoch are checked before the switch.
  */
-export function replicaStreams(cluster: Cluster, hosted: HostedReplicas): StreamHandler {
-  return (req, res) => {
-    const url = req.url;
-    if (req.method !== 'POST' || !url.startsWith(PATH_PREFIX) || !url.endsWith('/io')) return false;
+export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): UpgradeHandler {
+  return (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => {
+    const url = req.url ?? '';
+    if (
+      req.headers.upgrade !== UPGRADE_PROTOCOL ||
+      !url.startsWith(PATH_PREFIX) ||
+      !url.endsWith('/io')
+    )
+      return false;
+    const refuse = (status: number, code: string, message: string) => {
+      socket.end(upgradeRefused(status, code, message));
+    };
     if (!cluster.authorized(req.headers.authorization)) {
-      refuse(res, 401, 'UNAUTHORIZED', 'The cluster secret is missing or wrong');
+      refuse(401, 'UNAUTHORIZED', 'The cluster secret is missing or wrong');
       return true;
     }
     const id = decodeURIComponent(url.slice(PATH_PREFIX.length, -'/io'.length));
     const epoch = Number(req.headers[EPOCH_HEADER]);
-    const stream = res.stream;
+    socket.setNoDelay(true);
     const out = {
-      write: (b: Buffer) => void stream.write(b),
-      cork: () => stream.cork(),
-      uncork: () => stream.uncork(),
+      write: (b: Buffer) => void socket.write(b),
+      cork: () => socket.cork(),
+      uncork: () => socket.uncork(),
     };
     hosted
-      .attach(id, epoch, out, () => stream.close())
+      .attach(id, epoch, out, () => socket.destroy())
       .then(
         (session) => {
-          res.writeHead(200, { 'content-type': 'application/octet-stream' });
-          req.on('data', (chunk: Buffer) => session.push(chunk));
+          socket.write(upgradeAccepted());
+          if (head.length > 0) session.push(head);
+          socket.on('data', (chunk: Buffer) => session.push(chunk));
           let done = false;
           const finish = (): void => {
             if (done) return;
             done = true;
-            void session.closed().finally(() => {
-              if (!stream.destroyed) res.end();
-            });
+            void session.closed();
           };
-          req.once('end', finish);
-          stream.once('close', finish);
+          socket.once('close', finish);
+          socket.once('error', finish);
         },
         (err: unknown) => {
           const code = err instanceof CorralError ? err.code : 'INTERNAL';
-          refuse(res, STATUS[code] ?? 500, code, err instanceof Error ? err.message : String(err));
+          refuse(STATUS[code] ?? 500, code, err instanceof Error ? err.message : String(err));
         },
       );
     return true;

@@ -1,4 +1,3 @@
-import * as http2 from 'node:http2';
 import * as net from 'node:net';
 import { CorralError } from '../common/errors.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
@@ -6,12 +5,12 @@ import type { Replica, SnapshotInfo } from './replica.ts';
 import type { RemoteInfo } from './replica-server.ts';
 import {
   decodeError,
+  parseUpgradeAnswer,
+  upgradeRequest,
   decodeParts,
   encodeParts,
-  EPOCH_HEADER,
   Flag,
   FrameReader,
-  ioPath,
   Op,
   parseReply,
   requestHeader,
@@ -37,10 +36,6 @@ const SMALL_PAYLOAD = 64 * 1024;
 const REQUEST_TIMEOUT_FACTOR = 6;
 
 /** HTTP/2 flow-control windows: large, so that many writes are in flight on one stream. */
-/** HTTP/2 frames up to 1 MiB (the default is 16 KiB): a large write crosses in a few frames. */
-const MAX_H2_FRAME = 1024 * 1024;
-const WINDOW_BYTES = 32 * 1024 * 1024;
-
 interface Pending {
   resolve: (payload: Buffer) => void;
   reject: (err: Error) => void;
@@ -48,7 +43,8 @@ interface Pending {
 }
 
 /**
- * A replica on another host, reached over one long-lived HTTP/2 stream
+ * A replica on another host, reached over one long-lived connection: an
+ * HTTP/1.1 Upgrade on the peer's API port, then binary frames both ways
  * (replication/wire.ts). The first failure of any kind — an error reply, a
  * timeout, a lost connection — makes it fail every request from then on:
  * the engine sets it to ERR and a rebuild replaces it, never a silent resume.
@@ -58,8 +54,8 @@ export class RemoteReplica implements Replica {
   readonly location: string;
   sizeBytes = 0;
   readonly #o: RemoteReplicaOptions;
-  #session: http2.ClientHttp2Session | undefined;
-  #stream: http2.ClientHttp2Stream | undefined;
+  #socket: net.Socket | undefined;
+  #pingOut = false;
   readonly #pending = new Map<number, Pending>();
   readonly #reader = new FrameReader();
   #nextId = 1;
@@ -102,78 +98,81 @@ export class RemoteReplica implements Replica {
   #open(): Promise<void> {
     return new Promise((resolve, reject) => {
       const target = new URL(this.#o.url);
-      const session = http2.connect(this.#o.url, {
-        settings: { initialWindowSize: WINDOW_BYTES, maxFrameSize: MAX_H2_FRAME },
+      const socket = net.connect({
+        host: target.hostname,
+        port: Number(target.port || 80),
         // Small requests must leave at once (Nagle would hold them for the previous ACK).
-        createConnection: () =>
-          net.connect({ host: target.hostname, port: Number(target.port || 80), noDelay: true }),
+        noDelay: true,
       });
-      this.#session = session;
-      const timer = setTimeout(
-        () => reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`)),
-        this.#o.timeoutMs,
-      );
-      session.once('error', (err) => {
+      this.#socket = socket;
+      const timer = setTimeout(() => {
+        reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
+        this.#die(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
+      }, this.#o.timeoutMs);
+      socket.once('error', (err) => {
         clearTimeout(timer);
         reject(this.#err(err.message));
         this.#die(this.#err(`connection failed: ${err.message}`));
       });
-      session.once('close', () => this.#die(this.#err('connection closed')));
-      session.once('connect', () => {
-        session.setLocalWindowSize(WINDOW_BYTES);
-        // Liveness apart from the requests: a peer that stops answering pings within the
-        // timeout is gone (crashed host, partition), however long its disk takes to flush.
-        this.#pinger = setInterval(() => {
-          const sent = session.ping((err) => {
-            clearTimeout(deadline);
-            if (err) this.#die(this.#err(`ping failed: ${err.message}`));
-          });
-          const deadline = setTimeout(
-            () => this.#die(this.#err(`no answer to a ping in ${this.#o.timeoutMs} ms`)),
-            this.#o.timeoutMs,
-          );
-          if (!sent) clearTimeout(deadline);
-        }, Math.max(100, Math.floor(this.#o.timeoutMs / 3)));
-        this.#pinger.unref();
-      });
-      const stream = session.request({
-        ':method': 'POST',
-        ':path': ioPath(this.#o.id),
-        authorization: `Bearer ${this.#o.secret}`,
-        [EPOCH_HEADER]: String(this.#o.epoch),
-      });
-      this.#stream = stream;
-      stream.once('response', (headers) => {
+      socket.once('close', () => {
         clearTimeout(timer);
-        const status = Number(headers[':status']);
-        if (status === 200) {
-          stream.on('data', (chunk: Buffer) => {
-            this.#reader.push(chunk);
-            try {
-              for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
-            } catch (err) {
-              this.#die(this.#err(err instanceof Error ? err.message : String(err)));
-            }
-          });
-          resolve();
+        reject(this.#err('connection closed'));
+        this.#die(this.#err('connection closed'));
+      });
+      socket.write(upgradeRequest(target.host, this.#o.id, this.#o.secret, this.#o.epoch));
+      let head = Buffer.alloc(0);
+      const onHead = (chunk: Buffer): void => {
+        head = Buffer.concat([head, chunk]);
+        const answer = parseUpgradeAnswer(head);
+        if (!answer) return;
+        socket.off('data', onHead);
+        clearTimeout(timer);
+        if (answer.status !== 101) {
+          reject(this.#err(answer.message));
+          socket.destroy();
           return;
         }
-        let body = '';
-        stream.setEncoding('utf8');
-        stream.on('data', (d: string) => (body += d));
-        stream.once('end', () => {
-          let message = `HTTP ${status}`;
+        socket.on('data', (data: Buffer) => {
+          this.#reader.push(data);
           try {
-            message = (JSON.parse(body) as { error: { message: string } }).error.message;
-          } catch {
-            // keep the status
+            for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
+          } catch (err) {
+            this.#die(this.#err(err instanceof Error ? err.message : String(err)));
           }
-          reject(this.#err(message));
         });
-      });
-      stream.once('error', (err) => this.#die(this.#err(`stream failed: ${err.message}`)));
-      stream.once('close', () => this.#die(this.#err('stream closed')));
+        if (answer.rest.length > 0) socket.emit('data', answer.rest);
+        this.#startPings();
+        resolve();
+      };
+      socket.on('data', onHead);
     });
+  }
+
+  /**
+   * Liveness apart from the requests: a peer that does not answer a ping
+   * within the timeout is gone (crashed host, partition), however long its
+   * disk takes to flush.
+   */
+  #startPings(): void {
+    this.#pinger = setInterval(
+      () => {
+        if (this.#pingOut) return;
+        this.#pingOut = true;
+        const deadline = setTimeout(
+          () => this.#die(this.#err(`no answer to a ping in ${this.#o.timeoutMs} ms`)),
+          this.#o.timeoutMs,
+        );
+        this.#send(Op.PING, 0, 0, 0, EMPTY).then(
+          () => {
+            clearTimeout(deadline);
+            this.#pingOut = false;
+          },
+          () => clearTimeout(deadline),
+        );
+      },
+      Math.max(100, Math.floor(this.#o.timeoutMs / 3)),
+    );
+    this.#pinger.unref();
   }
 
   #err(message: string): CorralError {
@@ -200,13 +199,12 @@ export class RemoteReplica implements Replica {
       p.reject(err);
     }
     this.#pending.clear();
-    this.#stream?.close();
-    this.#session?.destroy();
+    this.#socket?.destroy();
   }
 
   #send(op: OpCode, flags: number, offset: number, count: number, payload: Uint8Array) {
     if (this.#dead) return Promise.reject(this.#dead);
-    const stream = this.#stream;
+    const stream = this.#socket;
     if (!stream) return Promise.reject(this.#err('not connected'));
     const id = this.#nextId++;
     if (this.#nextId > 0xffffffff) this.#nextId = 1;

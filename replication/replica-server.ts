@@ -88,6 +88,8 @@ export class ReplicaSession {
         // The payload is a view of the received chunk: the replica writes it before we return.
         await r.write(req.offset, req.payload, { fua });
         return EMPTY;
+      case Op.PING:
+        return EMPTY;
       case Op.FLUSH:
         await r.flush();
         return EMPTY;
