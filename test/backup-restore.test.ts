@@ -5,6 +5,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { MULTIPART_THRESHOLD } from '../backup/s3-target.ts';
+import { openTarget } from '../backup/target.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { sha256OfExport, sha256OfImage } from './helpers/export-data.ts';
 import { mustRun, run } from './helpers/run.ts';
@@ -187,6 +189,19 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
       assert.equal(await sha256OfExport(fresh.uri('recovered-clone')), expected2);
     });
   }
+
+  it('s3: a large object goes up in parts and comes back whole', async () => {
+    Object.assign(process.env, S3_ENV); // the SDK's usual credential variables
+    const target = await openTarget(s3.target('multipart'));
+    const big = randomBytes(MULTIPART_THRESHOLD + 5 * MiB);
+    await target.put('big/object', [big.subarray(0, 1000), big.subarray(1000)]);
+    const back = await target.get('big/object');
+    assert.ok(back?.equals(big), 'the object reads back byte for byte');
+    assert.deepEqual(await target.list('big'), ['big/object']);
+    assert.equal(await target.get('big/missing'), undefined);
+    await target.delete('big/object');
+    assert.equal(await target.exists('big/object'), false);
+  });
 
   it('refuses bad requests with clear errors and loses nothing', async () => {
     const store = path.join(work, 'bad-store');
