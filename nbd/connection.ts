@@ -1,7 +1,7 @@
 import type { Socket } from 'node:net';
 import { isCorralError } from '../common/errors.ts';
 import { MAX_REQUEST_BYTES, type BlockDevice, type Extent } from '../replication/block-device.ts';
-import type { BufferPool } from './buffer-pool.ts';
+import type { BufferPool } from '../common/buffer-pool.ts';
 import type { ByteQueue } from './byte-queue.ts';
 import type { Negotiated } from './handshake.ts';
 import * as P from './protocol.ts';

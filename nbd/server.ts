@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import { BufferPool } from './buffer-pool.ts';
+import { BufferPool } from '../common/buffer-pool.ts';
 import { ByteQueue } from './byte-queue.ts';
 import { NbdConnection, type ConnectionLog } from './connection.ts';
 import { negotiate, ProtocolError, type ExportProvider } from './handshake.ts';

@@ -1,4 +1,5 @@
 import * as net from 'node:net';
+import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
 import type { Replica, SnapshotInfo } from './replica.ts';
@@ -37,7 +38,8 @@ const REQUEST_TIMEOUT_FACTOR = 6;
 
 /** HTTP/2 flow-control windows: large, so that many writes are in flight on one stream. */
 interface Pending {
-  resolve: (payload: Buffer) => void;
+  /** `pooled`: the frame's buffer came from the pool; whoever copies the payload out gives it back. */
+  resolve: (payload: Buffer, pooled?: Buffer) => void;
   reject: (err: Error) => void;
   timer: NodeJS.Timeout;
 }
@@ -64,6 +66,8 @@ export class RemoteReplica implements Replica {
   #dead: CorralError | undefined;
   #pinger: NodeJS.Timeout | undefined;
   #corked = false;
+  /** Large replies are assembled into reused buffers (reads copy out and give them back). */
+  readonly #pool = new BufferPool(64 * 1024 * 1024);
 
   private constructor(options: RemoteReplicaOptions) {
     this.#o = options;
@@ -135,7 +139,9 @@ export class RemoteReplica implements Replica {
         socket.on('data', (data: Buffer) => {
           this.#reader.push(data);
           try {
-            for (let f = this.#reader.next(); f; f = this.#reader.next()) this.#settle(f);
+            const acquire = (n: number) => this.#pool.acquire(n);
+            for (let f = this.#reader.next(acquire); f; f = this.#reader.next(acquire))
+              this.#settle(f, this.#reader.assembled ? f : undefined);
           } catch (err) {
             this.#die(this.#err(err instanceof Error ? err.message : String(err)));
           }
@@ -179,14 +185,14 @@ export class RemoteReplica implements Replica {
     return new CorralError('IO_ERROR', `Replica ${this.#o.id} at ${this.#o.url}: ${message}`);
   }
 
-  #settle(frame: Buffer): void {
+  #settle(frame: Buffer, pooled: Buffer | undefined): void {
     const reply = parseReply(frame);
     const p = this.#pending.get(reply.id);
     if (!p) return;
     this.#pending.delete(reply.id);
     clearTimeout(p.timer);
     if (reply.revision > this.#revision) this.#revision = reply.revision;
-    if (reply.ok) p.resolve(reply.payload);
+    if (reply.ok) p.resolve(reply.payload, pooled);
     else p.reject(decodeError(reply.payload, `Replica ${this.#o.id} at ${this.#o.url}`));
   }
 
@@ -202,7 +208,14 @@ export class RemoteReplica implements Replica {
     this.#socket?.destroy();
   }
 
-  #send(op: OpCode, flags: number, offset: number, count: number, payload: Uint8Array) {
+  #send(
+    op: OpCode,
+    flags: number,
+    offset: number,
+    count: number,
+    payload: Uint8Array,
+    onPooled?: (frame: Buffer) => void,
+  ) {
     if (this.#dead) return Promise.reject(this.#dead);
     const stream = this.#socket;
     if (!stream) return Promise.reject(this.#err('not connected'));
@@ -215,7 +228,14 @@ export class RemoteReplica implements Replica {
       const timer = setTimeout(() => {
         this.#die(this.#err(`no answer to a request in ${limit} ms`));
       }, limit);
-      this.#pending.set(id, { resolve, reject, timer });
+      this.#pending.set(id, {
+        resolve: (data, pooled) => {
+          if (pooled && onPooled) onPooled(pooled);
+          resolve(data);
+        },
+        reject,
+        timer,
+      });
       // Requests of one loop turn leave together: one DATA frame for many small writes.
       if (!this.#corked) {
         this.#corked = true;
@@ -251,10 +271,12 @@ export class RemoteReplica implements Replica {
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
-    const data = await this.#send(Op.READ, 0, offset, length, EMPTY);
+    let pooled: Buffer | undefined;
+    const data = await this.#send(Op.READ, 0, offset, length, EMPTY, (p) => (pooled = p));
     if (data.length !== length) throw this.#err(`read returned ${data.length} of ${length} bytes`);
     if (!into) return data;
     into.set(data);
+    if (pooled) this.#pool.release(pooled);
     return into;
   }
 

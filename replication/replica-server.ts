@@ -1,3 +1,4 @@
+import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Replica } from './replica.ts';
 import {
@@ -30,6 +31,8 @@ export class ReplicaSession {
   readonly #onFatal: (err: Error) => void;
   #corked = false;
   #closed = false;
+  /** Large frames are assembled into reused buffers, given back once their request is done. */
+  readonly #pool = new BufferPool(64 * 1024 * 1024);
 
   constructor(replica: Replica, out: StreamOut, onFatal: (err: Error) => void) {
     this.#replica = replica;
@@ -41,8 +44,9 @@ export class ReplicaSession {
     if (this.#closed) return;
     this.#reader.push(chunk);
     try {
-      for (let frame = this.#reader.next(); frame; frame = this.#reader.next()) {
-        this.#handle(parseRequest(frame));
+      const acquire = (n: number) => this.#pool.acquire(n);
+      for (let frame = this.#reader.next(acquire); frame; frame = this.#reader.next(acquire)) {
+        this.#handle(parseRequest(frame), this.#reader.assembled ? frame : undefined);
       }
     } catch (err) {
       // A bad frame means the stream can no longer be trusted: end it, the engine sees a lost replica.
@@ -69,9 +73,13 @@ export class ReplicaSession {
     if (payload.length > 0) this.#out.write(payload);
   }
 
-  #handle(req: Request): void {
+  #handle(req: Request, pooled: Buffer | undefined): void {
     this.#run(req).then(
-      (payload) => this.#reply(req.id, true, payload),
+      (payload) => {
+        // Done with the request's bytes (a write is on disk, or in the page cache).
+        if (pooled) this.#pool.release(pooled);
+        this.#reply(req.id, true, payload);
+      },
       (err: unknown) => this.#reply(req.id, false, errorPayload(err)),
     );
   }

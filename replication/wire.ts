@@ -183,7 +183,7 @@ export class FrameReader {
     this.#length += chunk.length;
   }
 
-  #take(n: number): Buffer {
+  #take(n: number, acquire?: (n: number) => Buffer): Buffer {
     const first = this.#chunks[0]!;
     let out: Buffer;
     if (first.length >= n) {
@@ -191,7 +191,8 @@ export class FrameReader {
       if (first.length === n) this.#chunks.shift();
       else this.#chunks[0] = first.subarray(n);
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = acquire ? acquire(n) : Buffer.allocUnsafe(n);
+      this.assembled = true;
       let at = 0;
       while (at < n) {
         const c = this.#chunks[0]!;
@@ -214,15 +215,23 @@ export class FrameReader {
     return head.readUInt32BE(0);
   }
 
-  /** The next whole frame (without its length prefix), or undefined until more bytes come. */
-  next(): Buffer | undefined {
+  /** Whether the last frame was assembled from several chunks (into a buffer from `acquire`). */
+  assembled = false;
+
+  /**
+   * The next whole frame (without its length prefix), or undefined until more
+   * bytes come. A frame spread over chunks is copied into `acquire(n)` when
+   * given (a pool: fresh large buffers cost more in page faults than the copy).
+   */
+  next(acquire?: (n: number) => Buffer): Buffer | undefined {
     const length = this.#peekLength();
     if (length === undefined) return undefined;
     if (length > MAX_FRAME_BYTES)
       throw new CorralError('IO_ERROR', `Replica stream: frame of ${length} bytes is too large`);
     if (this.#length < 4 + length) return undefined;
     this.#take(4);
-    return this.#take(length);
+    this.assembled = false;
+    return this.#take(length, acquire);
   }
 }
 
