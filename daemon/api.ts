@@ -134,22 +134,16 @@ export function createApi(options: ApiOptions): Hono {
   app.get('/v1/node', async (c) => c.json(await cluster.self()));
   app.get('/v1/nodes', async (c) => c.json({ nodes: await cluster.nodes() }));
   // Peer calls: only with the cluster secret.
-  app.use('/v1/replicas/*', async (c, next) => {
+  const peersOnly = async (c: Context, next: () => Promise<void>) => {
     if (!cluster.authorized(c.req.header('authorization')))
       return c.json(
         { error: { code: 'UNAUTHORIZED', message: 'The cluster secret is missing or wrong' } },
         401,
       );
-    return next();
-  });
-  app.use('/v1/replicas', async (c, next) => {
-    if (!cluster.authorized(c.req.header('authorization')))
-      return c.json(
-        { error: { code: 'UNAUTHORIZED', message: 'The cluster secret is missing or wrong' } },
-        401,
-      );
-    return next();
-  });
+    await next();
+  };
+  app.use('/v1/replicas', peersOnly);
+  app.use('/v1/replicas/*', peersOnly);
   app.post('/v1/replicas', async (c) => {
     const body = await jsonBody(c);
     return c.json(

@@ -4,6 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
+import { assertSameBytes, fillRandom } from './helpers/export-data.ts';
 import { mustRun, waitFor } from './helpers/run.ts';
 
 interface Operation {
@@ -83,17 +84,7 @@ describe('backup jobs cut off by SIGKILL', () => {
     let d = await start(undefined, store);
     await d.createVolume('v', '128M');
     // Random data, every 1 MiB different: no block deduplicates.
-    await mustRun('fio', [
-      '--name=fill',
-      '--ioengine=nbd',
-      `--uri=${d.uri('v')}`,
-      '--rw=write',
-      '--bs=1M',
-      '--size=128m',
-      '--iodepth=8',
-      '--refill_buffers',
-      '--randrepeat=0',
-    ]);
+    await fillRandom(d.uri('v'), '128m');
     const snap = (
       await d.api_<{ name: string }>('POST', '/v1/volumes/v/snapshots', { name: 'first' })
     ).json.name;
@@ -122,17 +113,7 @@ describe('backup jobs cut off by SIGKILL', () => {
     assert.deepEqual(await storeBlocks(store), await listed(store, 'v', again.name));
 
     // 2. SIGKILL during a delete: overwrite everything, back up, delete the first backup.
-    await mustRun('fio', [
-      '--name=refill',
-      '--ioengine=nbd',
-      `--uri=${d.uri('v')}`,
-      '--rw=write',
-      '--bs=1M',
-      '--size=128m',
-      '--iodepth=8',
-      '--refill_buffers',
-      '--randrepeat=0',
-    ]);
+    await fillRandom(d.uri('v'), '128m');
     const second = await cliJson<Summary>(d, ['backup', 'create', 'v']);
     assert.equal(second.stats.blocksStored, 64);
     const del = await startOp(d, 'DELETE', `/v1/backups/${again.name}`);
@@ -150,15 +131,7 @@ describe('backup jobs cut off by SIGKILL', () => {
     for (const h of keep) assert.ok(before.has(h), 'every block of the kept backup is there');
     assert.ok(before.size > keep.size, 'garbage is left by the cut-off delete');
     await cliJson(d, ['backup', 'restore', second.name, 'check']);
-    await mustRun('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      d.uri(`v@${second.snapshot}`),
-      d.uri('check'),
-    ]);
+    await assertSameBytes(d.uri(`v@${second.snapshot}`), d.uri('check'));
     await cliJson(d, ['backup', 'gc']);
     assert.deepEqual(await storeBlocks(store), keep, 'gc finishes the cut-off delete');
 
@@ -178,15 +151,7 @@ describe('backup jobs cut off by SIGKILL', () => {
     const after = await cliJson<Array<{ type: string; volume?: string }>>(d, ['events']);
     assert.ok(after.some((e) => e.type === 'restore-abandoned' && e.volume === 'half'));
     await cliJson(d, ['backup', 'restore', second.name, 'half']);
-    await mustRun('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      d.uri(`v@${second.snapshot}`),
-      d.uri('half'),
-    ]);
+    await assertSameBytes(d.uri(`v@${second.snapshot}`), d.uri('half'));
   });
 
   it('a delete waits for a running backup, whose snapshot cannot be deleted meanwhile', async () => {
@@ -196,16 +161,7 @@ describe('backup jobs cut off by SIGKILL', () => {
     await d.createVolume('w', '128M');
     await mustRun('qemu-io', ['-f', 'raw', d.uri('w'), '-c', 'write -P 0x11 0 2M']);
     const old = await cliJson<Summary>(d, ['backup', 'create', 'w']);
-    await mustRun('fio', [
-      '--name=fill',
-      '--ioengine=nbd',
-      `--uri=${d.uri('w')}`,
-      '--rw=write',
-      '--bs=1M',
-      '--size=128m',
-      '--refill_buffers',
-      '--randrepeat=0',
-    ]);
+    await fillRandom(d.uri('w'), '128m');
     await d.api_('POST', '/v1/volumes/w/snapshots', { name: 'big' });
     const backup = await startOp(d, 'POST', '/v1/backups', { volume: 'w', snapshot: 'big' });
     await until(d, backup, (o) => o.progress.done >= 2);
@@ -234,7 +190,7 @@ describe('backup jobs cut off by SIGKILL', () => {
       (await d.api_<Operation>('GET', `/v1/operations/${backup.id}`)).json.result) as Summary;
     assert.deepEqual(await storeBlocks(store), await listed(store, 'w', fresh.name));
     await cliJson(d, ['backup', 'restore', fresh.name, 'w2']);
-    await mustRun('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', d.uri('w@big'), d.uri('w2')]);
+    await assertSameBytes(d.uri('w@big'), d.uri('w2'));
     assert.equal((await d.api_('DELETE', '/v1/volumes/w/snapshots/big')).status, 204);
   });
 });

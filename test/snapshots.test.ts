@@ -4,6 +4,7 @@ import { after, describe, it } from 'node:test';
 import { Kv } from '../kv/kv.ts';
 import { openSpaces } from '../kv/spaces.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
+import { assertSameBytes } from './helpers/export-data.ts';
 import { duBytes, mustRun, run, waitFor } from './helpers/run.ts';
 
 interface Snap {
@@ -110,15 +111,7 @@ describe('snapshots with real clients', () => {
       '--json',
     ]);
     assert.equal(clone.code, 0, clone.stderr);
-    await mustRun('qemu-img', [
-      'compare',
-      '-f',
-      'raw',
-      '-F',
-      'raw',
-      d.uri('src-copy'),
-      d.uri('src@one'),
-    ]);
+    await assertSameBytes(d.uri('src-copy'), d.uri('src@one'));
     await mustRun('qemu-io', ['-f', 'raw', d.uri('src-copy'), '-c', 'write -P 0x33 0 4k']);
     await mustRun('qemu-io', ['-f', 'raw', '-r', d.uri('src@one'), '-c', 'read -P 0x31 0 4k']);
   });
