@@ -94,6 +94,7 @@ export function createApi(options: ApiOptions): Hono {
       replicas: body.replicas,
       frontend: body.frontend,
       fromSnapshot: body.fromSnapshot,
+      allowSameHost: body.allowSameHost,
     });
     return c.json(volume, 201);
   });

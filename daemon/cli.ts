@@ -20,7 +20,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S]
-  corral volume create NAME --size 10G [--replicas N] [--frontend nbd|fuse] [--json]
+  corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json]
@@ -150,6 +150,7 @@ async function runClient(args: string[]): Promise<void> {
         frontend: { type: 'string' },
         'from-snapshot': { type: 'string' },
         'discard-newer': { type: 'boolean' },
+        'allow-same-host': { type: 'boolean' },
       },
       allowPositionals: true,
       strict: true,
@@ -174,6 +175,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values['from-snapshot'] ? { fromSnapshot: values['from-snapshot'] } : {}),
           ...(values.replicas ? { replicas: Number(values.replicas) } : {}),
           ...(values.frontend ? { frontend: values.frontend } : {}),
+          ...(values['allow-same-host'] ? { allowSameHost: true } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;

@@ -168,6 +168,8 @@ export class VolumeManager {
     replicas?: unknown;
     frontend?: unknown;
     fromSnapshot?: unknown;
+    /** Replicas beyond the hosts that can take one stay on this host (less safe; asked for). */
+    allowSameHost?: unknown;
     /** The volume is the target of a restore from this backup (see `finishRestore`). */
     restoring?: string;
   }): Promise<VolumeInfo> {
@@ -217,7 +219,12 @@ export class VolumeManager {
     return this.#withLock(name, async () => {
       if (await this.#o.spaces.volumes.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
-      const peers = replicaCount > 1 ? await this.#place(name, sizeBytes, replicaCount) : [];
+      const peers =
+        replicaCount > 1
+          ? await this.#place(name, sizeBytes, replicaCount, input.allowSameHost === true)
+          : [];
+      // With --allow-same-host, the replicas the other hosts cannot take stay here too.
+      const localCount = replicaCount - peers.length;
       const remoteReplicas: Array<{ id: string; url: string }> = [];
       try {
         for (const url of peers) {
@@ -235,17 +242,21 @@ export class VolumeManager {
       }
       // Replica first, then the volume record that owns it: a crash in between leaves
       // an unowned replica, removed at the next start.
-      const replica = await LocalReplica.create({
-        spaces: this.#o.spaces,
-        root: this.#o.replicaRoot,
-        volume: name,
-        sizeBytes,
-        now: new Date(this.#o.clock.nowMs()),
-      });
-      try {
-        if (source) await copyAllocated(source, replica);
-      } finally {
-        await replica.close();
+      const localIds: string[] = [];
+      for (let i = 0; i < localCount; i++) {
+        const replica = await LocalReplica.create({
+          spaces: this.#o.spaces,
+          root: this.#o.replicaRoot,
+          volume: name,
+          sizeBytes,
+          now: new Date(this.#o.clock.nowMs()),
+        });
+        localIds.push(replica.id);
+        try {
+          if (source) await copyAllocated(source, replica);
+        } finally {
+          await replica.close();
+        }
       }
       const record: VolumeRecord = {
         name,
@@ -254,7 +265,7 @@ export class VolumeManager {
         frontend,
         createdAt: new Date(this.#o.clock.nowMs()).toISOString(),
         attached: true,
-        replicaIds: [replica.id],
+        replicaIds: localIds,
         ...(input.restoring !== undefined ? { restoring: input.restoring } : {}),
         ...(remoteReplicas.length > 0 ? { remoteReplicas } : {}),
         epoch: 0,
@@ -445,14 +456,19 @@ export class VolumeManager {
    * (this host keeps the first, next to the engine), the hosts with the most
    * free space first.
    */
-  async #place(name: string, sizeBytes: number, count: number): Promise<string[]> {
+  async #place(
+    name: string,
+    sizeBytes: number,
+    count: number,
+    allowSameHost: boolean,
+  ): Promise<string[]> {
     const cluster = this.#o.cluster;
     const nodes: NodeInfo[] = cluster ? await cluster.nodes() : [];
     const [self, ...peers] = nodes;
     const fits = (n: NodeInfo) => n.state === 'up' && n.freeBytes >= sizeBytes;
     const eligible = peers.filter(fits).sort((a, b) => b.freeBytes - a.freeBytes);
     const hosts = (self && fits(self) ? 1 : 0) + eligible.length;
-    if (!self || !fits(self) || hosts < count) {
+    if (!self || !fits(self) || (hosts < count && !allowSameHost)) {
       const why = nodes
         .map((n) =>
           n.state !== 'up' ? `${n.url} is down` : `${n.url} has ${n.freeBytes} bytes free`,
@@ -460,7 +476,7 @@ export class VolumeManager {
         .join('; ');
       throw new CorralError(
         'LIMIT_REACHED',
-        `Cannot place ${count} replicas of volume ${name} (${sizeBytes} bytes) on distinct hosts: ${hosts} of ${Math.max(nodes.length, 1)} can take one${why ? ` (${why})` : ' (no --peer given)'}`,
+        `Cannot place ${count} replicas of volume ${name} (${sizeBytes} bytes) on distinct hosts: ${hosts} of ${Math.max(nodes.length, 1)} can take one${why ? ` (${why})` : ' (no --peer given)'}; --allow-same-host puts the rest on this host`,
       );
     }
     return eligible.slice(0, count - 1).map((n) => n.url);

@@ -208,6 +208,32 @@ describe('replication across three daemons', () => {
       /Cannot place 4 replicas of volume x .* on distinct hosts: 3 of 3 can take one/,
     );
     assert.equal((await d1.cli(['volume', 'ls', '--json'])).stdout.trim(), '[]');
+    // Asked for: the replica the hosts cannot take stays on the engine's host.
+    const crowded = await d1.cli([
+      'volume',
+      'create',
+      'x',
+      '--size',
+      '64M',
+      '--replicas',
+      '4',
+      '--allow-same-host',
+    ]);
+    assert.equal(crowded.code, 0, crowded.stderr);
+    const four4 = await replicas(d1, 'x');
+    assert.equal(four4.length, 4);
+    assert.equal(four4.filter((r) => r.location === 'local').length, 2);
+    assert.ok(four4.every((r) => r.mode === 'RW'));
+    await mustRun('qemu-io', [
+      '-f',
+      'raw',
+      d1.uri('x'),
+      '-c',
+      'write -P 0x21 0 1M',
+      '-c',
+      'read -P 0x21 0 1M',
+    ]);
+    assert.equal((await d1.cli(['volume', 'rm', 'x'])).code, 0);
 
     const peer = c.urls[1]!;
     const anonymous = await fetch(`${peer}/v1/replicas`, {
