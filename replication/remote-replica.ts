@@ -41,7 +41,8 @@ interface Pending {
   /** `pooled`: the frame's buffer came from the pool; whoever copies the payload out gives it back. */
   resolve: (payload: Buffer, pooled?: Buffer) => void;
   reject: (err: Error) => void;
-  timer: NodeJS.Timeout;
+  /** When it was sent (performance.now()): the pinger's sweep fails requests out too long. */
+  sentAt: number;
 }
 
 /**
@@ -162,6 +163,13 @@ export class RemoteReplica implements Replica {
   #startPings(): void {
     this.#pinger = setInterval(
       () => {
+        // One sweep instead of a timer per request: the oldest request is the first one left.
+        const limit = this.#o.timeoutMs * REQUEST_TIMEOUT_FACTOR;
+        const oldest = this.#pending.values().next().value;
+        if (oldest && performance.now() - oldest.sentAt > limit) {
+          this.#die(this.#err(`no answer to a request in ${limit} ms`));
+          return;
+        }
         if (this.#pingOut) return;
         this.#pingOut = true;
         const deadline = setTimeout(
@@ -190,7 +198,6 @@ export class RemoteReplica implements Replica {
     const p = this.#pending.get(reply.id);
     if (!p) return;
     this.#pending.delete(reply.id);
-    clearTimeout(p.timer);
     if (reply.revision > this.#revision) this.#revision = reply.revision;
     if (reply.ok) p.resolve(reply.payload, pooled);
     else p.reject(decodeError(reply.payload, `Replica ${this.#o.id} at ${this.#o.url}`));
@@ -200,10 +207,7 @@ export class RemoteReplica implements Replica {
     if (this.#dead) return;
     this.#dead = err;
     clearInterval(this.#pinger);
-    for (const p of this.#pending.values()) {
-      clearTimeout(p.timer);
-      p.reject(err);
-    }
+    for (const p of this.#pending.values()) p.reject(err);
     this.#pending.clear();
     this.#socket?.destroy();
   }
@@ -223,18 +227,14 @@ export class RemoteReplica implements Replica {
     if (this.#nextId > 0xffffffff) this.#nextId = 1;
     return new Promise<Buffer>((resolve, reject) => {
       // The peer answers pings (checked apart): a request may take longer, as a flush behind
-      // a slow disk does, but not forever.
-      const limit = this.#o.timeoutMs * REQUEST_TIMEOUT_FACTOR;
-      const timer = setTimeout(() => {
-        this.#die(this.#err(`no answer to a request in ${limit} ms`));
-      }, limit);
+      // a slow disk does, but not forever (REQUEST_TIMEOUT_FACTOR, swept by the pinger).
       this.#pending.set(id, {
         resolve: (data, pooled) => {
           if (pooled && onPooled) onPooled(pooled);
           resolve(data);
         },
         reject,
-        timer,
+        sentAt: performance.now(),
       });
       // Requests of one loop turn leave together: one DATA frame for many small writes.
       if (!this.#corked) {
