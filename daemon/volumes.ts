@@ -482,17 +482,51 @@ export class VolumeManager {
     return eligible.slice(0, count - 1).map((n) => n.url);
   }
 
+  /**
+   * Deletes replicas on peers. One whose host does not answer is written
+   * down and deleted later (`#retryLeftovers`), so that its space comes back
+   * when the host does.
+   */
   async #removeRemote(volume: string, remote: Array<{ id: string; url: string }>): Promise<void> {
     for (const r of remote) {
       try {
-        await this.#o.cluster?.call(r.url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
+        await this.#deleteRemote(r);
       } catch (err) {
+        await this.#o.spaces.leftovers.put(r.id, {
+          ...r,
+          volume,
+          since: new Date(this.#o.clock.nowMs()).toISOString(),
+        });
         this.#o.events.add({
           type: 'replica-left-behind',
           volume,
-          message: `replica ${r.id} on ${r.url} could not be removed: ${err instanceof Error ? err.message : String(err)}`,
+          message: `replica ${r.id} on ${r.url} could not be removed yet (it will be when its host answers): ${err instanceof Error ? err.message : String(err)}`,
         });
       }
+    }
+  }
+
+  async #deleteRemote(r: { id: string; url: string }): Promise<void> {
+    try {
+      await this.#o.cluster?.call(r.url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
+    } catch (err) {
+      if (!(err instanceof CorralError && err.code === 'NOT_FOUND')) throw err;
+    }
+  }
+
+  async #retryLeftovers(): Promise<void> {
+    for (const [id, r] of await this.#o.spaces.leftovers.entries()) {
+      try {
+        await this.#deleteRemote(r);
+      } catch {
+        continue; // still away
+      }
+      await this.#o.spaces.leftovers.del(id);
+      this.#o.events.add({
+        type: 'replica-removed',
+        volume: r.volume,
+        message: `replica ${id} on ${r.url}, left behind since ${r.since}`,
+      });
     }
   }
 
@@ -700,7 +734,14 @@ export class VolumeManager {
 
   /** Looks for replicas to rebuild every `intervalMs`. */
   startRepairs(intervalMs = 1000): void {
+    let leftovers: Promise<void> | undefined;
+    let ticks = 0;
     this.#repairTimer = this.#o.clock.setInterval(() => {
+      // Replicas left behind on peers: retried every few seconds, one pass at a time.
+      if (ticks++ % 5 === 0 && !leftovers)
+        leftovers = this.#retryLeftovers()
+          .catch(() => undefined)
+          .finally(() => (leftovers = undefined));
       for (const name of this.#attached.keys()) {
         if (this.#repairing.has(name) || this.#restoring.has(name)) continue;
         this.#repairing.add(name);

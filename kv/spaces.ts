@@ -168,6 +168,8 @@ export interface Spaces {
   revisions: KeySpace<Uint8Array>;
   /** Replicas kept here for engines on other hosts: key `<replicaId>`. */
   hosted: KeySpace<HostedRecord>;
+  /** Replicas on peers that a volume removal could not delete yet: key `<replicaId>`; retried. */
+  leftovers: KeySpace<{ id: string; url: string; volume: string; since: string }>;
   /** This node: key `self`. */
   node: KeySpace<{ id: string; secret: string; createdAt: string }>;
   /** Recurring jobs: key `<jobId>`. */
@@ -184,6 +186,15 @@ export function openSpaces(kv: Kv): Spaces {
     revisions: kv.space('rev', binaryCodec('revision', 1)),
     jobs: kv.space('job', jsonCodec('job', 1, validateJob)),
     hosted: kv.space('hst', jsonCodec('hosted replica', 1, validateHosted)),
+    leftovers: kv.space(
+      'lft',
+      jsonCodec('left-behind replica', 1, (r, key) => ({
+        id: field<string>(r, key, 'id', 'string'),
+        url: field<string>(r, key, 'url', 'string'),
+        volume: field<string>(r, key, 'volume', 'string'),
+        since: field<string>(r, key, 'since', 'string'),
+      })),
+    ),
     node: kv.space(
       'nod',
       jsonCodec('node', 1, (r, key) => ({

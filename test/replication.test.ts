@@ -276,4 +276,27 @@ describe('replication across three daemons', () => {
     assert.equal(last.code, 1);
     assert.match(last.stderr, /last healthy replica/);
   });
+
+  it('a volume removed while a replica host is away frees that replica when the host returns', async () => {
+    const c = await cluster();
+    const [d1] = c.daemons as [DaemonProcess];
+    assert.equal(
+      (await d1.cli(['volume', 'create', 'gone', '--size', '64M', '--replicas', '2'])).code,
+      0,
+    );
+    const remote = (await replicas(d1, 'gone')).find((r) => r.location !== 'local')!;
+    const host = c.daemons.findIndex((_, i) => c.urls[i] === remote.location);
+    const count = async (d: DaemonProcess) =>
+      (await d.api_<{ replicas: number }>('GET', '/v1/node')).json.replicas;
+    assert.equal(await count(c.daemons[host]!), 1);
+    await c.daemons[host]!.kill();
+    const rm = await d1.cli(['volume', 'rm', 'gone']);
+    assert.equal(rm.code, 0, rm.stderr);
+    assert.match((await d1.cli(['events'])).stdout, /replica-left-behind/);
+    const back = await c.restart(host);
+    await waitFor('the left-behind replica to be deleted', async () =>
+      (await count(back)) === 0 ? true : undefined,
+    );
+    assert.match((await d1.cli(['events'])).stdout, /left behind since/);
+  });
 });
