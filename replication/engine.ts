@@ -29,7 +29,7 @@ function isUserError(err: unknown): boolean {
 }
 
 export interface EngineEvent {
-  type: 'replica-error' | 'replica-behind' | 'replica-removed';
+  type: 'replica-error' | 'replica-behind' | 'replica-removed' | 'volume-salvaged';
   volume: string;
   replica: string;
   message: string;
@@ -45,6 +45,11 @@ export interface EngineOptions {
    * missed writes and begin in ERR too, until a rebuild replaces them.
    */
   failed?: Map<Replica, string>;
+  /**
+   * Replicas recorded as failed earlier: they begin in ERR too, unless no
+   * other replica can serve (then the freshest are salvaged).
+   */
+  suspect?: Set<Replica>;
   readOnly?: boolean;
   onEvent?: (event: EngineEvent) => void;
   /**
@@ -85,15 +90,28 @@ export class Engine implements SupervisedEngine {
     this.#onEvent = options.onEvent ?? (() => undefined);
     this.#markFailed = options.markFailed ?? (() => Promise.resolve());
     const failed = options.failed ?? new Map<Replica, string>();
+    const suspect = options.suspect ?? new Set<Replica>();
     const reachable = options.replicas.filter((r) => !failed.has(r));
-    const freshest = reachable.reduce((max, r) => (r.revision() > max ? r.revision() : max), 0n);
+    const trusted = reachable.filter((r) => !suspect.has(r));
+    // Salvage: when every reachable replica had been set to ERR once (the last healthy one
+    // failed too), the freshest of them serve rather than no volume at all.
+    const salvage = trusted.length === 0 && reachable.length > 0;
+    const pool = salvage ? reachable : trusted;
+    if (salvage)
+      this.#onEvent({
+        type: 'volume-salvaged',
+        volume: this.volume,
+        replica: '',
+        message: `every reachable replica had failed once; the freshest of ${reachable.length} serve`,
+      });
+    const freshest = pool.reduce((max, r) => (r.revision() > max ? r.revision() : max), 0n);
     // The chain of the freshest replica (local first) is the volume's: one that differs is not trusted.
     const chainOf = (r: Replica) =>
       r
         .snapshots()
         .map((s) => `${s.name}@${s.createdAt}`)
         .join('|');
-    const reference = reachable
+    const reference = pool
       .filter((r) => r.revision() === freshest)
       .sort((a, b) => Number(b.location === 'local') - Number(a.location === 'local'))[0];
     const chain = reference ? chainOf(reference) : '';
@@ -106,6 +124,15 @@ export class Engine implements SupervisedEngine {
             volume: this.volume,
             replica: replica.id,
             message: why,
+          });
+          return { replica, mode: 'ERR' };
+        }
+        if (suspect.has(replica) && !salvage) {
+          this.#onEvent({
+            type: 'replica-error',
+            volume: this.volume,
+            replica: replica.id,
+            message: 'it failed before and has not been rebuilt since',
           });
           return { replica, mode: 'ERR' };
         }

@@ -125,3 +125,53 @@ describe('replica crash semantics', () => {
     }
   });
 });
+
+describe('engine start', () => {
+  it('salvages the freshest replicas when every one had been set to ERR, and only then', async () => {
+    const { e, root, replica: a } = await freshReplica();
+    const b = await LocalReplica.create({
+      spaces: e.spaces,
+      root,
+      volume: 'v',
+      sizeBytes: SIZE,
+      now: new Date(),
+    });
+    try {
+      const engine = new Engine({ volume: 'v', sizeBytes: SIZE, replicas: [a, b] });
+      await engine.write(0, Buffer.alloc(4096, 9));
+      await engine.flush();
+      // b misses the next write (as if it had failed), then both are recorded as failed.
+      await a.write(4096, Buffer.alloc(4096, 8));
+      await a.flush();
+      const events: string[] = [];
+      const salvaged = new Engine({
+        volume: 'v',
+        sizeBytes: SIZE,
+        replicas: [a, b],
+        suspect: new Set([a, b]),
+        onEvent: (ev) => events.push(ev.type),
+      });
+      assert.deepEqual(
+        salvaged.replicaModes().map((m) => m.mode),
+        ['RW', 'ERR'],
+        'the freshest serves, the one behind does not',
+      );
+      assert.ok(events.includes('volume-salvaged'));
+      assert.equal((await salvaged.read(4096, 4096))[0], 8);
+      const strict = new Engine({
+        volume: 'v',
+        sizeBytes: SIZE,
+        replicas: [a, b],
+        suspect: new Set([b]),
+      });
+      assert.deepEqual(
+        strict.replicaModes().map((m) => m.mode),
+        ['RW', 'ERR'],
+        'a suspect replica stays out while another can serve',
+      );
+    } finally {
+      e.open.push(a, b);
+      await teardown();
+    }
+  });
+});

@@ -168,11 +168,7 @@ export async function simulate(seed: number, steps = 300): Promise<SimResult> {
         volume: 'sim',
         sizeBytes: SIZE,
         replicas: links.map((l) => l.proxy),
-        failed: new Map(
-          links
-            .filter((l) => failedIds.has(l.proxy.id))
-            .map((l) => [l.proxy, 'failed before the crash']),
-        ),
+        suspect: new Set(links.filter((l) => failedIds.has(l.proxy.id)).map((l) => l.proxy)),
         markFailed,
       });
       for (const m of engine.replicaModes()) if (m.mode === 'ERR') await markFailed(m.id, true);
