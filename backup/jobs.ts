@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import {
@@ -53,34 +54,6 @@ const LOCK_WAIT_MS = 10 * 60_000;
 export function newBackupName(now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '').slice(0, 14);
   return `backup-${stamp}-${randomBytes(3).toString('hex')}`;
-}
-
-/**
- * Runs `fn` over 0..count-1, `concurrency` at a time; each worker owns one
- * buffer of `bufferBytes`, reused for every item it takes (fresh large
- * buffers cost more in page faults than the copy they would hold).
- */
-async function pool(
-  count: number,
-  concurrency: number,
-  bufferBytes: number,
-  fn: (i: number, buffer: Buffer) => Promise<void>,
-) {
-  let next = 0;
-  let failed = false;
-  const worker = async (): Promise<void> => {
-    const buffer = Buffer.allocUnsafeSlow(bufferBytes);
-    while (!failed && next < count) {
-      const i = next++;
-      try {
-        await fn(i, buffer);
-      } catch (err) {
-        failed = true;
-        throw err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker));
 }
 
 /** The newest complete backup of the volume that an incremental one can build on. */
@@ -139,7 +112,10 @@ export async function createBackup(
         bytes,
       });
     report();
-    await pool(toRead.length, options.concurrency ?? 4, bs, async (i, buffer) => {
+    // One 2 MiB buffer per worker, reused: a fresh one costs more in page faults than the hash.
+    const buffers: Buffer[] = [];
+    await concurrently(toRead.length, options.concurrency ?? 4, async (i, worker) => {
+      const buffer = (buffers[worker] ??= Buffer.allocUnsafeSlow(bs));
       const index = toRead[i]!;
       const offset = index * bs;
       const length = Math.min(bs, source.sizeBytes - offset);
@@ -262,7 +238,7 @@ export async function restoreBackup(
   let bytes = 0;
   const total = backup.blocks.length;
   options.onProgress?.({ phase: 'restore', done, total, bytes });
-  await pool(total, options.concurrency ?? 4, 0, async (i) => {
+  await concurrently(total, options.concurrency ?? 4, async (i) => {
     const [index, hash] = backup.blocks[i]!;
     const file = await store.getBlock(hash);
     if (!file)

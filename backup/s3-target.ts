@@ -10,6 +10,7 @@ import {
   S3Client,
   UploadPartCommand,
 } from '@aws-sdk/client-s3';
+import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import type { BackupTarget } from './target.ts';
 
@@ -129,25 +130,20 @@ export class S3Target implements BackupTarget {
     try {
       const count = Math.ceil(data.length / PART_BYTES);
       const etags: string[] = new Array<string>(count);
-      let next = 0;
-      const worker = async (): Promise<void> => {
-        while (next < count) {
-          const i = next++;
-          const body = data.subarray(i * PART_BYTES, Math.min(data.length, (i + 1) * PART_BYTES));
-          const out = await this.#client.send(
-            new UploadPartCommand({
-              Bucket: this.#bucket,
-              Key,
-              UploadId,
-              PartNumber: i + 1,
-              Body: body,
-              ContentLength: body.length,
-            }),
-          );
-          etags[i] = out.ETag ?? '';
-        }
-      };
-      await Promise.all(Array.from({ length: Math.min(PART_CONCURRENCY, count) }, worker));
+      await concurrently(count, PART_CONCURRENCY, async (i) => {
+        const body = data.subarray(i * PART_BYTES, Math.min(data.length, (i + 1) * PART_BYTES));
+        const out = await this.#client.send(
+          new UploadPartCommand({
+            Bucket: this.#bucket,
+            Key,
+            UploadId,
+            PartNumber: i + 1,
+            Body: body,
+            ContentLength: body.length,
+          }),
+        );
+        etags[i] = out.ETag ?? '';
+      });
       await this.#client.send(
         new CompleteMultipartUploadCommand({
           Bucket: this.#bucket,

@@ -1,5 +1,6 @@
 import * as os from 'node:os';
 import { randomBytes } from 'node:crypto';
+import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import {
   backupConfigKey,
@@ -249,14 +250,10 @@ export class BackupStore {
       if (!key.endsWith('.cfg')) garbage.push(key);
     }
     let done = 0;
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < garbage.length) {
-        await this.target.delete(garbage[next++]!);
-        onProgress?.(++done, garbage.length);
-      }
-    };
-    await Promise.all(Array.from({ length: 8 }, worker));
+    await concurrently(garbage.length, 8, async (i) => {
+      await this.target.delete(garbage[i]!);
+      onProgress?.(++done, garbage.length);
+    });
     await this.target.sync();
     return { blocksRemoved: garbage.filter((k) => hashOfBlockKey(k) !== undefined).length };
   }

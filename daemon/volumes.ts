@@ -875,17 +875,16 @@ export class VolumeManager {
       );
     try {
       const ops = this.#o.operations;
-      const result: RebuildProgress = ops
-        ? await ops.start(
-            'rebuild',
-            `replica ${target.id} at ${target.location}`,
-            name,
-            (update) => work(update),
-            (p) =>
-              `${p.bytesCopied} bytes copied; ${p.layersSkipped} of ${p.layers} layers already held`,
-          ).done
-        : await work();
-      void result;
+      if (!ops) await work();
+      else
+        await ops.start(
+          'rebuild',
+          `replica ${target.id} at ${target.location}`,
+          name,
+          work,
+          (p: RebuildProgress) =>
+            `${p.bytesCopied} bytes copied; ${p.layersSkipped} of ${p.layers} layers already held`,
+        ).done;
     } catch (err) {
       target.abandon();
       throw err;

@@ -40,6 +40,24 @@ export const MAX_SNAPSHOTS = 500;
 /** Blocks copied per step when a snapshot is merged away: big enough to stream, small enough to interleave with I/O. */
 const MERGE_RUN_BLOCKS = 16;
 
+/** Calls `fn(start, end)` for each maximal run of indexes in [0, count) where `selected` holds. */
+async function forEachRun(
+  count: number,
+  selected: (i: number) => boolean,
+  fn: (start: number, end: number) => Promise<void>,
+): Promise<void> {
+  for (let i = 0; i < count;) {
+    if (!selected(i)) {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < count && selected(j)) j++;
+    await fn(i, j);
+    i = j;
+  }
+}
+
 /** Unflushed bytes a replica lets pile up before it flushes on its own (write-behind). */
 const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
 
@@ -950,17 +968,10 @@ export class LocalReplica implements Replica {
     this.#pending++;
     try {
       let at = 0;
-      for (let i = 0; i < states.length;) {
-        if (!wanted(i)) {
-          i++;
-          continue;
-        }
-        let j = i;
-        while (j < states.length && wanted(j)) j++;
+      await forEachRun(states.length, wanted, async (i, j) => {
         await preadFull(layer.fd, data, at, (j - i) * BLOCK_SIZE, (first + i) * BLOCK_SIZE);
         at += (j - i) * BLOCK_SIZE;
-        i = j;
-      }
+      });
     } finally {
       this.#leave();
     }
@@ -984,19 +995,12 @@ export class LocalReplica implements Replica {
     this.#pending++;
     try {
       let at = 0;
-      for (let i = 0; i < states.length;) {
-        if (!wanted(i)) {
-          i++;
-          continue;
-        }
-        let j = i;
-        while (j < states.length && wanted(j)) j++;
+      await forEachRun(states.length, wanted, async (i, j) => {
         const run = data.subarray(at, at + (j - i) * BLOCK_SIZE);
         assert(run.length === (j - i) * BLOCK_SIZE, 'layer chunk data shorter than its states');
         await pwriteFull(layer.fd, run, (first + i) * BLOCK_SIZE);
         at += run.length;
-        i = j;
-      }
+      });
     } catch (err) {
       throw ioError(`Cannot write layer ${name} of replica ${this.id}`, err);
     } finally {
