@@ -11,6 +11,8 @@ const MIN_POOLED_BYTES = 128 * 1024;
  */
 export class BufferPool {
   readonly #free = new Map<number, Buffer[]>();
+  /** Memory this pool allocated: nothing else may go back (a view into a socket's slab must not). */
+  readonly #owned = new WeakSet<object>();
   readonly #maxBytes: number;
   #pooledBytes = 0;
 
@@ -31,12 +33,14 @@ export class BufferPool {
       this.#pooledBytes -= size;
       return reused.subarray(0, n);
     }
-    return Buffer.allocUnsafeSlow(size).subarray(0, n);
+    const fresh = Buffer.allocUnsafeSlow(size);
+    this.#owned.add(fresh.buffer);
+    return fresh.subarray(0, n);
   }
 
   release(buf: Buffer): void {
     const size = buf.buffer.byteLength;
-    if (buf.length < MIN_POOLED_BYTES || size !== BufferPool.#sizeClass(size)) return;
+    if (!this.#owned.has(buf.buffer)) return;
     if (this.#pooledBytes + size > this.#maxBytes) return;
     assert(buf.byteOffset === 0, 'only whole pooled buffers go back');
     let list = this.#free.get(size);

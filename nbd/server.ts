@@ -53,7 +53,8 @@ export class NbdServer {
   }
 
   #server(): net.Server {
-    const server = net.createServer((socket) => this.#accept(socket));
+    // Paused: ByteQueue.attach decides how the connection is read (common/direct-socket.ts).
+    const server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket));
     this.#servers.push(server);
     return server;
   }
@@ -70,14 +71,15 @@ export class NbdServer {
     for (const [socket, c] of this.#connections) if (sameVolume(c.name, name)) socket.destroy();
   }
 
-  #accept(socket: net.Socket): void {
+  #accept(raw: net.Socket): void {
     if (this.#sockets.size >= this.#options.maxConnections) {
       this.#options.log.warn(
         `NBD: connection limit ${this.#options.maxConnections} reached, refusing a client`,
       );
-      socket.destroy();
+      raw.destroy();
       return;
     }
+    const { socket, queue } = ByteQueue.attach(raw, QUEUE_HIGH_WATER_BYTES);
     this.#sockets.add(socket);
     socket.on('error', () => undefined); // reported through 'close'; nothing to do per error
     socket.once('close', () => {
@@ -85,7 +87,7 @@ export class NbdServer {
       this.#connections.delete(socket);
     });
     socket.setNoDelay(true);
-    const task = this.#serve(socket).catch((err: unknown) => {
+    const task = this.#serve(socket, queue).catch((err: unknown) => {
       this.#options.log.warn(
         `NBD: connection failed: ${err instanceof Error ? err.message : String(err)}`,
       );
@@ -95,8 +97,7 @@ export class NbdServer {
     void task.finally(() => this.#running.delete(task));
   }
 
-  async #serve(socket: net.Socket): Promise<void> {
-    const queue = new ByteQueue(socket, QUEUE_HIGH_WATER_BYTES);
+  async #serve(socket: net.Socket, queue: ByteQueue): Promise<void> {
     const timer = setTimeout(() => {
       this.#options.log.warn(
         `NBD: handshake not finished in ${this.#options.handshakeTimeoutMs} ms, closing`,
