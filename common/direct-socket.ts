@@ -51,3 +51,35 @@ export function adoptDirect(raw: net.Socket, reader: DirectReader): net.Socket |
   socket.resume();
   return socket;
 }
+
+/**
+ * Free space for a connection's small reads. A slab is never written twice:
+ * when it is full a new one is taken and the old one lives on as long as
+ * views into it do, so everything handed out stays valid without copies.
+ */
+export class Slab {
+  #buf = Buffer.allocUnsafeSlow(0);
+  #used = 0;
+
+  /** Where the next read may land: at most `maxRead` bytes (Node's own read size). */
+  space(size = 1024 * 1024, maxRead = 64 * 1024): Buffer {
+    if (this.#buf.length - this.#used < 4096) {
+      this.#buf = Buffer.allocUnsafeSlow(size);
+      this.#used = 0;
+    }
+    return this.#buf.subarray(this.#used, this.#used + maxRead);
+  }
+
+  /** The `n` bytes that just landed in space(). */
+  take(n: number): Buffer {
+    const view = this.#buf.subarray(this.#used, this.#used + n);
+    this.#used += n;
+    return view;
+  }
+}
+
+/** `a` and `b` as one view when `b` continues `a` in the same memory (consecutive reads into a slab). */
+export function joined(a: Buffer, b: Buffer): Buffer | undefined {
+  if (a.buffer !== b.buffer || a.byteOffset + a.length !== b.byteOffset) return undefined;
+  return Buffer.from(a.buffer, a.byteOffset, a.length + b.length);
+}

@@ -17,6 +17,17 @@ interface Live {
  * replaces the current one, a stream from an older epoch is refused (a stale
  * engine, cut off by a partition, must not write after its successor did).
  */
+/** One engine stream's way into a hosted replica (replication/replica-server.ts). */
+export interface HostedSession {
+  /** Bytes as they came off the connection. */
+  push: (chunk: Buffer) => void;
+  /** Or whole frames, when the connection is read in place (replication/wire.ts). */
+  frame: (frame: Buffer, pooled: boolean) => void;
+  acquire: (n: number) => Buffer;
+  fail: (err: Error) => void;
+  closed: () => Promise<void>;
+}
+
 export class HostedReplicas {
   readonly #spaces: Spaces;
   readonly #root: string;
@@ -90,12 +101,7 @@ export class HostedReplicas {
    * Starts serving replica `id` to an engine stream. Returns the session to
    * feed with the stream's bytes and a function to call when the stream ends.
    */
-  async attach(
-    id: string,
-    epoch: number,
-    out: StreamOut,
-    end: () => void,
-  ): Promise<{ push: (chunk: Buffer) => void; closed: () => Promise<void> }> {
+  async attach(id: string, epoch: number, out: StreamOut, end: () => void): Promise<HostedSession> {
     const record = await this.#spaces.hosted.get(id);
     if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
     if (!Number.isSafeInteger(epoch) || epoch < record.epoch)
@@ -123,6 +129,9 @@ export class HostedReplicas {
     this.#live.set(id, live);
     return {
       push: (chunk) => session.push(chunk),
+      frame: (frame, pooled) => session.frame(frame, pooled),
+      acquire: session.acquire,
+      fail: (err) => session.fail(err),
       closed: async () => {
         session.close();
         if (this.#live.get(id) === live) this.#live.delete(id);

@@ -1,5 +1,6 @@
 import type * as http from 'node:http';
 import type * as net from 'node:net';
+import { adoptDirect } from '../common/direct-socket.ts';
 import { CorralError } from '../common/errors.ts';
 import {
   EPOCH_HEADER,
@@ -7,6 +8,7 @@ import {
   UPGRADE_PROTOCOL,
   upgradeAccepted,
   upgradeRefused,
+  DirectFrameReader,
 } from '../replication/wire.ts';
 import type { Cluster } from './cluster.ts';
 import type { HostedReplicas } from './hosted.ts';
@@ -20,7 +22,7 @@ const STATUS: Partial<Record<string, number>> = { NOT_FOUND: 404, BUSY: 409 };
  * cluster secret and the engine's epoch are checked before the switch.
  */
 export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): UpgradeHandler {
-  return (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => {
+  return (req: http.IncomingMessage, raw: net.Socket, head: Buffer) => {
     const url = req.url ?? '';
     if (
       req.headers.upgrade !== UPGRADE_PROTOCOL ||
@@ -28,6 +30,8 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
       !url.endsWith('/io')
     )
       return false;
+    // The connection's socket: `raw`, or the one that reads it in place once the stream starts.
+    let socket = raw;
     const refuse = (status: number, code: string, message: string) => {
       socket.end(upgradeRefused(status, code, message));
     };
@@ -47,9 +51,26 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
       .attach(id, epoch, out, () => socket.destroy())
       .then(
         (session) => {
+          if (raw.destroyed) {
+            void session.closed(); // the engine went away while the replica opened
+            return;
+          }
+          // The engine sends nothing before our answer, so nothing is buffered yet: from
+          // here on the kernel copies each write's payload straight into a pooled buffer.
+          const reader = new DirectFrameReader(
+            session.acquire,
+            (frame, pooled) => session.frame(frame, pooled),
+            (err) => session.fail(err),
+          );
+          const direct =
+            head.length === 0 && raw.readableLength === 0 ? adoptDirect(raw, reader) : undefined;
+          if (direct) {
+            socket = direct;
+          } else {
+            if (head.length > 0) session.push(head);
+            socket.on('data', (chunk: Buffer) => session.push(chunk));
+          }
           socket.write(upgradeAccepted());
-          if (head.length > 0) session.push(head);
-          socket.on('data', (chunk: Buffer) => session.push(chunk));
           let done = false;
           const finish = (): void => {
             if (done) return;
@@ -57,7 +78,7 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
             void session.closed();
           };
           socket.once('close', finish);
-          socket.once('error', finish);
+          socket.on('error', finish);
         },
         (err: unknown) => {
           const code = err instanceof CorralError ? err.code : 'INTERNAL';

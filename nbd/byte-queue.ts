@@ -1,10 +1,6 @@
 import type { Socket } from 'node:net';
-import { adoptDirect, type DirectReader } from '../common/direct-socket.ts';
+import { adoptDirect, joined, Slab, type DirectReader } from '../common/direct-socket.ts';
 
-/** Small reads land in slabs of this size; a slab is never reused, so views into it stay valid. */
-const SLAB_BYTES = 1024 * 1024;
-/** The most one read may put into a slab (Node's own read size): a large payload goes in place. */
-const SLAB_READ_BYTES = 64 * 1024;
 /** Reads at least this large are filled in place: the kernel copies straight into the caller's buffer. */
 const IN_PLACE_MIN_BYTES = 64 * 1024;
 
@@ -35,8 +31,7 @@ export class ByteQueue implements DirectReader {
   #inPlace: InPlace | undefined;
   /** Whether the buffer handed out last by nextBuffer() was the in-place target's. */
   #lastInPlace = false;
-  #slab = Buffer.allocUnsafeSlow(0);
-  #slabUsed = 0;
+  readonly #slab = new Slab();
   #direct = false;
   #ended: Error | undefined;
   #paused = false;
@@ -81,11 +76,7 @@ export class ByteQueue implements DirectReader {
       return target.buf.subarray(target.filled);
     }
     this.#lastInPlace = false;
-    if (this.#slab.length - this.#slabUsed < 4096) {
-      this.#slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
-      this.#slabUsed = 0;
-    }
-    return this.#slab.subarray(this.#slabUsed, this.#slabUsed + SLAB_READ_BYTES);
+    return this.#slab.space();
   }
 
   /** DirectReader: `bytes` landed in the buffer nextBuffer() gave last. */
@@ -99,8 +90,7 @@ export class ByteQueue implements DirectReader {
       }
       return;
     }
-    let chunk = this.#slab.subarray(this.#slabUsed, this.#slabUsed + bytes);
-    this.#slabUsed += bytes;
+    let chunk = this.#slab.take(bytes);
     const target = this.#inPlace;
     if (target) {
       // The read was handed out before the in-place read began: move its share over.
@@ -119,20 +109,10 @@ export class ByteQueue implements DirectReader {
 
   #append(chunk: Buffer): void {
     const last = this.#chunks[this.#chunks.length - 1];
-    if (
-      last &&
-      last.buffer === chunk.buffer &&
-      last.byteOffset + last.length === chunk.byteOffset
-    ) {
-      // Adjacent in the same slab: one view, so a payload that came in several reads is not copied.
-      this.#chunks[this.#chunks.length - 1] = Buffer.from(
-        last.buffer,
-        last.byteOffset,
-        last.length + chunk.length,
-      );
-    } else {
-      this.#chunks.push(chunk);
-    }
+    // Adjacent in the same slab: one view, so a payload that came in several reads is not copied.
+    const both = last && joined(last, chunk);
+    if (both) this.#chunks[this.#chunks.length - 1] = both;
+    else this.#chunks.push(chunk);
     this.#length += chunk.length;
     if (this.#length > this.#highWaterBytes && !this.#paused) {
       this.#paused = true;

@@ -40,19 +40,41 @@ export class ReplicaSession {
     this.#onFatal = onFatal;
   }
 
+  /** Bytes as they came off the connection ('data' events). */
   push(chunk: Buffer): void {
     if (this.#closed) return;
     this.#reader.push(chunk);
     try {
       const acquire = (n: number) => this.#pool.acquire(n);
       for (let frame = this.#reader.next(acquire); frame; frame = this.#reader.next(acquire)) {
-        this.#handle(parseRequest(frame), this.#reader.assembled ? frame : undefined);
+        this.frame(frame, this.#reader.assembled);
       }
     } catch (err) {
-      // A bad frame means the stream can no longer be trusted: end it, the engine sees a lost replica.
-      this.#closed = true;
-      this.#onFatal(err instanceof Error ? err : new Error(String(err)));
+      this.fail(err instanceof Error ? err : new Error(String(err)));
     }
+  }
+
+  /**
+   * A whole request frame; `pooled` when its buffer came from this session's
+   * pool (see `acquire`), which gets it back once the request is done.
+   */
+  frame(frame: Buffer, pooled: boolean): void {
+    if (this.#closed) return;
+    try {
+      this.#handle(parseRequest(frame), pooled ? frame : undefined);
+    } catch (err) {
+      this.fail(err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+
+  /** Buffers for frames read in place (replication/wire.ts DirectFrameReader). */
+  readonly acquire = (n: number): Buffer => this.#pool.acquire(n);
+
+  /** A bad frame means the stream can no longer be trusted: end it, the engine sees a lost replica. */
+  fail(err: Error): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#onFatal(err);
   }
 
   close(): void {

@@ -1,4 +1,6 @@
 import * as zlib from 'node:zlib';
+import { joined, Slab, type DirectReader } from '../common/direct-socket.ts';
+import { assert } from '../common/assert.ts';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 
 /**
@@ -179,7 +181,10 @@ export class FrameReader {
   #length = 0;
 
   push(chunk: Buffer): void {
-    this.#chunks.push(chunk);
+    const last = this.#chunks[this.#chunks.length - 1];
+    const both = last && joined(last, chunk);
+    if (both) this.#chunks[this.#chunks.length - 1] = both;
+    else this.#chunks.push(chunk);
     this.#length += chunk.length;
   }
 
@@ -232,6 +237,91 @@ export class FrameReader {
     this.#take(4);
     this.assembled = false;
     return this.#take(length, acquire);
+  }
+
+  /**
+   * When the next frame is incomplete and at least `minBytes` long: takes it
+   * out, its present bytes copied into `acquire(length)`, for the rest to be
+   * read in place. The reader is empty afterwards.
+   */
+  takePartial(
+    minBytes: number,
+    acquire: (n: number) => Buffer,
+  ): { buf: Buffer; filled: number } | undefined {
+    const length = this.#peekLength();
+    if (length === undefined || length < minBytes || this.#length >= 4 + length) return undefined;
+    if (length > MAX_FRAME_BYTES)
+      throw new CorralError('IO_ERROR', `Replica stream: frame of ${length} bytes is too large`);
+    this.#take(4);
+    const buf = acquire(length);
+    let filled = 0;
+    for (const c of this.#chunks) filled += c.copy(buf, filled);
+    this.#chunks.length = 0;
+    this.#length = 0;
+    return { buf, filled };
+  }
+}
+
+/** Frames at least this large are read in place, straight into a pooled buffer. */
+const IN_PLACE_MIN_BYTES = 64 * 1024;
+
+/**
+ * Frames of a connection whose reads land where we choose
+ * (common/direct-socket.ts): small frames arrive in slabs and are handed out
+ * as views; the rest of a large frame (a 1 MiB write) is read straight into
+ * a buffer from `acquire`, so the kernel's copy is the only one.
+ * `onFrame(frame, pooled)`: `pooled` when the frame's buffer came from `acquire`.
+ */
+export class DirectFrameReader implements DirectReader {
+  readonly #reader = new FrameReader();
+  readonly #slab = new Slab();
+  readonly #acquire: (n: number) => Buffer;
+  readonly #onFrame: (frame: Buffer, pooled: boolean) => void;
+  readonly #onError: (err: Error) => void;
+  #inPlace: { buf: Buffer; filled: number } | undefined;
+  #lastInPlace = false;
+  #failed = false;
+
+  constructor(
+    acquire: (n: number) => Buffer,
+    onFrame: (frame: Buffer, pooled: boolean) => void,
+    onError: (err: Error) => void,
+  ) {
+    this.#acquire = acquire;
+    this.#onFrame = onFrame;
+    this.#onError = onError;
+  }
+
+  nextBuffer(): Uint8Array {
+    const target = this.#inPlace;
+    this.#lastInPlace = target !== undefined;
+    return target ? target.buf.subarray(target.filled) : this.#slab.space();
+  }
+
+  onRead(bytes: number): void {
+    if (this.#failed) return;
+    const target = this.#inPlace;
+    if (target && this.#lastInPlace) {
+      target.filled += bytes;
+      if (target.filled === target.buf.length) {
+        this.#inPlace = undefined;
+        this.#onFrame(target.buf, true);
+      }
+      return;
+    }
+    // nextBuffer() runs after every read, so a read lands in the slab only while no frame is in place.
+    assert(!target, 'a read landed in the slab while a frame was being read in place');
+    this.#reader.push(this.#slab.take(bytes));
+    try {
+      const acquire = this.#acquire;
+      for (let f = this.#reader.next(acquire); f; f = this.#reader.next(acquire)) {
+        this.#onFrame(f, this.#reader.assembled);
+      }
+      this.#inPlace = this.#reader.takePartial(IN_PLACE_MIN_BYTES, acquire);
+    } catch (err) {
+      this.#failed = true;
+      this.#onError(err instanceof Error ? err : new Error(String(err)));
+    }
   }
 }
 

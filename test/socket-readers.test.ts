@@ -1,15 +1,19 @@
 /**
- * The NBD server's request reader (nbd/byte-queue.ts) over a real TCP
- * connection: payloads read in place, headers out of slabs, slab boundaries,
- * pipelined requests, backpressure and a sender that stops mid-payload. Every
- * message is checked by SHA-256 against what was sent.
+ * The readers that choose where a socket's bytes land (common/direct-socket.ts),
+ * over real TCP connections: the NBD server's request reader (nbd/byte-queue.ts)
+ * and the replica stream's frame reader (replication/wire.ts). Payloads read in
+ * place, small reads out of slabs, slab boundaries, pipelining, backpressure, a
+ * sender that stops mid-payload, a bad frame. Every message is checked by
+ * SHA-256 against what was sent.
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import * as net from 'node:net';
 import { describe, it } from 'node:test';
 import { BufferPool } from '../common/buffer-pool.ts';
+import { adoptDirect } from '../common/direct-socket.ts';
 import { ByteQueue } from '../nbd/byte-queue.ts';
+import { DirectFrameReader, MAX_FRAME_BYTES } from '../replication/wire.ts';
 
 interface Served {
   queue: ByteQueue;
@@ -169,6 +173,100 @@ describe('NBD request reader', () => {
       s.client.end(randomBytes(300 * 1024));
       await assert.rejects(reading, /connection closed/);
       await assert.rejects(s.queue.read(4), /connection closed/);
+    } finally {
+      await s.close();
+    }
+  });
+});
+
+describe('replica stream frame reader', () => {
+  async function frameServer(): Promise<{
+    client: net.Socket;
+    frames: Array<{ frame: Buffer; pooled: boolean }>;
+    errors: Error[];
+    pooledBuffers: WeakSet<object>;
+    arrived: (n: number) => Promise<void>;
+    close: () => Promise<void>;
+  }> {
+    const frames: Array<{ frame: Buffer; pooled: boolean }> = [];
+    const errors: Error[] = [];
+    const pooledBuffers = new WeakSet<object>();
+    let wake = (): void => undefined;
+    let socket: net.Socket | undefined;
+    const server = net.createServer({ pauseOnConnect: true }, (raw) => {
+      const reader = new DirectFrameReader(
+        (n) => {
+          const b = Buffer.alloc(n);
+          pooledBuffers.add(b);
+          return b;
+        },
+        (frame, pooled) => {
+          frames.push({ frame, pooled });
+          wake();
+        },
+        (err) => {
+          errors.push(err);
+          wake();
+        },
+      );
+      socket = adoptDirect(raw, reader);
+      assert.ok(socket, 'Node can read this socket in place');
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+    await new Promise<void>((r) => client.once('connect', r));
+    return {
+      client,
+      frames,
+      errors,
+      pooledBuffers,
+      arrived: async (n) => {
+        const deadline = Date.now() + 20_000;
+        while (frames.length < n && errors.length === 0) {
+          assert.ok(Date.now() < deadline, `only ${frames.length} of ${n} frames arrived`);
+          await new Promise<void>((r) => {
+            wake = r;
+            setTimeout(r, 100);
+          });
+        }
+      },
+      close: async () => {
+        client.destroy();
+        socket?.destroy();
+        await new Promise<void>((r) => server.close(() => r()));
+      },
+    };
+  }
+
+  it('hands out every frame whole, large ones read in place into acquired buffers', async () => {
+    const s = await frameServer();
+    try {
+      const messages = messageSizes(150, 7).map((n) => randomBytes(n));
+      await sendAll(s.client, messages, 7);
+      await s.arrived(messages.length);
+      assert.deepEqual(s.errors, []);
+      s.frames.forEach(({ frame, pooled }, i) => {
+        assert.equal(sha(frame), sha(messages[i]!), `frame ${i} (${messages[i]!.length} bytes)`);
+        assert.equal(pooled, s.pooledBuffers.has(frame), `frame ${i}: pooled flag`);
+      });
+      assert.ok(
+        s.frames.some((f) => f.pooled && f.frame.length >= 1048576),
+        'large frames were read into acquired buffers',
+      );
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('refuses a frame longer than the limit instead of waiting for it', async () => {
+    const s = await frameServer();
+    try {
+      const h = Buffer.alloc(4);
+      h.writeUInt32BE(MAX_FRAME_BYTES + 1);
+      s.client.write(Buffer.concat([h, randomBytes(100_000)]));
+      await s.arrived(1);
+      assert.equal(s.frames.length, 0);
+      assert.match(s.errors[0]?.message ?? '', /too large/);
     } finally {
       await s.close();
     }
