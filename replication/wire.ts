@@ -121,6 +121,32 @@ function crc(data: Uint8Array): number {
   return data.length === 0 ? 0 : zlib.crc32(data);
 }
 
+/** Below this a payload's CRC costs less than looking it up. */
+const CRC_MEMO_MIN = 64 * 1024;
+let crcMemo: { data: Uint8Array; crc: number } | undefined;
+
+/**
+ * The CRC of a request payload, computed once for the engine's sends of one write to every
+ * remote replica: those happen in one synchronous turn over the same buffer. The memo is
+ * dropped when the turn's microtasks run, before any socket read or pool reuse could change
+ * the buffer's bytes.
+ */
+function requestCrc(data: Uint8Array): number {
+  if (data.length < CRC_MEMO_MIN) return crc(data);
+  const m = crcMemo;
+  if (
+    m !== undefined &&
+    m.data.buffer === data.buffer &&
+    m.data.byteOffset === data.byteOffset &&
+    m.data.length === data.length
+  )
+    return m.crc;
+  const value = crc(data);
+  if (m === undefined) queueMicrotask(() => (crcMemo = undefined));
+  crcMemo = { data, crc: value };
+  return value;
+}
+
 /** The header of a request; send it followed by `payload` (not copied). */
 export function requestHeader(
   op: OpCode,
@@ -137,7 +163,7 @@ export function requestHeader(
   h.writeUInt8(flags, 9);
   h.writeBigUInt64BE(BigInt(offset), 10);
   h.writeUInt32BE(count, 18);
-  h.writeUInt32BE(crc(payload), 22);
+  h.writeUInt32BE(requestCrc(payload), 22);
   return h;
 }
 

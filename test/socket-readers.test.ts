@@ -13,7 +13,13 @@ import { describe, it } from 'node:test';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { adoptDirect } from '../common/direct-socket.ts';
 import { ByteQueue } from '../nbd/byte-queue.ts';
-import { DirectFrameReader, MAX_FRAME_BYTES } from '../replication/wire.ts';
+import {
+  DirectFrameReader,
+  MAX_FRAME_BYTES,
+  Op,
+  parseRequest,
+  requestHeader,
+} from '../replication/wire.ts';
 
 interface Served {
   queue: ByteQueue;
@@ -270,5 +276,24 @@ describe('replica stream frame reader', () => {
     } finally {
       await s.close();
     }
+  });
+
+  it('checksums a payload once per turn, and anew once its bytes change', async () => {
+    const payload = randomBytes(1024 * 1024);
+    const frame = (h: Buffer) => Buffer.concat([h, payload]).subarray(4);
+    const first = requestHeader(Op.WRITE, 1, 0, 0, payload.length, payload);
+    const second = requestHeader(Op.WRITE, 2, 0, 0, payload.length, payload);
+    assert.equal(first.readUInt32BE(22), second.readUInt32BE(22));
+    parseRequest(frame(second));
+    // The next turn: a pooled buffer refilled with other bytes must not reuse the memo.
+    await new Promise(setImmediate);
+    payload[12345] = (payload[12345] ?? 0) ^ 0xff;
+    const third = requestHeader(Op.WRITE, 3, 0, 0, payload.length, payload);
+    assert.notEqual(third.readUInt32BE(22), first.readUInt32BE(22));
+    assert.equal(parseRequest(frame(third)).payload.length, payload.length);
+    // Within a turn, another view of the same memory (a different length) is checksummed itself.
+    const half = payload.subarray(0, payload.length / 2);
+    const h = requestHeader(Op.WRITE, 4, 0, 0, half.length, half);
+    parseRequest(Buffer.concat([h, half]).subarray(4));
   });
 });
