@@ -140,7 +140,7 @@ export async function startDaemon(
   late.nbd = nbd;
   const nbdAddr = await nbd.listenTcp(config.nbd.host, config.nbd.port);
   await nbd.listenUnix(config.nbdSocket);
-  // fuse-native does not load under Deno: FUSE images are a Node feature.
+  // FUSE images are served through a libuv pipe handle on /dev/fuse, which only Node offers.
   const isDeno = (globalThis as { Deno?: unknown }).Deno !== undefined;
   let fuse: FuseFrontend | undefined;
   if (!isDeno) {

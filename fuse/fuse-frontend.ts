@@ -1,8 +1,29 @@
-import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
-import { createRequire } from 'node:module';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import type { BlockDevice } from '../replication/block-device.ts';
+import { FuseChannel, type FuseRequest } from './channel.ts';
+import {
+  attrOut,
+  DT_DIR,
+  DT_REG,
+  dirents,
+  entryOut,
+  Fallocate,
+  FUSE_KERNEL_MINOR,
+  FUSE_KERNEL_VERSION,
+  InitFlag,
+  initOut,
+  NO_REPLY,
+  Opcode,
+  OpenFlag,
+  openOut,
+  REFUSED_OPCODES,
+  SetattrValid,
+  statfsOut,
+  writeOut,
+  type Attr,
+} from './kernel.ts';
 
 /** What the FUSE frontend serves: the volumes attached with the FUSE frontend. */
 export interface FuseVolumes {
@@ -14,47 +35,36 @@ export interface FuseLog {
   warn(message: string): void;
 }
 
-type Cb = (code: number, ...rest: unknown[]) => void;
-
-interface FuseInstance {
-  mount(cb: (err: Error | null) => void): void;
-  unmount(cb: (err: Error | null) => void): void;
-  _fuseOptions(): string;
-}
-
-interface FuseModule {
-  new (mnt: string, ops: Record<string, unknown>, opts: Record<string, unknown>): FuseInstance;
-  ENOENT: number;
-  EPERM: number;
-  EIO: number;
-  ENOSPC: number;
-  EINVAL: number;
-  EISDIR: number;
-  EACCES: number;
-}
-
-const IMAGE = /^\/([a-z0-9][a-z0-9._-]{0,62})\.img$/;
-/** libfuse2's largest request; fuse-native offers no option for it, so it is passed raw. */
-const MAX_WRITE_BYTES = 128 * 1024;
-
-function run(command: string, args: string[]): Promise<void> {
-  return new Promise((resolve) => execFile(command, args, () => resolve()));
-}
+const E = os.constants.errno;
+const IMAGE = /^([a-z0-9][a-z0-9._-]{0,62})\.img$/;
+/** The largest request: the kernel's 256-page limit (FUSE_MAX_PAGES), as large as a loop device sends. */
+const MAX_REQUEST_BYTES = 1024 * 1024;
+const ROOT = 1n;
+/** Seconds the kernel may cache names and attributes: volumes come and go with attach and detach. */
+const CACHE_SECONDS = 1;
 
 /**
  * One FUSE mount per daemon showing `<volume>.img` for every volume
  * attached with the FUSE frontend. Reads and writes go straight to the
- * engine (direct_io: the page cache must not hide what the engine holds);
- * fsync and flush are the engine's flush. The image has a fixed size:
- * truncate, rename, unlink and writes past the end are refused.
+ * engine (direct I/O: the page cache must not hide what the engine holds);
+ * fsync and flush are the engine's flush, fallocate's punch-hole and
+ * zero-range its write-zeroes. The image has a fixed size: truncate, rename,
+ * unlink and writes past the end are refused.
  */
 export class FuseFrontend {
   readonly mountpoint: string;
   readonly #volumes: FuseVolumes;
   readonly #log: FuseLog;
   readonly #openCounts = new Map<string, number>();
-  #fuse: FuseInstance | undefined;
-  readonly #mountedAt = new Date();
+  /** Open file handles: which volume each one is on (it may be detached meanwhile). */
+  readonly #handles = new Map<bigint, string>();
+  #nextHandle = 1n;
+  /** Node ids: stable per volume name for the mount's lifetime. */
+  readonly #inoOf = new Map<string, bigint>();
+  readonly #nameOf = new Map<bigint, string>();
+  #channel: FuseChannel | undefined;
+  readonly #mountedAt = Date.now();
+  #ready: (() => void) | undefined;
 
   private constructor(mountpoint: string, volumes: FuseVolumes, log: FuseLog) {
     this.mountpoint = mountpoint;
@@ -110,187 +120,284 @@ export class FuseFrontend {
 
   async #mount(): Promise<void> {
     // A daemon killed earlier leaves a dead mount ("Transport endpoint is not connected").
-    await run('fusermount', ['-uz', this.mountpoint]);
+    await FuseChannel.clearStale(this.mountpoint);
     await fs.promises.mkdir(this.mountpoint, { recursive: true });
-    const require = createRequire(import.meta.url);
-    const Fuse = require('fuse-native') as FuseModule;
-    const fuse = new Fuse(this.mountpoint, this.#ops(Fuse), {
-      force: true,
-      mkdir: true,
-      fsname: 'corral',
-      subtype: 'corral',
+    const initialised = new Promise<void>((resolve) => (this.#ready = resolve));
+    this.#channel = await FuseChannel.open({
+      mountpoint: this.mountpoint,
+      maxWrite: MAX_REQUEST_BYTES,
+      onRequest: (req) => this.#serve(req),
+      onClose: (err) => {
+        if (err) this.#log.warn(`FUSE device of ${this.mountpoint} closed: ${err.message}`);
+        this.#channel = undefined;
+      },
     });
-    const base = fuse._fuseOptions.bind(fuse);
-    // fuse-native has no switch for these: without big_writes the kernel sends 4 KiB writes.
-    fuse._fuseOptions = () => {
-      const extra = `big_writes,max_write=${MAX_WRITE_BYTES},max_read=${MAX_WRITE_BYTES},direct_io`;
-      const opts = base();
-      return opts ? `${opts},${extra}` : `-o${extra}`;
-    };
-    await new Promise<void>((resolve, reject) =>
-      fuse.mount((err) => (err ? reject(err) : resolve())),
-    );
-    this.#fuse = fuse;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error('the kernel sent no FUSE INIT')), 10_000);
+    });
+    try {
+      await Promise.race([initialised, timeout]);
+    } catch (err) {
+      await this.unmount();
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
-  #volumeOf(p: string): string | undefined {
-    const name = IMAGE.exec(p)?.[1];
-    return name !== undefined && this.#volumes.names().includes(name) ? name : undefined;
+  #ino(name: string): bigint {
+    let ino = this.#inoOf.get(name);
+    if (ino === undefined) {
+      ino = BigInt(this.#inoOf.size + 2);
+      this.#inoOf.set(name, ino);
+      this.#nameOf.set(ino, name);
+    }
+    return ino;
   }
 
-  #ops(Fuse: FuseModule): Record<string, unknown> {
-    const mtime = this.#mountedAt;
-    const fail = (cb: Cb, err: unknown, what: string): void => {
-      this.#log.warn(`FUSE ${what}: ${err instanceof Error ? err.message : String(err)}`);
-      cb(errnoOf(Fuse, err));
-    };
+  /** The attached volume behind a node id, if it is still attached with FUSE. */
+  #volume(nodeid: bigint): { name: string; device: BlockDevice } | undefined {
+    const name = this.#nameOf.get(nodeid);
+    if (name === undefined || !this.#volumes.names().includes(name)) return undefined;
+    const device = this.#volumes.device(name);
+    return device ? { name, device } : undefined;
+  }
+
+  #rootAttr(): Attr {
+    return { ino: ROOT, size: 4096, blocks: 8, mtimeMs: this.#mountedAt, mode: 0o40755, nlink: 2 };
+  }
+
+  #imageAttr(ino: bigint, device: BlockDevice): Attr {
     return {
-      readdir: (p: string, cb: Cb) => {
-        if (p !== '/') return cb(Fuse.ENOENT);
-        cb(
-          0,
-          this.#volumes.names().map((n) => `${n}.img`),
-        );
-      },
-      getattr: (p: string, cb: Cb) => {
-        if (p === '/') {
-          return cb(0, {
-            mtime,
-            atime: mtime,
-            ctime: mtime,
-            nlink: 2,
-            size: 4096,
-            mode: 0o40755,
-            uid: 0,
-            gid: 0,
-          });
-        }
-        const name = this.#volumeOf(p);
-        const device = name === undefined ? undefined : this.#volumes.device(name);
-        if (!device) return cb(Fuse.ENOENT);
-        cb(0, {
-          mtime,
-          atime: mtime,
-          ctime: mtime,
-          nlink: 1,
-          size: device.sizeBytes,
-          blocks: Math.ceil(device.sizeBytes / 512),
-          blksize: 4096,
-          mode: 0o100600,
-          uid: 0,
-          gid: 0,
-        });
-      },
-      open: (p: string, _flags: number, cb: Cb) => {
-        const name = this.#volumeOf(p);
-        if (name === undefined) return cb(Fuse.ENOENT);
-        this.#openCounts.set(name, this.openCount(name) + 1);
-        cb(0, 0);
-      },
-      release: (p: string, _fd: number, cb: Cb) => {
-        const name = IMAGE.exec(p)?.[1];
-        if (name !== undefined) this.#openCounts.set(name, Math.max(0, this.openCount(name) - 1));
-        cb(0);
-      },
-      read: (p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: Cb) => {
-        const name = this.#volumeOf(p);
-        const device = name === undefined ? undefined : this.#volumes.device(name);
-        if (!device) return cb(Fuse.ENOENT);
-        const n = Math.max(0, Math.min(len, device.sizeBytes - pos));
-        if (n === 0) return cb(0);
-        device.read(pos, n, buf.subarray(0, n)).then(
-          (data) => {
-            if (data.buffer !== buf.buffer || data.byteOffset !== buf.byteOffset)
-              buf.set(data.subarray(0, n));
-            cb(n);
-          },
-          (err: unknown) => fail(cb, err, `read ${p}`),
-        );
-      },
-      write: (p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: Cb) => {
-        const name = this.#volumeOf(p);
-        const device = name === undefined ? undefined : this.#volumes.device(name);
-        if (!device) return cb(Fuse.ENOENT);
-        // Like a block device: what fits is written, past the end is "no space".
-        const n = Math.max(0, Math.min(len, device.sizeBytes - pos));
-        if (n === 0) return cb(Fuse.ENOSPC);
-        device.write(pos, buf.subarray(0, n)).then(
-          () => cb(n),
-          (err: unknown) => fail(cb, err, `write ${p}`),
-        );
-      },
-      fsync: (p: string, _datasync: boolean, _fd: number, cb: Cb) => this.#flush(Fuse, p, cb, fail),
-      flush: (p: string, _fd: number, cb: Cb) => this.#flush(Fuse, p, cb, fail),
-      truncate: (p: string, size: number, cb: Cb) => this.#truncate(Fuse, p, size, cb),
-      ftruncate: (p: string, _fd: number, size: number, cb: Cb) =>
-        this.#truncate(Fuse, p, size, cb),
-      utimens: (_p: string, _atime: unknown, _mtime: unknown, cb: Cb) => cb(0),
-      unlink: (_p: string, cb: Cb) => cb(Fuse.EPERM),
-      rename: (_src: string, _dest: string, cb: Cb) => cb(Fuse.EPERM),
-      create: (_p: string, _mode: number, cb: Cb) => cb(Fuse.EPERM),
-      mkdir: (_p: string, _mode: number, cb: Cb) => cb(Fuse.EPERM),
-      rmdir: (_p: string, cb: Cb) => cb(Fuse.EPERM),
-      chmod: (_p: string, _mode: number, cb: Cb) => cb(Fuse.EPERM),
-      chown: (_p: string, _uid: number, _gid: number, cb: Cb) => cb(Fuse.EPERM),
-      link: (_src: string, _dest: string, cb: Cb) => cb(Fuse.EPERM),
-      symlink: (_src: string, _dest: string, cb: Cb) => cb(Fuse.EPERM),
-      statfs: (_p: string, cb: Cb) => {
-        cb(0, {
-          bsize: 4096,
-          frsize: 4096,
-          blocks: 0,
-          bfree: 0,
-          bavail: 0,
-          files: 0,
-          ffree: 0,
-          favail: 0,
-          fsid: 0,
-          flag: 0,
-          namemax: 255,
-        });
-      },
+      ino,
+      size: device.sizeBytes,
+      blocks: Math.ceil(device.sizeBytes / 512),
+      mtimeMs: this.#mountedAt,
+      mode: 0o100600,
+      nlink: 1,
     };
   }
 
-  #flush(
-    Fuse: FuseModule,
-    p: string,
-    cb: Cb,
-    fail: (cb: Cb, err: unknown, what: string) => void,
-  ): void {
-    const name = this.#volumeOf(p);
-    const device = name === undefined ? undefined : this.#volumes.device(name);
-    if (!device) return cb(Fuse.ENOENT);
-    device.flush().then(
-      () => cb(0),
-      (err: unknown) => fail(cb, err, `flush ${p}`),
+  #serve(req: FuseRequest): void {
+    const ch = this.#channel;
+    if (!ch) return;
+    const { opcode, unique, nodeid, body } = req;
+    if (NO_REPLY.has(opcode)) return;
+    if (REFUSED_OPCODES.has(opcode)) return ch.error(unique, E.EPERM);
+    switch (opcode) {
+      case Opcode.INIT:
+        return this.#init(ch, unique, body);
+      case Opcode.LOOKUP: {
+        const name = IMAGE.exec(body.toString('utf8', 0, body.indexOf(0)))?.[1];
+        if (nodeid !== ROOT || name === undefined) return ch.error(unique, E.ENOENT);
+        const ino = this.#ino(name);
+        const v = this.#volume(ino);
+        if (!v) return ch.error(unique, E.ENOENT);
+        return ch.reply(unique, entryOut(this.#imageAttr(ino, v.device), CACHE_SECONDS));
+      }
+      case Opcode.GETATTR:
+      case Opcode.SETATTR: {
+        let attr: Attr;
+        if (nodeid === ROOT) attr = this.#rootAttr();
+        else {
+          const v = this.#volume(nodeid);
+          if (!v) return ch.error(unique, E.ENOENT);
+          attr = this.#imageAttr(nodeid, v.device);
+        }
+        if (opcode === Opcode.SETATTR) {
+          const valid = body.readUInt32LE(0);
+          // The image is the volume: its size changes with the volume, not with truncate.
+          if (valid & SetattrValid.SIZE && Number(body.readBigUInt64LE(16)) !== attr.size)
+            return ch.error(unique, E.EPERM);
+          if (valid & (SetattrValid.MODE | SetattrValid.UID | SetattrValid.GID))
+            return ch.error(unique, E.EPERM);
+          // Times are accepted and not kept (touch works).
+        }
+        return ch.reply(unique, attrOut(attr, CACHE_SECONDS));
+      }
+      case Opcode.OPEN: {
+        const v = this.#volume(nodeid);
+        if (!v) return ch.error(unique, E.ENOENT);
+        const fh = this.#nextHandle++;
+        this.#handles.set(fh, v.name);
+        this.#openCounts.set(v.name, this.openCount(v.name) + 1);
+        return ch.reply(unique, openOut(fh, OpenFlag.DIRECT_IO | OpenFlag.PARALLEL_DIRECT_WRITES));
+      }
+      case Opcode.RELEASE: {
+        const fh = body.readBigUInt64LE(0);
+        const name = this.#handles.get(fh);
+        this.#handles.delete(fh);
+        if (name !== undefined) this.#openCounts.set(name, Math.max(0, this.openCount(name) - 1));
+        return ch.error(unique, 0);
+      }
+      case Opcode.READ:
+        return this.#read(ch, req);
+      case Opcode.WRITE:
+        return this.#write(ch, req);
+      case Opcode.FLUSH:
+      case Opcode.FSYNC: {
+        const v = this.#volume(nodeid);
+        if (!v) return ch.error(unique, E.ENOENT);
+        return this.#settle(ch, unique, v.device.flush(), 'flush', v.name);
+      }
+      case Opcode.FALLOCATE:
+        return this.#fallocate(ch, req);
+      case Opcode.OPENDIR:
+        if (nodeid !== ROOT) return ch.error(unique, E.ENOTDIR);
+        return ch.reply(unique, openOut(0n, 0));
+      case Opcode.READDIR: {
+        if (nodeid !== ROOT) return ch.error(unique, E.ENOTDIR);
+        const entries = [
+          { ino: ROOT, name: '.', type: DT_DIR },
+          { ino: ROOT, name: '..', type: DT_DIR },
+          ...this.#volumes
+            .names()
+            .map((n) => ({ ino: this.#ino(n), name: `${n}.img`, type: DT_REG })),
+        ];
+        const from = Number(body.readBigUInt64LE(8));
+        return ch.reply(unique, dirents(entries, from, body.readUInt32LE(16)));
+      }
+      case Opcode.RELEASEDIR:
+      case Opcode.FSYNCDIR:
+      case Opcode.ACCESS:
+      case Opcode.DESTROY:
+        return ch.error(unique, 0);
+      case Opcode.STATFS:
+        return ch.reply(unique, statfsOut());
+      default:
+        // xattrs, locks, ioctl, poll, lseek, copy_file_range...: the kernel falls back or says so.
+        return ch.error(unique, E.ENOSYS);
+    }
+  }
+
+  #init(ch: FuseChannel, unique: bigint, body: Buffer): void {
+    const major = body.readUInt32LE(0);
+    const minor = body.readUInt32LE(4);
+    // A newer major asks us to answer with ours, and the kernel asks again.
+    if (major < FUSE_KERNEL_VERSION || (major === FUSE_KERNEL_VERSION && minor < 31)) {
+      this.#log.warn(`FUSE: kernel protocol ${major}.${minor} is too old (need 7.31)`);
+      return ch.error(unique, E.EPROTO);
+    }
+    const offered = body.readUInt32LE(12);
+    const wanted =
+      InitFlag.ASYNC_READ |
+      InitFlag.BIG_WRITES |
+      InitFlag.ASYNC_DIO |
+      InitFlag.PARALLEL_DIROPS |
+      InitFlag.MAX_PAGES;
+    ch.reply(
+      unique,
+      initOut({
+        minor: Math.min(minor, FUSE_KERNEL_MINOR),
+        maxReadahead: body.readUInt32LE(8),
+        flags: offered & wanted,
+        // Requests the kernel keeps in flight to us: a loop device queues up to 128.
+        maxBackground: 128,
+        congestionThreshold: 96,
+        maxWrite: MAX_REQUEST_BYTES,
+        maxPages: MAX_REQUEST_BYTES / 4096,
+      }),
+    );
+    this.#ready?.();
+  }
+
+  #read(ch: FuseChannel, req: FuseRequest): void {
+    const { unique, nodeid, body } = req;
+    const v = this.#volume(nodeid);
+    if (!v) return ch.error(unique, E.ENOENT);
+    const pos = Number(body.readBigUInt64LE(8));
+    const n = Math.max(0, Math.min(body.readUInt32LE(16), v.device.sizeBytes - pos));
+    const reply = ch.replyBuffer(n);
+    if (n === 0) return ch.replyIn(unique, reply);
+    const into = reply.subarray(16);
+    v.device.read(pos, n, into).then(
+      (data) => {
+        if (data.buffer !== into.buffer || data.byteOffset !== into.byteOffset)
+          into.set(data.subarray(0, n));
+        ch.replyIn(unique, reply);
+        ch.release(reply);
+      },
+      (err: unknown) => this.#fail(ch, unique, err, `read ${v.name}`),
     );
   }
 
-  #truncate(Fuse: FuseModule, p: string, size: number, cb: Cb): void {
-    const name = this.#volumeOf(p);
-    const device = name === undefined ? undefined : this.#volumes.device(name);
-    if (!device) return cb(Fuse.ENOENT);
-    // The image is the volume: its size changes with `volume expand`, not with truncate.
-    cb(size === device.sizeBytes ? 0 : Fuse.EPERM);
+  #write(ch: FuseChannel, req: FuseRequest): void {
+    const { unique, nodeid, body } = req;
+    const v = this.#volume(nodeid);
+    if (!v) return ch.error(unique, E.ENOENT);
+    const pos = Number(body.readBigUInt64LE(8));
+    const size = body.readUInt32LE(16);
+    // Like a block device: what fits is written, past the end is "no space".
+    const n = Math.max(0, Math.min(size, v.device.sizeBytes - pos));
+    if (n === 0) return ch.error(unique, E.ENOSPC);
+    let payload = body.subarray(40, 40 + n);
+    let held: Buffer | undefined;
+    // Large payloads stay where the kernel put them; small ones are copied so the buffer is reused.
+    if (n >= 128 * 1024) held = req.retain();
+    else payload = Buffer.from(payload);
+    v.device.write(pos, payload).then(
+      () => {
+        ch.reply(unique, writeOut(n));
+        if (held) ch.release(held);
+      },
+      (err: unknown) => this.#fail(ch, unique, err, `write ${v.name}`),
+    );
+  }
+
+  #fallocate(ch: FuseChannel, req: FuseRequest): void {
+    const { unique, nodeid, body } = req;
+    const v = this.#volume(nodeid);
+    if (!v) return ch.error(unique, E.ENOENT);
+    const offset = Number(body.readBigUInt64LE(8));
+    const length = Number(body.readBigUInt64LE(16));
+    const mode = body.readUInt32LE(24);
+    const end = offset + length;
+    if (end > v.device.sizeBytes)
+      return ch.error(unique, mode & Fallocate.KEEP_SIZE ? E.ENOSPC : E.EPERM);
+    if (mode & Fallocate.PUNCH_HOLE) {
+      if (!(mode & Fallocate.KEEP_SIZE)) return ch.error(unique, E.EINVAL);
+      // A punched range reads as zeros: write-zeroes that may free the blocks (a discard).
+      return this.#settle(ch, unique, v.device.zero(offset, length), 'punch hole', v.name);
+    }
+    if (mode & Fallocate.ZERO_RANGE)
+      return this.#settle(
+        ch,
+        unique,
+        v.device.zero(offset, length, { noHole: true }),
+        'zero range',
+        v.name,
+      );
+    if ((mode & ~Fallocate.KEEP_SIZE) !== 0) return ch.error(unique, E.EOPNOTSUPP);
+    // Plain allocation inside the image: every block of a volume can be written already.
+    return ch.error(unique, 0);
+  }
+
+  #settle(ch: FuseChannel, unique: bigint, op: Promise<void>, what: string, name: string): void {
+    op.then(
+      () => ch.error(unique, 0),
+      (err: unknown) => this.#fail(ch, unique, err, `${what} ${name}`),
+    );
+  }
+
+  #fail(ch: FuseChannel, unique: bigint, err: unknown, what: string): void {
+    this.#log.warn(`FUSE ${what}: ${err instanceof Error ? err.message : String(err)}`);
+    ch.error(unique, errnoOf(err));
   }
 
   async unmount(): Promise<void> {
-    const fuse = this.#fuse;
-    this.#fuse = undefined;
-    if (!fuse) return;
-    await new Promise<void>((resolve) =>
-      fuse.unmount((err) => {
-        if (err) this.#log.warn(`FUSE unmount of ${this.mountpoint} failed: ${err.message}`);
-        resolve();
-      }),
-    );
+    const ch = this.#channel;
+    if (!ch) return;
+    // Requests keep being served while umount runs: umount(8) itself stats the mountpoint.
+    const problem = await ch.unmount();
+    this.#channel = undefined;
+    if (problem !== undefined) this.#log.warn(`FUSE unmount of ${this.mountpoint}: ${problem}`);
   }
 }
 
-function errnoOf(Fuse: FuseModule, err: unknown): number {
+function errnoOf(err: unknown): number {
   const code = typeof err === 'object' && err !== null && 'code' in err ? err.code : undefined;
-  if (code === 'NO_SPACE' || code === 'OUT_OF_RANGE') return Fuse.ENOSPC;
-  if (code === 'READ_ONLY') return Fuse.EPERM;
-  return Fuse.EIO;
+  if (code === 'NO_SPACE' || code === 'OUT_OF_RANGE') return E.ENOSPC;
+  if (code === 'READ_ONLY') return E.EPERM;
+  return E.EIO;
 }

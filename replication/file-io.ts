@@ -11,9 +11,9 @@ import * as fs from 'node:fs';
  * it to libuv's thread pool costs a queue, a thread wake-up and a completion
  * wake-up, which on two cores cut 4 KiB random I/O by more than half
  * (docs/PERFORMANCE.md). The price: a read that misses the page cache stalls
- * the loop for one disk access. 0 turns it off. 128 KiB is libfuse2's
- * largest request: FUSE reads of 1 MiB arrive as eight of them, and going
- * synchronous there took a loop device's 1M reads from ~820 to ~1100 MiB/s.
+ * the loop for one disk access. 0 turns it off. 128 KiB was chosen when
+ * FUSE requests stopped at 128 KiB (libfuse2): going synchronous there took
+ * a loop device's 1M reads from ~820 to ~1100 MiB/s.
  */
 export const SYNC_IO_MAX_BYTES = Number(process.env.CORRAL_SYNC_IO_MAX_BYTES ?? 128 * 1024);
 

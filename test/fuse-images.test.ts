@@ -128,6 +128,52 @@ describe('FUSE images', () => {
     assert.equal((await fs.promises.stat(image)).size, 16 * 1024 * 1024, 'the size never changes');
   });
 
+  it('punch-hole, zero-range and a loop device discard read back as zeros; the bytes around stay', async () => {
+    const d = await DaemonProcess.start();
+    cleanups.push(() => d.cleanup());
+    await d.cli(['volume', 'create', 'holes', '--size', '16M', '--frontend', 'fuse']);
+    const image = path.join(d.dataDir, 'images', 'holes.img');
+    const expected = randomBytes(16 * 1024 * 1024);
+    await fs.promises.writeFile(image, expected, { flag: 'r+' });
+    const zeroOut = (offset: number, length: number) => expected.fill(0, offset, offset + length);
+    // Unaligned edges on purpose: the partial blocks must keep their other bytes.
+    await mustRun('fallocate', ['--punch-hole', '--offset', '4608', '--length', '70000', image]);
+    zeroOut(4608, 70000);
+    await mustRun('fallocate', [
+      '--zero-range',
+      '--offset',
+      '1048576',
+      '--length',
+      '2097152',
+      image,
+    ]);
+    zeroOut(1048576, 2097152);
+    const loop = await losetup(image);
+    try {
+      await mustRun('blkdiscard', ['--offset', '8388608', '--length', '4194304', loop]);
+      zeroOut(8388608, 4194304);
+    } finally {
+      await mustRun('losetup', ['-d', loop]);
+    }
+    const actual = await fs.promises.readFile(image);
+    assert.ok(
+      actual.equals(expected),
+      'the image holds the written bytes with the punched ranges zero',
+    );
+    // A punched whole-block range is a hole to NBD clients too.
+    const map = await mustRun('nbdinfo', ['--map', '--json', d.uri('holes')]);
+    const extents = JSON.parse(map.stdout) as { offset: number; length: number; type: number }[];
+    assert.ok(
+      extents.some(
+        (e) => e.offset <= 8388608 && e.offset + e.length >= 12582912 && (e.type & 1) === 1,
+      ),
+      `the discarded range is a hole: ${map.stdout}`,
+    );
+    // Allocating past the end of the image is refused like growing it.
+    const past = await run('fallocate', ['--offset', '16777216', '--length', '4096', image]);
+    assert.notEqual(past.code, 0);
+  });
+
   it("NBD and FUSE see each other's writes on a volume attached to both", async () => {
     const d = await DaemonProcess.start();
     cleanups.push(() => d.cleanup());
