@@ -779,12 +779,11 @@ export class VolumeManager {
         if (!this.#failedSince.has(key)) this.#failedSince.set(key, now);
       } else this.#failedSince.delete(key);
     }
+    // Nothing to copy from: the volume waits for a replica to come back (engine start salvages).
+    if (!modes.some((m) => m.mode === 'RW')) return;
     const delay = this.#o.rebuildDelayMs ?? 10_000;
     const failed = modes.find(
-      (m) =>
-        m.mode === 'ERR' &&
-        m.location !== 'local' &&
-        now - (this.#failedSince.get(`${name}/${m.id}`) ?? now) >= delay,
+      (m) => m.mode === 'ERR' && now - (this.#failedSince.get(`${name}/${m.id}`) ?? now) >= delay,
     );
     const connect = (id: string, url: string) =>
       RemoteReplica.connect({
@@ -794,6 +793,13 @@ export class VolumeManager {
         epoch: record.epoch ?? 1,
         timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
       });
+    // A local replica that failed (a disk error, a full disk) is not trusted in place: a new
+    // replica on another host takes over, and its files go once that one is rebuilt.
+    if (failed?.location === 'local') {
+      await this.#replace(record, failed.id, connect);
+      this.#failedSince.delete(`${name}/${failed.id}`);
+      return;
+    }
     if (failed) {
       const back = await connect(failed.id, failed.location);
       if (back.failure === undefined) {
@@ -848,6 +854,12 @@ export class VolumeManager {
     });
     await this.#rebuild(record.name, replica, replaces);
     if (old) await this.#removeRemote(record.name, [old]);
+    else if (replaces !== undefined && record.replicaIds.includes(replaces))
+      await LocalReplica.destroy({
+        spaces: this.#o.spaces,
+        root: this.#o.replicaRoot,
+        id: replaces,
+      });
   }
 
   async #rebuild(name: string, target: RemoteReplica, replaces: string | undefined) {

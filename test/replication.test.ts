@@ -1,4 +1,7 @@
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { TestCluster, CLUSTER_SECRET } from './helpers/cluster.ts';
 import type { DaemonProcess } from './helpers/daemon.ts';
@@ -132,6 +135,61 @@ describe('replication across three daemons', () => {
       [c.urls[2]],
       'only the rebuilt replica serves',
     );
+  });
+
+  it('a local replica that fails (its disk full) is replaced on the free host while fio runs, and its files go', async () => {
+    // Daemon 1's replicas live on a 48 MiB tmpfs; its LevelDB stays on the real disk.
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-localfail-'));
+    const replicaDir = path.join(dir, 'replicas');
+    await fs.promises.mkdir(replicaDir);
+    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', replicaDir]);
+    const c = await TestCluster.start(3, REBUILD, [dir]).catch(async (err: unknown) => {
+      await run('umount', [replicaDir]);
+      throw err;
+    });
+    clusters.push({
+      cleanup: async () => {
+        await c.daemons[0]!.stop('SIGKILL');
+        await run('umount', [replicaDir]);
+        await c.cleanup();
+      },
+    } as TestCluster);
+    const d1 = c.daemons[0]!;
+    const created = await d1.cli(['volume', 'create', 'full', '--size', '256M', '--replicas', '2']);
+    assert.equal(created.code, 0, created.stderr);
+    const placed = await replicas(d1, 'full');
+    const remote = placed.find((r) => r.location !== 'local')!;
+    const free = c.urls.slice(1).find((u) => u !== remote.location)!;
+
+    // 128 MiB of writes: the local replica runs out of space a third of the way in.
+    const job = [
+      '--rw=randwrite',
+      '--bs=64k',
+      '--iodepth=16',
+      '--size=128m',
+      '--verify=crc32c',
+      '--verify_fatal=1',
+    ];
+    const written = await fio(d1.uri('full'), [...job, '--do_verify=1']);
+    assert.equal(written.code, 0, written.stdout);
+    assert.match(written.stdout, /err= 0/);
+    assert.match((await d1.cli(['events', '--json'])).stdout, /replica-error/);
+
+    const healed = await allRw(d1, 'full', 2);
+    assert.deepEqual(
+      healed.map((r) => r.location).sort(),
+      [remote.location, free].sort(),
+      'the failed local replica is replaced on the host that had none',
+    );
+    await waitFor('the failed local replica files to be removed', async () =>
+      (await fs.promises.readdir(replicaDir)).length === 0 ? true : undefined,
+    );
+    const v = await verify(d1, 'full');
+    assert.equal(v.replicas, 2);
+    assert.deepEqual(v.differences, []);
+    const read = await fio(d1.uri('full'), [...job, '--verify_only']);
+    assert.equal(read.code, 0, read.stdout);
+    assert.match(read.stdout, /err= 0/);
   });
 
   it('a short absence copies only what changed; the engine host restarts with the freshest replicas', async () => {

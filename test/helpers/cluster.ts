@@ -16,12 +16,18 @@ export class TestCluster {
     this.urls = urls;
   }
 
-  static async start(n: number, args: string[] = []): Promise<TestCluster> {
+  /** `dataDirs[i]`, where given, is daemon i's data dir (prepared by the test). */
+  static async start(
+    n: number,
+    args: string[] = [],
+    dataDirs: (string | undefined)[] = [],
+  ): Promise<TestCluster> {
     const ports = await Promise.all(Array.from({ length: n }, () => freePort()));
     const urls = ports.map((p) => `http://127.0.0.1:${p}`);
     const daemons = await Promise.all(
       ports.map((port, i) =>
         DaemonProcess.start({
+          ...(dataDirs[i] !== undefined ? { dataDir: dataDirs[i] } : {}),
           args: [
             '--listen',
             `127.0.0.1:${port}`,

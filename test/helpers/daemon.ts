@@ -169,7 +169,7 @@ export class DaemonProcess {
   async cleanup(): Promise<void> {
     await this.stop('SIGKILL');
     // A killed daemon leaves its FUSE mount behind, dead: take it away before the folder.
-    await run('fusermount', ['-uz', path.join(this.dataDir, 'images')]);
+    await run('umount', ['-l', path.join(this.dataDir, 'images')]);
     await fs.promises.rm(this.dataDir, { recursive: true, force: true });
   }
 }
