@@ -147,7 +147,7 @@ export async function startDaemon(
     try {
       fuse = await FuseFrontend.mount({
         mountpoint: config.fuseMount,
-        volumes: { names: () => volumes.fuseNames(), device: (name) => volumes.device(name) },
+        volumes: { names: () => volumes.fuseNames(), device: (name) => volumes.fuseDevice(name) },
         log: { warn: (m) => log(`warn: ${m}`) },
       });
       late.fuse = fuse;

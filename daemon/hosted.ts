@@ -11,12 +11,6 @@ interface Live {
   end: () => void;
 }
 
-/**
- * Replicas this host keeps for engines on other hosts. Each is served to
- * one engine stream at a time; a stream from an engine with a newer epoch
- * replaces the current one, a stream from an older epoch is refused (a stale
- * engine, cut off by a partition, must not write after its successor did).
- */
 /** One engine stream's way into a hosted replica (replication/replica-server.ts). */
 export interface HostedSession {
   /** Bytes as they came off the connection. */
@@ -28,6 +22,12 @@ export interface HostedSession {
   closed: () => Promise<void>;
 }
 
+/**
+ * Replicas this host keeps for engines on other hosts. Each is served to
+ * one engine stream at a time; a stream from an engine with a newer epoch
+ * replaces the current one, a stream from an older epoch is refused (a stale
+ * engine, cut off by a partition, must not write after its successor did).
+ */
 export class HostedReplicas {
   readonly #spaces: Spaces;
   readonly #root: string;

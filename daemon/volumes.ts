@@ -717,6 +717,11 @@ export class VolumeManager {
     return this.attachedNames().filter((n) => this.#frontends.get(n) === 'fuse');
   }
 
+  /** The device behind a FUSE image: only volumes attached with the FUSE frontend have one. */
+  fuseDevice(name: string): BlockDevice | undefined {
+    return this.#frontends.get(name) === 'fuse' ? this.device(name) : undefined;
+  }
+
   /** Changes a volume's record, one change at a time per volume. */
   #updateRecord(name: string, change: (record: VolumeRecord) => void): Promise<void> {
     const next = (this.#recordUpdates.get(name) ?? Promise.resolve()).then(async () => {

@@ -24,6 +24,7 @@ export interface ChannelOptions {
   maxWrite: number;
   onRequest(req: FuseRequest): void;
   onClose(err: Error | undefined): void;
+  warn(message: string): void;
 }
 
 interface PipeBinding {
@@ -165,11 +166,7 @@ export class FuseChannel {
 
   /** Answers a request with an errno (0: success without data). */
   error(unique: bigint, code: number): void {
-    const h = Buffer.alloc(OUT_HEADER);
-    h.writeUInt32LE(OUT_HEADER, 0);
-    h.writeInt32LE(-code, 4);
-    h.writeBigUInt64LE(unique, 8);
-    this.#write(h);
+    this.#send(Buffer.alloc(OUT_HEADER), unique, code);
   }
 
   /** Answers a request with `payload` (a small struct). */
@@ -181,22 +178,25 @@ export class FuseChannel {
 
   /** Answers with `buf` from replyBuffer(), whose payload is already in place after the header. */
   replyIn(unique: bigint, buf: Buffer): void {
-    buf.writeUInt32LE(buf.length, 0);
-    buf.writeInt32LE(0, 4);
-    buf.writeBigUInt64LE(unique, 8);
-    this.#write(buf);
+    this.#send(buf, unique, 0);
   }
 
-  #write(buf: Buffer): void {
+  /** Fills in fuse_out_header and writes the reply; never throws (replies go out from callbacks). */
+  #send(buf: Buffer, unique: bigint, code: number): void {
     if (this.#closed) return;
+    buf.writeUInt32LE(buf.length, 0);
+    buf.writeInt32LE(-code, 4);
+    buf.writeBigUInt64LE(unique, 8);
     try {
       // One write is one reply; the device takes it whole or not at all.
       fs.writeSync(this.#fd, buf);
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).errno;
+      const e = err as NodeJS.ErrnoException;
       // ENOENT: the request was interrupted and is gone; ENODEV: unmounted meanwhile.
-      if (code === -errno.ENOENT || code === -errno.ENODEV) return;
-      throw err;
+      if (e.errno === -errno.ENOENT || e.errno === -errno.ENODEV) return;
+      // The kernel refused our reply (a bug of ours): the request gets EIO, the mount goes on.
+      this.#o.warn(`FUSE reply to request ${unique} refused: ${e.message}`);
+      if (code === 0) this.#send(Buffer.alloc(OUT_HEADER), unique, errno.EIO);
     }
   }
 

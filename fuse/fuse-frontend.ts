@@ -28,6 +28,7 @@ import {
 /** What the FUSE frontend serves: the volumes attached with the FUSE frontend. */
 export interface FuseVolumes {
   names(): string[];
+  /** Undefined unless `name` is attached with the FUSE frontend (asked on every request). */
   device(name: string): BlockDevice | undefined;
 }
 
@@ -127,6 +128,7 @@ export class FuseFrontend {
       mountpoint: this.mountpoint,
       maxWrite: MAX_REQUEST_BYTES,
       onRequest: (req) => this.#serve(req),
+      warn: (message) => this.#log.warn(message),
       onClose: (err) => {
         if (err) this.#log.warn(`FUSE device of ${this.mountpoint} closed: ${err.message}`);
         this.#channel = undefined;
@@ -159,7 +161,7 @@ export class FuseFrontend {
   /** The attached volume behind a node id, if it is still attached with FUSE. */
   #volume(nodeid: bigint): { name: string; device: BlockDevice } | undefined {
     const name = this.#nameOf.get(nodeid);
-    if (name === undefined || !this.#volumes.names().includes(name)) return undefined;
+    if (name === undefined) return undefined;
     const device = this.#volumes.device(name);
     return device ? { name, device } : undefined;
   }
