@@ -1,4 +1,4 @@
-import { CorralError } from '../common/errors.ts';
+import { CorralError, quoted } from '../common/errors.ts';
 
 /**
  * Where a backupstore lives. Keys are `/`-separated paths below the store's
@@ -29,7 +29,7 @@ export async function openTarget(url: string): Promise<BackupTarget> {
   } catch {
     throw new CorralError(
       'INVALID_ARGUMENT',
-      `Invalid backup target ${JSON.stringify(url)}: use file:///path or s3://bucket/prefix`,
+      `Invalid backup target ${quoted(url)}: use file:///path or s3://bucket/prefix`,
     );
   }
   if (parsed.protocol === 'file:') {
@@ -42,7 +42,7 @@ export async function openTarget(url: string): Promise<BackupTarget> {
   }
   throw new CorralError(
     'INVALID_ARGUMENT',
-    `Unsupported backup target ${JSON.stringify(url)}: use file:///path or s3://bucket/prefix`,
+    `Unsupported backup target ${quoted(url)}: use file:///path or s3://bucket/prefix`,
   );
 }
 

@@ -20,6 +20,7 @@ export type ErrorCode =
   | 'SHUTTING_DOWN'
   | 'UNSUPPORTED_FORMAT'
   | 'CORRUPT_METADATA'
+  | 'TOO_LARGE'
   | 'INTERNAL';
 
 export class CorralError extends Error {
@@ -52,4 +53,18 @@ export function ioError(what: string, err: unknown): CorralError {
     return new CorralError('NO_SPACE', `${what}: no space left (${sys})`, { cause: err });
   }
   return new CorralError('IO_ERROR', `${what}: ${sys ?? String(err)}`, { cause: err });
+}
+
+/** Longest piece of a caller's input quoted back in an error message. */
+const MAX_QUOTED_CHARS = 80;
+
+/**
+ * A caller's value as it appears in an error: JSON-quoted and cut short, so
+ * a 10 MB name is not echoed back whole.
+ */
+export function quoted(value: unknown): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length <= MAX_QUOTED_CHARS
+    ? text
+    : `${text.slice(0, MAX_QUOTED_CHARS)}… (${text.length} characters)`;
 }

@@ -1,4 +1,5 @@
 import { Hono, type Context } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
@@ -19,7 +20,11 @@ const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>
   LIMIT_REACHED: 409,
   NO_SPACE: 507,
   SHUTTING_DOWN: 503,
+  TOO_LARGE: 413,
 };
+
+/** The largest request body the API reads: every control request is a small JSON object. */
+export const MAX_BODY_BYTES = 1024 * 1024;
 
 export interface ApiOptions {
   volumes: VolumeManager;
@@ -81,6 +86,20 @@ export function createApi(options: ApiOptions): Hono {
       { error: { code: 'NOT_FOUND', message: `No route ${c.req.method} ${c.req.path}` } },
       404,
     ),
+  );
+
+  // Bodies are read whole into memory: without a limit one request could take gigabytes.
+  app.use(
+    '*',
+    bodyLimit({
+      maxSize: MAX_BODY_BYTES,
+      onError: () => {
+        throw new CorralError(
+          'TOO_LARGE',
+          `Request body too large: the limit is ${MAX_BODY_BYTES} bytes`,
+        );
+      },
+    }),
   );
 
   app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Cron } from 'croner';
 import type { Clock } from '../common/clock.ts';
-import { CorralError } from '../common/errors.ts';
+import { CorralError, quoted } from '../common/errors.ts';
 import type { JobRecord, Spaces } from '../kv/spaces.ts';
 import type { BackupService } from './backups.ts';
 import type { Operations } from './operations.ts';
@@ -25,7 +25,7 @@ function parseCron(expr: unknown): Cron {
   } catch (err) {
     throw new CorralError(
       'INVALID_ARGUMENT',
-      `Invalid cron expression ${JSON.stringify(expr)}: ${err instanceof Error ? err.message : String(err)}`,
+      `Invalid cron expression ${quoted(expr)}: ${err instanceof Error ? err.message : String(err)}`,
     );
   }
 }
@@ -97,7 +97,7 @@ export class JobScheduler {
     )
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `retain must be a whole number from 1 to ${MAX_RETAIN}, got ${JSON.stringify(retain)}`,
+        `retain must be a whole number from 1 to ${MAX_RETAIN}, got ${quoted(retain)}`,
       );
     if (input.target !== undefined) {
       if (input.task !== 'backup')

@@ -1,4 +1,4 @@
-import { CorralError } from '../common/errors.ts';
+import { CorralError, quoted } from '../common/errors.ts';
 import { BLOCK_SIZE } from '../replication/block-device.ts';
 import { parseSize } from '../common/size.ts';
 
@@ -9,7 +9,7 @@ function validateName(kind: 'volume' | 'snapshot', name: unknown): string {
   if (typeof name !== 'string' || !NAME.test(name)) {
     throw new CorralError(
       'INVALID_NAME',
-      `Invalid ${kind} name ${JSON.stringify(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
+      `Invalid ${kind} name ${quoted(name)}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
   }
   return name;
@@ -28,7 +28,7 @@ export function parseSnapshotRef(ref: unknown): { volume: string; snapshot: stri
   if (typeof ref !== 'string' || ref.split('@').length !== 2) {
     throw new CorralError(
       'INVALID_ARGUMENT',
-      `Invalid snapshot reference ${JSON.stringify(ref)}: use VOLUME@SNAPSHOT`,
+      `Invalid snapshot reference ${quoted(ref)}: use VOLUME@SNAPSHOT`,
     );
   }
   const [volume, snapshot] = ref.split('@') as [string, string];

@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import type { Clock } from '../common/clock.ts';
-import { CorralError } from '../common/errors.ts';
+import { CorralError, quoted } from '../common/errors.ts';
+import { Lanes } from '../common/lanes.ts';
 import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import { Engine } from '../replication/engine.ts';
@@ -67,6 +68,8 @@ export interface VolumeManagerOptions {
   rebuildDelayMs?: number;
   /** Bytes per second a rebuild may copy; undefined for no limit. */
   rebuildBytesPerSecond?: number;
+  /** How long a control operation waits for the one before it on the same volume (then BUSY). */
+  laneWaitMs?: number;
 }
 
 /** The volumes of this host: their records, and an engine per attached one. */
@@ -76,8 +79,13 @@ export class VolumeManager {
     string,
     { supervisor: Supervisor; fault: FaultFilter | undefined }
   >();
-  /** One lifecycle change per volume at a time (create/attach/detach/rm). */
-  readonly #busy = new Set<string>();
+  /**
+   * One control operation per volume at a time (create, clone, attach, detach,
+   * rm, snapshot, delete, revert, replica changes, rebuild, verify), in arrival
+   * order: interleaved, a delete merging a snapshot and a revert to it left a
+   * chain with no head (docs/ARCHITECTURE.md, "Control operations").
+   */
+  readonly #lanes: Lanes;
   readonly #frontends = new Map<string, Frontend>();
   /** Snapshots being read by long jobs (backups), `volume@snapshot` → count: not deleted meanwhile. */
   readonly #holds = new Map<string, number>();
@@ -95,6 +103,7 @@ export class VolumeManager {
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
+    this.#lanes = new Lanes({ clock: options.clock, waitMs: options.laneWaitMs ?? 30_000 });
   }
 
   /** Attaches what was attached before the daemon stopped; drops half-created replicas. */
@@ -142,18 +151,8 @@ export class VolumeManager {
     }
   }
 
-  async #withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    if (this.#busy.has(name))
-      throw new CorralError(
-        'BUSY',
-        `Volume ${name} is being changed by another request; try again`,
-      );
-    this.#busy.add(name);
-    try {
-      return await fn();
-    } finally {
-      this.#busy.delete(name);
-    }
+  #serially<T>(name: string, what: string, fn: () => Promise<T>): Promise<T> {
+    return this.#lanes.run(name, what, fn);
   }
 
   async #record(name: string): Promise<VolumeRecord> {
@@ -174,15 +173,31 @@ export class VolumeManager {
     restoring?: string;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
-    let source: BlockDevice | undefined;
-    if (input.fromSnapshot !== undefined) {
-      const ref = parseSnapshotRef(input.fromSnapshot);
-      source = this.#attachedEntry(ref.volume, 'clone it').supervisor.engine?.snapshotDevice(
-        ref.snapshot,
-      );
-      if (!source)
-        throw new CorralError('ENGINE_FAILED', `Volume ${ref.volume} is restarting; try again`);
+    if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
+    const ref = parseSnapshotRef(input.fromSnapshot);
+    // The source snapshot is held while it is copied: deleting it, reverting or detaching its
+    // volume meanwhile answers BUSY instead of pulling the chain from under the copy.
+    const access = await this.#serially(ref.volume, `clone ${ref.volume}@${ref.snapshot}`, () =>
+      Promise.resolve(this.snapshotAccess(ref.volume, ref.snapshot)),
+    );
+    try {
+      return await this.#create(name, input, access.device);
+    } finally {
+      access.release();
     }
+  }
+
+  async #create(
+    name: string,
+    input: {
+      size?: unknown;
+      replicas?: unknown;
+      frontend?: unknown;
+      allowSameHost?: unknown;
+      restoring?: string;
+    },
+    source: BlockDevice | undefined,
+  ): Promise<VolumeInfo> {
     const sizeBytes =
       source && input.size === undefined ? source.sizeBytes : validateVolumeSize(input.size);
     if (source && sizeBytes < source.sizeBytes) {
@@ -200,7 +215,7 @@ export class VolumeManager {
     ) {
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `Invalid replica count ${JSON.stringify(replicaCount)}: use a whole number from 1 to 16`,
+        `Invalid replica count ${quoted(replicaCount)}: use a whole number from 1 to 16`,
       );
     }
     if (replicaCount > 1 && source) {
@@ -213,10 +228,10 @@ export class VolumeManager {
     if (frontend !== 'nbd' && frontend !== 'fuse') {
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `Invalid frontend ${JSON.stringify(frontend)}: use nbd or fuse`,
+        `Invalid frontend ${quoted(frontend)}: use nbd or fuse`,
       );
     }
-    return this.#withLock(name, async () => {
+    return this.#serially(name, `create volume ${name}`, async () => {
       if (await this.#o.spaces.volumes.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
       const peers =
@@ -254,9 +269,14 @@ export class VolumeManager {
         localIds.push(replica.id);
         try {
           if (source) await copyAllocated(source, replica);
-        } finally {
-          await replica.close();
+        } catch (err) {
+          replica.abandon();
+          for (const id of localIds)
+            await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+          await this.#removeRemote(name, remoteReplicas);
+          throw err;
         }
+        await replica.close();
       }
       const record: VolumeRecord = {
         name,
@@ -382,10 +402,10 @@ export class VolumeManager {
     if (frontend !== undefined && frontend !== 'nbd' && frontend !== 'fuse') {
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `Invalid frontend ${JSON.stringify(frontend)}: use nbd or fuse`,
+        `Invalid frontend ${quoted(frontend)}: use nbd or fuse`,
       );
     }
-    return this.#withLock(name, async () => {
+    return this.#serially(name, `attach volume ${name}`, async () => {
       const record = await this.#record(name);
       if (!record.attached || (frontend !== undefined && record.frontend !== frontend)) {
         record.attached = true;
@@ -399,7 +419,7 @@ export class VolumeManager {
   }
 
   async detach(name: string, options?: { force?: boolean }): Promise<VolumeInfo> {
-    return this.#withLock(name, async () => {
+    return this.#serially(name, `detach volume ${name}`, async () => {
       const record = await this.#record(name);
       await this.#detach(record, options?.force ?? false);
       record.attached = false;
@@ -436,7 +456,7 @@ export class VolumeManager {
   }
 
   async remove(name: string, options?: { force?: boolean }): Promise<void> {
-    await this.#withLock(name, async () => {
+    await this.#serially(name, `remove volume ${name}`, async () => {
       const record = await this.#record(name);
       await this.#detach(record, options?.force ?? false);
       // The volume record goes first: once it is gone, leftover replicas are unowned and
@@ -571,13 +591,10 @@ export class VolumeManager {
     const at = name.indexOf('@');
     if (this.#restoring.has(at < 0 ? name : name.slice(0, at))) return undefined;
     if (at < 0) return this.#attached.get(name)?.supervisor;
-    try {
-      return this.#attached
-        .get(name.slice(0, at))
-        ?.supervisor.engine?.snapshotDevice(name.slice(at + 1));
-    } catch {
-      return undefined;
-    }
+    const supervisor = this.#attached.get(name.slice(0, at))?.supervisor;
+    const snapshot = name.slice(at + 1);
+    if (!supervisor?.engine?.snapshots().some((s) => s.name === snapshot)) return undefined;
+    return supervisor.snapshotDevice(snapshot);
   }
 
   #attachedEntry(name: string, what: string): { supervisor: Supervisor } {
@@ -600,23 +617,29 @@ export class VolumeManager {
   }
 
   async createSnapshot(volume: string, name?: unknown): Promise<SnapshotInfo> {
-    await this.#record(volume);
-    const entry = this.#attachedEntry(volume, 'take a snapshot');
+    validateVolumeName(volume);
     const now = new Date(this.#o.clock.nowMs());
     const snap = name === undefined ? autoSnapshotName(now) : validateSnapshotName(name);
-    const info = await entry.supervisor.control('take a snapshot', (e) => e.snapshot(snap, now));
-    this.#o.events.add({ type: 'snapshot-created', volume, message: snap });
-    return info;
+    return this.#serially(volume, `take snapshot ${snap}`, async () => {
+      await this.#record(volume);
+      const entry = this.#attachedEntry(volume, 'take a snapshot');
+      const info = await entry.supervisor.control('take a snapshot', (e) => e.snapshot(snap, now));
+      this.#o.events.add({ type: 'snapshot-created', volume, message: snap });
+      return info;
+    });
   }
 
   async deleteSnapshot(volume: string, name: string): Promise<void> {
-    await this.#record(volume);
+    validateVolumeName(volume);
     const snap = validateSnapshotName(name);
-    this.#checkNotHeld(volume, snap, `delete snapshot ${snap}`);
-    const entry = this.#attachedEntry(volume, 'delete a snapshot');
-    this.#o.events.add({ type: 'snapshot-delete-started', volume, message: snap });
-    await entry.supervisor.control(`delete snapshot ${snap}`, (e) => e.deleteSnapshot(snap));
-    this.#o.events.add({ type: 'snapshot-deleted', volume, message: snap });
+    await this.#serially(volume, `delete snapshot ${snap}`, async () => {
+      await this.#record(volume);
+      this.#checkNotHeld(volume, snap, `delete snapshot ${snap}`);
+      const entry = this.#attachedEntry(volume, 'delete a snapshot');
+      this.#o.events.add({ type: 'snapshot-delete-started', volume, message: snap });
+      await entry.supervisor.control(`delete snapshot ${snap}`, (e) => e.deleteSnapshot(snap));
+      this.#o.events.add({ type: 'snapshot-deleted', volume, message: snap });
+    });
   }
 
   async revert(
@@ -624,20 +647,23 @@ export class VolumeManager {
     name: string,
     options: { discardNewer?: boolean },
   ): Promise<{ removed: string[] }> {
-    await this.#record(volume);
+    validateVolumeName(volume);
     const snap = validateSnapshotName(name);
-    this.#checkNotHeld(volume, undefined, `revert it to ${snap}`);
-    const now = new Date(this.#o.clock.nowMs());
-    const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(
-      `revert to ${snap}`,
-      (e) => e.revert(snap, now, options),
-    );
-    this.#o.events.add({
-      type: 'volume-reverted',
-      volume,
-      message: `to ${snap}${removed.length ? `, removed ${removed.join(', ')}` : ''}`,
+    return this.#serially(volume, `revert to ${snap}`, async () => {
+      await this.#record(volume);
+      this.#checkNotHeld(volume, undefined, `revert it to ${snap}`);
+      const now = new Date(this.#o.clock.nowMs());
+      const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(
+        `revert to ${snap}`,
+        (e) => e.revert(snap, now, options),
+      );
+      this.#o.events.add({
+        type: 'volume-reverted',
+        volume,
+        message: `to ${snap}${removed.length ? `, removed ${removed.join(', ')}` : ''}`,
+      });
+      return { removed };
     });
-    return { removed };
   }
 
   #checkNotHeld(volume: string, snapshot: string | undefined, what: string): void {
@@ -646,7 +672,7 @@ export class VolumeManager {
       if (count > 0 && v === volume && (snapshot === undefined || snap === snapshot)) {
         throw new CorralError(
           'BUSY',
-          `Cannot ${what}: a backup is reading snapshot ${key}; try again when it ends`,
+          `Cannot ${what}: a backup or clone is reading snapshot ${key}; try again when it ends`,
         );
       }
     }
@@ -663,6 +689,8 @@ export class VolumeManager {
   ): {
     info: SnapshotInfo;
     sizeBytes: number;
+    /** The snapshot as a read-only device (through the supervisor). */
+    device: BlockDevice;
     read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
     touchedBlocks(base: string | undefined, granuleBytes: number): Promise<Set<number>>;
     release(): void;
@@ -677,6 +705,7 @@ export class VolumeManager {
     return {
       info,
       sizeBytes: supervisor.sizeBytes,
+      device: supervisor.snapshotDevice(snapshot),
       read: (offset, length, into) =>
         supervisor.control(`read ${key}`, (e) =>
           e.snapshotDevice(snapshot).read(offset, length, into),
@@ -749,15 +778,18 @@ export class VolumeManager {
           .finally(() => (leftovers = undefined));
       for (const name of this.#attached.keys()) {
         if (this.#repairing.has(name) || this.#restoring.has(name)) continue;
+        if (this.#lanes.holder(name) !== undefined) continue; // busy: next tick
         this.#repairing.add(name);
-        this.#repair(name)
-          .catch((err: unknown) =>
+        this.#lanes
+          .run(name, 'repair replicas', () => this.#repair(name), { waitMs: 0 })
+          .catch((err: unknown) => {
+            if (err instanceof CorralError && err.code === 'BUSY') return;
             this.#o.events.add({
               type: 'repair-failed',
               volume: name,
               message: err instanceof Error ? err.message : String(err),
-            }),
-          )
+            });
+          })
           .finally(() => this.#repairing.delete(name));
       }
     }, intervalMs);
@@ -912,6 +944,11 @@ export class VolumeManager {
 
   /** Takes a replica out of a volume; the repair loop then places a new one. */
   async removeReplica(name: string, id: string): Promise<void> {
+    validateVolumeName(name);
+    await this.#serially(name, `remove replica ${id}`, () => this.#removeReplica(name, id));
+  }
+
+  async #removeReplica(name: string, id: string): Promise<void> {
     const record = await this.#record(name);
     const entry = this.#attachedEntry(name, 'remove a replica');
     await entry.supervisor.control(`remove replica ${id}`, (e) => e.removeReplica(id));
@@ -941,13 +978,15 @@ export class VolumeManager {
       `volume ${name}`,
       name,
       (update) =>
-        entry.supervisor.control('verify', async (e) => {
-          const replicas = e.replicaModes().filter((m) => m.mode === 'RW').length;
-          const differences = await e.verify((done, total) =>
-            update({ phase: 'verify', done, total, bytes: done }),
-          );
-          return { replicas, differences };
-        }),
+        this.#serially(name, 'verify', () =>
+          entry.supervisor.control('verify', async (e) => {
+            const replicas = e.replicaModes().filter((m) => m.mode === 'RW').length;
+            const differences = await e.verify((done, total) =>
+              update({ phase: 'verify', done, total, bytes: done }),
+            );
+            return { replicas, differences };
+          }),
+        ),
       (r) =>
         r.differences.length === 0
           ? `${r.replicas} replicas identical`

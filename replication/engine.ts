@@ -186,12 +186,26 @@ export class Engine implements SupervisedEngine {
     }));
   }
 
-  #checkNotRebuilding(what: string): void {
-    if (this.#rebuilding)
+  /** The operation changing or reading the chains now (snapshot, delete, revert, rebuild, verify). */
+  #chainOp: string | undefined;
+
+  /**
+   * Chain operations run one at a time. The volume manager already queues
+   * them per volume; this refuses what slips past it (a revert interleaved
+   * with a delete's merge once left a replica with no head).
+   */
+  async #alone<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    if (this.#chainOp !== undefined)
       throw new CorralError(
         'BUSY',
-        `Cannot ${what}: replica ${this.#rebuilding.replica} of volume ${this.volume} is being rebuilt; try again when it is done`,
+        `Cannot ${what}: volume ${this.volume} is busy (${this.#chainOp}); try again when it is done`,
       );
+    this.#chainOp = what;
+    try {
+      return await fn();
+    } finally {
+      this.#chainOp = undefined;
+    }
   }
 
   /**
@@ -207,7 +221,13 @@ export class Engine implements SupervisedEngine {
     target: Replica,
     options: CopyOptions & { replaces?: string; snapshotName: string; now: Date },
   ): Promise<RebuildProgress> {
-    this.#checkNotRebuilding(`rebuild replica ${target.id}`);
+    return this.#alone(`rebuild replica ${target.id}`, () => this.#rebuild(target, options));
+  }
+
+  async #rebuild(
+    target: Replica,
+    options: CopyOptions & { replaces?: string; snapshotName: string; now: Date },
+  ): Promise<RebuildProgress> {
     const source = this.#firstReadable('rebuild a replica');
     const progress: RebuildProgress = {
       done: 0,
@@ -305,6 +325,13 @@ export class Engine implements SupervisedEngine {
   async verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]> {
     const healthy = this.#members.filter((m) => m.mode === 'RW').map((m) => m.replica);
     if (healthy.length === 0) throw this.#noReplica('verify');
+    return this.#alone('verify', () => this.#verify(healthy, onProgress));
+  }
+
+  #verify(
+    healthy: Replica[],
+    onProgress: ((done: number, total: number) => void) | undefined,
+  ): Promise<Difference[]> {
     return compareReplicas(
       healthy,
       this.sizeBytes,
@@ -513,13 +540,14 @@ export class Engine implements SupervisedEngine {
 
   /** A crash-consistent snapshot: I/O pauses while every replica switches its head. */
   async snapshot(name: string, now: Date): Promise<SnapshotInfo> {
-    this.#checkNotRebuilding(`take snapshot ${name}`);
-    const resume = await this.#pause();
-    try {
-      await this.#mirror('take a snapshot', (r) => r.snapshot(name, now), { userErrors: true });
-    } finally {
-      resume();
-    }
+    await this.#alone(`take snapshot ${name}`, async () => {
+      const resume = await this.#pause();
+      try {
+        await this.#mirror('take a snapshot', (r) => r.snapshot(name, now), { userErrors: true });
+      } finally {
+        resume();
+      }
+    });
     const info = this.snapshots().find((s) => s.name === name);
     assert(info, `snapshot ${name} missing after it was taken`);
     return info;
@@ -527,10 +555,11 @@ export class Engine implements SupervisedEngine {
 
   /** Online: the merge runs beside I/O. */
   async deleteSnapshot(name: string): Promise<void> {
-    this.#checkNotRebuilding(`delete snapshot ${name}`);
-    await this.#mirror(`delete snapshot ${name}`, (r) => r.deleteSnapshot(name), {
-      userErrors: true,
-    });
+    await this.#alone(`delete snapshot ${name}`, () =>
+      this.#mirror(`delete snapshot ${name}`, (r) => r.deleteSnapshot(name), {
+        userErrors: true,
+      }),
+    );
   }
 
   async revert(
@@ -538,21 +567,22 @@ export class Engine implements SupervisedEngine {
     now: Date,
     options: { discardNewer?: boolean } = {},
   ): Promise<string[]> {
-    this.#checkNotRebuilding(`revert to ${name}`);
-    const resume = await this.#pause();
-    try {
-      let removed: string[] = [];
-      await this.#mirror(
-        `revert to ${name}`,
-        async (r) => {
-          removed = await r.revert(name, now, options);
-        },
-        { userErrors: true },
-      );
-      return removed;
-    } finally {
-      resume();
-    }
+    return this.#alone(`revert to ${name}`, async () => {
+      const resume = await this.#pause();
+      try {
+        let removed: string[] = [];
+        await this.#mirror(
+          `revert to ${name}`,
+          async (r) => {
+            removed = await r.revert(name, now, options);
+          },
+          { userErrors: true },
+        );
+        return removed;
+      } finally {
+        resume();
+      }
+    });
   }
 
   /** A read-only view of one snapshot, for exports and clones. */

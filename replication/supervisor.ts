@@ -238,6 +238,34 @@ export class Supervisor implements BlockDevice {
     return this.#run('map', (e) => e.extents(offset, length));
   }
 
+  /**
+   * A read-only view of snapshot `name` whose every request goes through
+   * this supervisor like the volume's own (the hang watchdog applies, and
+   * after an engine restart it reads from the new engine).
+   */
+  snapshotDevice(name: string): BlockDevice {
+    const view = (e: SupervisedEngine) => e.snapshotDevice(name);
+    const readOnly = (what: string) => () =>
+      Promise.reject(
+        new CorralError(
+          'READ_ONLY',
+          `Cannot ${what}: snapshot ${this.volume}@${name} is read-only`,
+        ),
+      );
+    return {
+      sizeBytes: this.sizeBytes,
+      capabilities: () => ({ ...this.capabilities(), readOnly: true }),
+      read: (offset, length, into) =>
+        this.#run(`read ${this.volume}@${name}`, (e) => view(e).read(offset, length, into)),
+      extents: (offset, length) =>
+        this.#run(`map ${this.volume}@${name}`, (e) => view(e).extents(offset, length)),
+      write: readOnly('write'),
+      trim: readOnly('trim'),
+      zero: readOnly('write zeroes'),
+      flush: () => Promise.resolve(),
+    };
+  }
+
   #controls = 0;
   readonly #controlWaiters: Array<() => void> = [];
 

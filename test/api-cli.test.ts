@@ -79,6 +79,47 @@ describe('control API and CLI', () => {
     assert.equal(list.json.volumes.length, 1, 'no bad request created anything');
   });
 
+  it('refuses large bodies with 413 and echoes no large input back, in bounded memory', async () => {
+    const rssBytes = async () => {
+      const status = await fs.promises.readFile(`/proc/${daemon.child.pid}/status`, 'utf8');
+      return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1]) * 1024;
+    };
+    const before = await rssBytes();
+    const big = JSON.stringify({ name: 'x'.repeat(64 * 1024 * 1024), size: '1G' });
+    for (let i = 0; i < 4; i++) {
+      const r = await daemon.api_<ApiErrorBody>('POST', '/v1/volumes', big);
+      assert.equal(r.status, 413);
+      assert.equal(r.json.error.code, 'TOO_LARGE');
+    }
+    // Without a Content-Length the limit holds too: the body is cut off as it streams in.
+    const chunk = new Uint8Array(1024 * 1024).fill(0x20);
+    let sent = 0;
+    const streamed = await fetch(`${daemon.api}/v1/volumes`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: new ReadableStream({
+        pull(controller) {
+          if (sent++ < 64) controller.enqueue(chunk);
+          else controller.close();
+        },
+      }),
+      duplex: 'half',
+    });
+    assert.equal(streamed.status, 413);
+    assert.equal(((await streamed.json()) as ApiErrorBody).error.code, 'TOO_LARGE');
+    const grown = (await rssBytes()) - before;
+    assert.ok(grown < 96 * 1024 * 1024, `RSS grew by ${grown} bytes for refused bodies`);
+    // A long name is named in the error, not echoed whole.
+    const long = await daemon.api_<ApiErrorBody>('POST', '/v1/volumes', {
+      name: 'y'.repeat(500_000),
+      size: '1G',
+    });
+    assert.equal(long.status, 400);
+    assert.equal(long.json.error.code, 'INVALID_NAME');
+    assert.ok(long.json.error.message.length < 400, long.json.error.message.slice(0, 500));
+    assert.match(long.json.error.message, /500002 characters/);
+  });
+
   it('the CLI reports API errors and usage errors with non-zero exits', async () => {
     const r = await daemon.cli(['volume', 'get', 'nope']);
     assert.equal(r.code, 1);

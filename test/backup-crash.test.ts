@@ -170,7 +170,7 @@ describe('backup jobs cut off by SIGKILL', () => {
       '/v1/volumes/w/snapshots/big',
     );
     assert.equal(held.status, 409);
-    assert.match(held.json.error.message, /a backup is reading snapshot w@big/);
+    assert.match(held.json.error.message, /is reading snapshot w@big/);
     const del = await startOp(d, 'DELETE', `/v1/backups/${old.name}`);
     // The delete holds back while the backup runs: its garbage collection could take
     // blocks the backup reuses without writing them.
