@@ -48,6 +48,9 @@ export function systemErrorCode(err: unknown): string | undefined {
 
 /** Wraps a file-system failure into a CorralError keeping the cause. */
 export function ioError(what: string, err: unknown): CorralError {
+  // Already classified (the metadata store says NO_SPACE): keep its code.
+  if (err instanceof CorralError)
+    return new CorralError(err.code, `${what}: ${err.message}`, { cause: err });
   const sys = systemErrorCode(err);
   if (sys === 'ENOSPC' || sys === 'EDQUOT' || sys === 'EFBIG') {
     return new CorralError('NO_SPACE', `${what}: no space left (${sys})`, { cause: err });

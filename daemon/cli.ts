@@ -19,7 +19,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
-                [--rebuild-delay MS] [--rebuild-rate BYTES/S]
+                [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
@@ -73,6 +73,7 @@ async function runDaemon(args: string[]): Promise<void> {
       'replica-timeout': { type: 'string' },
       'rebuild-delay': { type: 'string' },
       'rebuild-rate': { type: 'string' },
+      'repair-metadata': { type: 'boolean' },
     },
     strict: true,
   });
@@ -95,6 +96,7 @@ async function runDaemon(args: string[]): Promise<void> {
     replicaTimeoutMs: Number(values['replica-timeout'] ?? 5000),
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
+    repairMetadata: values['repair-metadata'] ?? false,
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
       if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);

@@ -44,6 +44,8 @@ export interface DaemonConfig {
   /** A replica in ERR this long is rebuilt (in place if its host is back, else elsewhere). */
   rebuildDelayMs: number;
   rebuildBytesPerSecond: number | undefined;
+  /** Rebuild a damaged metadata store (LevelDB repair) before starting. */
+  repairMetadata?: boolean;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -78,7 +80,12 @@ export async function startDaemon(
   log: (line: string) => void,
 ): Promise<RunningDaemon> {
   await fs.promises.mkdir(config.dataDir, { recursive: true });
-  const kv = await Kv.open(path.join(config.dataDir, 'meta'));
+  const metaDir = path.join(config.dataDir, 'meta');
+  if (config.repairMetadata) {
+    const copy = await Kv.repair(metaDir, new Date());
+    log(`metadata store ${metaDir} repaired; the damaged one was copied to ${copy}`);
+  }
+  const kv = await Kv.open(metaDir, { reserve: true });
   const spaces = openSpaces(kv);
   const events = new EventLog();
   let node = await spaces.node.get('self');
@@ -112,6 +119,9 @@ export async function startDaemon(
     cluster,
     replicaTimeoutMs: config.replicaTimeoutMs,
     hostedIds: () => hosted.ids(),
+    metadata: { created: kv.created, sinceMs: Date.parse(node.createdAt) },
+    quarantineRoot: path.join(config.dataDir, 'quarantine'),
+    diskFull: () => kv.diskFull(),
     operations,
     rebuildDelayMs: config.rebuildDelayMs,
     ...(config.rebuildBytesPerSecond

@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Clock } from '../common/clock.ts';
 import { CorralError, quoted } from '../common/errors.ts';
 import { Lanes } from '../common/lanes.ts';
@@ -70,6 +71,16 @@ export interface VolumeManagerOptions {
   rebuildBytesPerSecond?: number;
   /** How long a control operation waits for the one before it on the same volume (then BUSY). */
   laneWaitMs?: number;
+  /**
+   * What the metadata store knows of its own age: created by this start (it
+   * was missing), and since when this host's metadata exists. Folders older
+   * than the metadata are never swept.
+   */
+  metadata?: { created: boolean; sinceMs: number };
+  /** Where unowned replicas are moved instead of deleted. */
+  quarantineRoot?: string;
+  /** True while the data disk is full (new volumes are refused with NO_SPACE). */
+  diskFull?: () => Promise<boolean>;
 }
 
 /** The volumes of this host: their records, and an engine per attached one. */
@@ -110,21 +121,7 @@ export class VolumeManager {
   async start(): Promise<void> {
     await fs.promises.mkdir(this.#o.replicaRoot, { recursive: true });
     const volumes = await this.#o.spaces.volumes.entries();
-    const owned = new Set([
-      ...volumes.flatMap(([, v]) => v.replicaIds),
-      ...((await this.#o.hostedIds?.()) ?? []),
-    ]);
-    for (const id of await this.#o.spaces.replicas.keys()) {
-      if (!owned.has(id))
-        await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
-    }
-    for (const entry of await fs.promises.readdir(this.#o.replicaRoot)) {
-      if (!owned.has(entry))
-        await fs.promises.rm(LocalReplica.dirOf(this.#o.replicaRoot, entry), {
-          recursive: true,
-          force: true,
-        });
-    }
+    await this.#sweep(volumes);
     for (const [name, v] of volumes) {
       if (v.restoring !== undefined) {
         // The daemon died during a restore: a half-restored volume must not pass for the backup.
@@ -148,6 +145,68 @@ export class VolumeManager {
           message: err instanceof Error ? err.message : String(err),
         });
       }
+    }
+  }
+
+  /**
+   * Replicas no volume owns (a crash between a replica and its volume
+   * record, or during a removal) and folders no replica record names are
+   * moved to the quarantine folder with an event, never deleted: a bug or a
+   * damaged metadata store must not cost data. Nothing is swept when the
+   * metadata is empty or was made by this start (a lost `meta/` once made
+   * the daemon delete every replica), nor a folder older than the metadata.
+   */
+  async #sweep(volumes: Array<[string, VolumeRecord]>): Promise<void> {
+    const owned = new Set([
+      ...volumes.flatMap(([, v]) => v.replicaIds),
+      ...((await this.#o.hostedIds?.()) ?? []),
+    ]);
+    const records = await this.#o.spaces.replicas.entries();
+    const folders = await fs.promises.readdir(this.#o.replicaRoot);
+    const known = new Set(records.map(([id]) => id));
+    const unowned = records.filter(([id]) => !owned.has(id));
+    const stray = folders.filter((f) => !owned.has(f) && !known.has(f));
+    if (unowned.length === 0 && stray.length === 0) return;
+    const meta = this.#o.metadata;
+    if (meta?.created || (volumes.length === 0 && owned.size === 0 && records.length === 0)) {
+      const message = `${stray.length} replica folder(s) in ${this.#o.replicaRoot} that no metadata names were left in place: the metadata store is ${meta?.created ? 'new (was meta/ lost or moved?)' : 'empty'}. Restore meta/ from a copy, or move the folders away yourself`;
+      this.#o.events.add({ type: 'sweep-refused', message });
+      return;
+    }
+    const quarantine = this.#o.quarantineRoot;
+    const move = async (id: string, record: unknown, why: string): Promise<void> => {
+      const from = LocalReplica.dirOf(this.#o.replicaRoot, id);
+      if (!quarantine) return;
+      await fs.promises.mkdir(quarantine, { recursive: true });
+      const to = path.join(quarantine, id);
+      if (fs.existsSync(from)) await fs.promises.rename(from, to);
+      else await fs.promises.mkdir(to, { recursive: true });
+      if (record !== undefined)
+        await fs.promises.writeFile(
+          path.join(to, 'replica.json'),
+          JSON.stringify(record, null, 2) + '\n',
+        );
+      this.#o.events.add({
+        type: 'replica-quarantined',
+        message: `replica ${id} (${why}) moved to ${to}; remove it when you are sure it is not needed`,
+      });
+    };
+    for (const [id, record] of unowned) {
+      if (!quarantine) continue;
+      await move(id, record, `of volume ${record.volume}, which does not own it`);
+      // The folder is kept; the records of a replica no volume owns go.
+      await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+    }
+    for (const folder of stray) {
+      const stat = await fs.promises.stat(LocalReplica.dirOf(this.#o.replicaRoot, folder));
+      if (meta && stat.mtimeMs < meta.sinceMs) {
+        this.#o.events.add({
+          type: 'sweep-refused',
+          message: `replica folder ${folder} is older than this host's metadata and no record names it: left in place`,
+        });
+        continue;
+      }
+      await move(folder, undefined, 'no metadata names it');
     }
   }
 
@@ -234,6 +293,11 @@ export class VolumeManager {
     return this.#serially(name, `create volume ${name}`, async () => {
       if (await this.#o.spaces.volumes.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
+      if (await this.#o.diskFull?.())
+        throw new CorralError(
+          'NO_SPACE',
+          `Cannot create volume ${name}: the data disk of this host is full (its metadata reserve is in use); free space first`,
+        );
       const peers =
         replicaCount > 1
           ? await this.#place(name, sizeBytes, replicaCount, input.allowSameHost === true)
@@ -313,23 +377,7 @@ export class VolumeManager {
       const replicas: Replica[] = [];
       const failed = new Map<Replica, string>();
       try {
-        for (const id of rec.replicaIds) {
-          replicas.push(
-            await LocalReplica.open({
-              spaces: this.#o.spaces,
-              root: this.#o.replicaRoot,
-              id,
-              ...(this.#o.mergeBytesPerSecond
-                ? {
-                    mergeLimit: {
-                      bytesPerSecond: this.#o.mergeBytesPerSecond,
-                      clock: this.#o.clock,
-                    },
-                  }
-                : {}),
-            }),
-          );
-        }
+        for (const id of rec.replicaIds) replicas.push(await this.#openLocal(id));
       } catch (err) {
         for (const r of replicas) r.abandon();
         throw err;
@@ -830,11 +878,22 @@ export class VolumeManager {
         epoch: record.epoch ?? 1,
         timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
       });
-    // A local replica that failed (a disk error, a full disk) is not trusted in place: a new
-    // replica on another host takes over, and its files go once that one is rebuilt.
+    // A local replica that failed (a disk error, a full disk) is replaced by a new replica on
+    // another host if one is free (its files go once that one is rebuilt); else it is rebuilt
+    // in place, like a remote one back from an absence: the rebuild compares every granule by
+    // digest and checks what it copied, so it trusts nothing the replica held. (After the
+    // engine's host crashed, its replica starts behind and every other host has one already.)
     if (failed?.location === 'local') {
-      await this.#replace(record, failed.id, connect);
-      this.#failedSince.delete(`${name}/${failed.id}`);
+      const key = `${name}/${failed.id}`;
+      try {
+        if (!(await this.#replace(record, failed.id, connect)))
+          await this.#rebuild(name, await this.#openLocal(failed.id), failed.id);
+        this.#failedSince.delete(key);
+      } catch (err) {
+        // Not again at once: each attempt takes a snapshot on every replica.
+        this.#failedSince.set(key, now);
+        throw err;
+      }
       return;
     }
     if (failed) {
@@ -853,11 +912,12 @@ export class VolumeManager {
     if (modes.length < record.replicaCount) await this.#replace(record, undefined, connect);
   }
 
+  /** Placed a new replica on another host and rebuilt it: true; no host free: false. */
   async #replace(
     record: VolumeRecord,
     replaces: string | undefined,
     connect: (id: string, url: string) => Promise<RemoteReplica>,
-  ): Promise<void> {
+  ): Promise<boolean> {
     const cluster = this.#o.cluster!;
     const used = new Set((record.remoteReplicas ?? []).map((r) => r.url));
     const nodes = await cluster.nodes();
@@ -865,7 +925,7 @@ export class VolumeManager {
       .slice(1)
       .filter((n) => n.state === 'up' && n.freeBytes >= record.sizeBytes && !used.has(n.url))
       .sort((a, b) => b.freeBytes - a.freeBytes)[0];
-    if (!target) return; // no host with room: stay degraded, try again later
+    if (!target) return false; // no host with room: stay degraded, try again later
     const { id } = await cluster.call<{ id: string }>(target.url, 'POST', '/v1/replicas', {
       volume: record.name,
       sizeBytes: record.sizeBytes,
@@ -875,7 +935,7 @@ export class VolumeManager {
     const replica = await connect(id, target.url);
     if (replica.failure !== undefined) {
       await this.#removeRemote(record.name, [{ id, url: target.url }]);
-      return;
+      return false;
     }
     // Recorded before the copy: a crash mid-rebuild leaves a replica that is behind
     // (its revision says so) rather than one nobody knows about.
@@ -897,9 +957,21 @@ export class VolumeManager {
         root: this.#o.replicaRoot,
         id: replaces,
       });
+    return true;
   }
 
-  async #rebuild(name: string, target: RemoteReplica, replaces: string | undefined) {
+  #openLocal(id: string): Promise<LocalReplica> {
+    return LocalReplica.open({
+      spaces: this.#o.spaces,
+      root: this.#o.replicaRoot,
+      id,
+      ...(this.#o.mergeBytesPerSecond
+        ? { mergeLimit: { bytesPerSecond: this.#o.mergeBytesPerSecond, clock: this.#o.clock } }
+        : {}),
+    });
+  }
+
+  async #rebuild(name: string, target: Replica, replaces: string | undefined) {
     const entry = this.#attached.get(name);
     if (!entry) return;
     const abort = new AbortController();

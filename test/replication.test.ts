@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { TestCluster, CLUSTER_SECRET } from './helpers/cluster.ts';
 import type { DaemonProcess } from './helpers/daemon.ts';
+import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
 
 interface ReplicaRow {
@@ -254,6 +255,34 @@ describe('replication across three daemons', () => {
     assert.equal(new Set(back.map((r) => r.revision)).size, 1, 'replicas agree on the revision');
     await mustRun('qemu-io', ['-f', 'raw', again.uri('db'), '-c', 'read -P 0x5c 100M 1M']);
     assert.deepEqual((await verify(again, 'db')).differences, []);
+  });
+
+  it('the engine host SIGKILLed with writes unflushed: its local replica, behind, is rebuilt in place', async () => {
+    const c = await cluster();
+    const d1 = c.daemons[0]!;
+    assert.equal(
+      (await d1.cli(['volume', 'create', 'pg', '--size', '64M', '--replicas', '3'])).code,
+      0,
+    );
+    await mustRun('qemu-io', ['-f', 'raw', d1.uri('pg'), '-c', 'write -P 0x3a 0 4M']);
+    // Written but not flushed here when the host dies: the peers have them, this host's
+    // replica persisted an older revision, so it starts behind (ERR) and no other host is free.
+    const nbd = await RawNbd.connect({ port: d1.nbdPort });
+    await nbd.greet();
+    await nbd.go('pg');
+    for (let i = 0; i < 8; i++) {
+      nbd.request(CMD.WRITE, 8 * 1024 * 1024 + i * 65536, 65536, {
+        payload: Buffer.alloc(65536, 0x70 + i),
+      });
+      assert.equal((await nbd.reply()).error, 0);
+    }
+    await d1.kill();
+    nbd.close();
+    const again = await c.restart(0);
+    const healed = await allRw(again, 'pg', 3);
+    assert.equal(healed.filter((r) => r.location === 'local').length, 1, 'still one replica here');
+    assert.deepEqual((await verify(again, 'pg')).differences, []);
+    await mustRun('qemu-io', ['-f', 'raw', again.uri('pg'), '-c', 'read -P 0x3a 0 4M']);
   });
 
   it('refuses what cannot be placed or authenticated, with clear errors', async () => {
