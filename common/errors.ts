@@ -20,6 +20,7 @@ export type ErrorCode =
   | 'SHUTTING_DOWN'
   | 'UNSUPPORTED_FORMAT'
   | 'CORRUPT_METADATA'
+  | 'DATA_CORRUPT'
   | 'TOO_LARGE'
   | 'INTERNAL';
 

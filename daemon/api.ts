@@ -187,6 +187,9 @@ export function createApi(options: ApiOptions): Hono {
   app.post('/v1/volumes/:name/verify', async (c) =>
     started(c, await volumes.verify(c.req.param('name'))),
   );
+  app.post('/v1/volumes/:name/scrub', async (c) =>
+    started(c, await volumes.scrub(c.req.param('name'))),
+  );
   app.get('/v1/volumes/:name/replicas', async (c) =>
     c.json({ replicas: (await volumes.get(c.req.param('name'))).replicas }),
   );

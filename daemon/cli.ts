@@ -28,7 +28,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup --retain N [--target URL] | ls | rm ID
-  corral node ls | replica ls VOL | replica rm VOL REPLICA | volume verify VOL
+  corral node ls | replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--json]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
@@ -163,7 +163,7 @@ async function runClient(args: string[]): Promise<void> {
     return value;
   };
 
-  if (noun === 'volume' && verb !== 'verify') {
+  if (noun === 'volume' && verb !== 'verify' && verb !== 'scrub') {
     switch (verb) {
       case 'create': {
         const { values, positionals } = parse();
@@ -345,6 +345,42 @@ async function runClient(args: string[]): Promise<void> {
           ]),
     );
     if (r.differences.length > 0) process.exitCode = 3;
+    return;
+  } else if (noun === 'volume' && verb === 'scrub') {
+    const { values, positionals } = parse();
+    const volume = need(positionals, 'volume name');
+    const { operation } = await call<{ operation: Operation }>(
+      api,
+      'POST',
+      `/v1/volumes/${encodeURIComponent(volume)}/scrub`,
+    );
+    const done = await follow(api, operation, values.json === true);
+    const r = done.result as {
+      replicas: Array<{
+        replica: string;
+        location: string;
+        bad: Array<{ offset: number; snapshot?: string }>;
+        failed: boolean;
+      }>;
+    };
+    const bad = r.replicas.filter((x) => x.bad.length > 0);
+    print(values.json === true, r, () =>
+      bad.length === 0
+        ? `every block of ${r.replicas.length} replica(s) of ${volume} matches its checksum`
+        : table([
+            ['REPLICA', 'LOCATION', 'BAD BLOCKS', 'FIRST', 'ACTION'],
+            ...bad.map((x) => [
+              x.replica,
+              x.location,
+              String(x.bad.length),
+              `${x.bad[0]!.snapshot ?? '(head)'} @ ${x.bad[0]!.offset}`,
+              x.failed
+                ? 'set to ERR: rebuilt from a clean replica'
+                : 'no clean replica: reads of these blocks fail',
+            ]),
+          ]),
+    );
+    if (bad.length > 0) process.exitCode = 3;
     return;
   } else if (noun === 'replica' && verb === 'ls') {
     const { values, positionals } = parse();

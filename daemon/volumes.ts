@@ -22,7 +22,7 @@ import {
   validateVolumeName,
   validateVolumeSize,
 } from './names.ts';
-import type { SnapshotInfo } from '../replication/replica.ts';
+import type { ScrubReport, SnapshotInfo } from '../replication/replica.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -1063,6 +1063,36 @@ export class VolumeManager {
         r.differences.length === 0
           ? `${r.replicas} replicas identical`
           : `${r.differences.length} ranges differ`,
+    );
+  }
+
+  /** Checks every block of every healthy replica against its checksum, as an operation. */
+  async scrub(name: string): Promise<{
+    operation: Operation;
+    done: Promise<{ replicas: ScrubReport[] }>;
+  }> {
+    await this.#record(name);
+    const entry = this.#attachedEntry(name, 'scrub it');
+    const ops = this.#o.operations;
+    if (!ops) throw new CorralError('INTERNAL', 'operations are not set up');
+    return ops.start(
+      'scrub',
+      `volume ${name}`,
+      name,
+      (update) =>
+        this.#serially(name, 'scrub', () =>
+          entry.supervisor.control('scrub', async (e) => ({
+            replicas: await e.scrub((done, total) =>
+              update({ phase: 'scrub', done, total, bytes: done }),
+            ),
+          })),
+        ),
+      (r) => {
+        const bad = r.replicas.filter((x) => x.bad.length > 0);
+        return bad.length === 0
+          ? `${r.replicas.length} replicas clean`
+          : bad.map((x) => `${x.replica}: ${x.bad.length} bad blocks`).join('; ');
+      },
     );
   }
 

@@ -166,6 +166,17 @@ export interface Spaces {
   bitmaps: KeySpace<Uint8Array>;
   /** Replica revision counters: key `<replicaId>`, 8 bytes big-endian. */
   revisions: KeySpace<Uint8Array>;
+  /** Block checksums of a layer: key `<layerId>/<sum chunk, 8 hex digits>`, 1024 × u32 LE. */
+  sums: KeySpace<Uint8Array>;
+  /**
+   * Write-intent marks: regions (bitmap chunks, 128 MiB of volume) of a layer
+   * that may hold writes newer than their stored checksums. Key
+   * `<replicaId>/<layerId>/<chunk, 8 hex digits>`, empty value; set (synced)
+   * before the first write into a region, cleared by a flush after which the
+   * region had no writes; a region still marked at open has its sums
+   * recomputed from the data, so a crash never reads as corruption.
+   */
+  marks: KeySpace<Uint8Array>;
   /** Replicas kept here for engines on other hosts: key `<replicaId>`. */
   hosted: KeySpace<HostedRecord>;
   /** Replicas on peers that a volume removal could not delete yet: key `<replicaId>`; retried. */
@@ -184,6 +195,8 @@ export function openSpaces(kv: Kv): Spaces {
     replicas: kv.space('rep', jsonCodec('replica', 1, validateReplica)),
     bitmaps: kv.space('bmp', binaryCodec('bitmap', 1)),
     revisions: kv.space('rev', binaryCodec('revision', 1)),
+    sums: kv.space('sum', binaryCodec('block sums', 1)),
+    marks: kv.space('drt', binaryCodec('checksum mark', 1)),
     jobs: kv.space('job', jsonCodec('job', 1, validateJob)),
     hosted: kv.space('hst', jsonCodec('hosted replica', 1, validateHosted)),
     leftovers: kv.space(

@@ -8,7 +8,7 @@ import {
   type WriteOptions,
   type ZeroOptions,
 } from './block-device.ts';
-import type { Replica, ReplicaMode, SnapshotInfo } from './replica.ts';
+import type { Replica, ReplicaMode, ScrubReport, SnapshotInfo } from './replica.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 import {
   compareReplicas,
@@ -29,7 +29,7 @@ function isUserError(err: unknown): boolean {
 }
 
 export interface EngineEvent {
-  type: 'replica-error' | 'replica-behind' | 'replica-removed' | 'volume-salvaged';
+  type: 'replica-error' | 'replica-behind' | 'replica-removed' | 'volume-salvaged' | 'data-corrupt';
   volume: string;
   replica: string;
   message: string;
@@ -417,6 +417,17 @@ export class Engine implements SupervisedEngine {
       try {
         return await member.replica.read(offset, length, into);
       } catch (err) {
+        // A block that fails its checksum on the last healthy replica is an I/O error for
+        // this read only: the rest of the volume still serves (never the bad bytes).
+        if (isCorralError(err, 'DATA_CORRUPT') && this.#readableCount() === 1) {
+          this.#onEvent({
+            type: 'data-corrupt',
+            volume: this.volume,
+            replica: member.replica.id,
+            message: err.message,
+          });
+          throw err;
+        }
         await this.#fail(member, err);
       }
     }
@@ -487,9 +498,13 @@ export class Engine implements SupervisedEngine {
     ) {
       throw failures[0]!.err;
     }
+    // A full disk everywhere, or a partial write over a block that fails its checksum on every
+    // replica: the request fails, the replicas stay (nothing they hold got worse).
     if (
       failures.length === targets.length &&
-      failures.every((f) => isCorralError(f.err, 'NO_SPACE'))
+      failures.every(
+        (f) => isCorralError(f.err, 'NO_SPACE') || isCorralError(f.err, 'DATA_CORRUPT'),
+      )
     ) {
       throw failures[0]!.err;
     }
@@ -526,6 +541,57 @@ export class Engine implements SupervisedEngine {
         cause,
       },
     );
+  }
+
+  #readableCount(): number {
+    return this.#members.filter((m) => m.mode === 'RW').length;
+  }
+
+  /**
+   * Reads every block of every healthy replica and checks it against its
+   * checksum, window by window. A replica with bad blocks is set to ERR when
+   * another one is clean (the repair loop then rebuilds it: its bad blocks'
+   * digests match nobody's, so they are copied from a good replica); on the
+   * last healthy replica they are reported and stay readable as I/O errors.
+   */
+  async scrub(onProgress?: (done: number, total: number) => void): Promise<ScrubReport[]> {
+    const members = this.#members.filter((m) => m.mode === 'RW');
+    if (members.length === 0) throw this.#noReplica('scrub');
+    return this.#alone('scrub', async () => {
+      const reports: ScrubReport[] = members.map((m) => ({
+        replica: m.replica.id,
+        location: m.replica.location,
+        bad: [],
+        failed: false,
+      }));
+      const window = 64 * 1024 * 1024;
+      for (let at = 0; at < this.sizeBytes; at += window) {
+        const length = Math.min(window, this.sizeBytes - at);
+        const found = await Promise.all(
+          members.map((m) =>
+            m.mode === 'RW' ? m.replica.checkBlocks(at, length) : Promise.resolve([]),
+          ),
+        );
+        found.forEach((bad, i) => reports[i]!.bad.push(...bad));
+        onProgress?.(at + length, this.sizeBytes);
+      }
+      const clean = reports.filter((r) => r.bad.length === 0).length;
+      for (const [i, report] of reports.entries()) {
+        if (report.bad.length === 0) continue;
+        const message = `${report.bad.length} block(s) fail their checksums (first at offset ${report.bad[0]!.offset}${report.bad[0]!.snapshot ? ` of snapshot ${report.bad[0]!.snapshot}` : ''})`;
+        this.#onEvent({
+          type: 'data-corrupt',
+          volume: this.volume,
+          replica: report.replica,
+          message,
+        });
+        if (clean > 0) {
+          await this.#fail(members[i]!, new CorralError('DATA_CORRUPT', message));
+          report.failed = true;
+        }
+      }
+      return reports;
+    });
   }
 
   #firstReadable(what: string): Member {

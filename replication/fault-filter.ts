@@ -5,7 +5,7 @@ import type {
   WriteOptions,
   ZeroOptions,
 } from './block-device.ts';
-import type { Replica, SnapshotInfo } from './replica.ts';
+import type { Replica, SnapshotInfo, ScrubReport } from './replica.ts';
 import type { CopyOptions, Difference, RebuildProgress } from './rebuild.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 
@@ -94,6 +94,9 @@ export class FaultFilter implements SupervisedEngine {
   }
   removeReplica(id: string): Replica {
     return this.#next.removeReplica(id);
+  }
+  scrub(onProgress?: (done: number, total: number) => void): Promise<ScrubReport[]> {
+    return this.#next.scrub(onProgress);
   }
   verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]> {
     return this.#next.verify(onProgress);

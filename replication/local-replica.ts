@@ -20,12 +20,15 @@ import {
   ZERO_SOURCE,
 } from './layer-map.ts';
 import { RangeLock } from './range-lock.ts';
-import type { Replica, SnapshotInfo } from './replica.ts';
+import { BlockSums } from './block-sums.ts';
+import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 
 interface OpenLayer {
   record: LayerRecord;
   fd: number;
   map: LayerMap;
+  /** The checksum of every DATA block written since checksums exist. */
+  sums: BlockSums;
   /** Stable number of this layer while the replica is open: what the read index stores. */
   slot: number;
 }
@@ -64,6 +67,12 @@ const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
 /** Largest zero buffer kept for NO_HOLE write-zeroes: never one buffer the size of the request. */
 const ZERO_PIECE_BYTES = 1024 * 1024;
 const ZERO_PIECE = new Uint8Array(ZERO_PIECE_BYTES);
+
+/** A block state only digests show: DATA whose bytes fail their checksum. */
+const POISONED = 0xee;
+
+/** The value of a write-intent mark: its key says it all. */
+const EMPTY = new Uint8Array(0);
 
 export interface LocalReplicaOptions {
   spaces: Spaces;
@@ -123,6 +132,15 @@ export class LocalReplica implements Replica {
   #flushRunning: Promise<void> | undefined;
   #flushNext: Promise<void> | undefined;
   #closed = false;
+  /**
+   * Write-intent marks (`layerId/region`, a region being a bitmap chunk) known
+   * to be durable: a write into an unmarked region persists its mark first.
+   */
+  readonly #marked = new Set<string>();
+  /** Regions written since the last flush began (added at a write's start and end). */
+  #recent = new Set<string>();
+  /** Writes under way per region. */
+  readonly #writing = new Map<string, number>();
   /** File operations under way: fds are closed only at zero, so a number is never reused under one. */
   #pending = 0;
   #fdsClosed = false;
@@ -194,9 +212,13 @@ export class LocalReplica implements Replica {
           fs.open(layerPath(dir, layer.id), 'r+', (err, fd) => (err ? reject(err) : resolve(fd))),
         );
         const map = new LayerMap(blockCount);
-        layers.push({ record: layer, fd, map, slot: layers.length });
+        const sums = new BlockSums(blockCount);
+        layers.push({ record: layer, fd, map, sums, slot: layers.length });
         for (const [key, bytes] of await options.spaces.bitmaps.entries(`${layer.id}/`)) {
           map.load(parseInt(key.slice(layer.id.length + 1), 16), bytes);
+        }
+        for (const [key, bytes] of await options.spaces.sums.entries(`${layer.id}/`)) {
+          sums.load(parseInt(key.slice(layer.id.length + 1), 16), bytes);
         }
       }
     } catch (err) {
@@ -214,6 +236,7 @@ export class LocalReplica implements Replica {
       if (entry.endsWith('.layer') && !known.has(entry))
         await fs.promises.rm(path.join(dir, entry), { force: true });
     }
+    await replica.#recoverMarked();
     if (record.deleting) {
       const name = record.layers.find((l) => l.id === record.deleting)?.snapshot;
       if (name) await replica.deleteSnapshot(name);
@@ -231,7 +254,12 @@ export class LocalReplica implements Replica {
         for (const key of await options.spaces.bitmaps.keys(`${layer.id}/`)) {
           batch.del(options.spaces.bitmaps, key);
         }
+        for (const key of await options.spaces.sums.keys(`${layer.id}/`)) {
+          batch.del(options.spaces.sums, key);
+        }
       }
+      for (const key of await options.spaces.marks.keys(`${options.id}/`))
+        batch.del(options.spaces.marks, key);
       batch.del(options.spaces.revisions, options.id).del(options.spaces.replicas, options.id);
       await batch.write();
     }
@@ -320,6 +348,118 @@ export class LocalReplica implements Replica {
     this.#leave();
   }
 
+  /**
+   * Reads `length` bytes of `layer`'s file at `fileOffset` into
+   * `buf[at, +length)` and checks each block against its checksum; an edge
+   * block asked for in part is read whole to be checked.
+   */
+  async #readRun(
+    layer: OpenLayer,
+    buf: Uint8Array,
+    at: number,
+    length: number,
+    fileOffset: number,
+  ): Promise<void> {
+    const first = Math.floor(fileOffset / BLOCK_SIZE);
+    const end = fileOffset + length;
+    const last = Math.ceil(end / BLOCK_SIZE);
+    if (first * BLOCK_SIZE === fileOffset && last * BLOCK_SIZE === end) {
+      await preadFull(layer.fd, buf, at, length, fileOffset);
+      await this.#verify(layer, first, buf.subarray(at, at + length));
+      return;
+    }
+    const whole = Buffer.allocUnsafe((last - first) * BLOCK_SIZE);
+    await preadFull(layer.fd, whole, 0, whole.length, first * BLOCK_SIZE);
+    await this.#verify(layer, first, whole);
+    const skip = fileOffset - first * BLOCK_SIZE;
+    buf.set(whole.subarray(skip, skip + length), at);
+  }
+
+  /**
+   * Checks whole blocks read from `layer` against their sums. A mismatch
+   * while writes are under way may be a read that raced a write to the same
+   * block (new bytes, sum not yet set): such blocks are read again after the
+   * writes of this turn settle. A mismatch that stays is DATA_CORRUPT.
+   */
+  async #verify(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<void> {
+    const bad = await this.#badBlocks(layer, firstBlock, data);
+    if (bad.length > 0)
+      throw this.#corrupt(
+        layer,
+        bad.map((i) => firstBlock + i),
+      );
+  }
+
+  /** Indexes (from `firstBlock`) of the blocks in `data` that fail their checksum, read again while writes race. */
+  async #badBlocks(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<number[]> {
+    const count = data.length / BLOCK_SIZE;
+    let bad = layer.sums.mismatches(firstBlock, data, count);
+    for (let attempt = 0; bad.length > 0 && this.#writing.size > 0 && attempt < 8; attempt++) {
+      await new Promise((resolve) => setImmediate(resolve));
+      const again: number[] = [];
+      for (const i of bad) {
+        const view = data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE);
+        await preadFull(layer.fd, view, 0, BLOCK_SIZE, (firstBlock + i) * BLOCK_SIZE);
+        if (layer.sums.mismatches(firstBlock + i, view, 1).length > 0) again.push(i);
+      }
+      bad = again;
+    }
+    return bad;
+  }
+
+  /**
+   * Scrub: reads every DATA block of every layer in [offset, +length) and
+   * lists those that fail their checksum (a layer file that was truncated
+   * reads as zeros there, and fails too).
+   */
+  async checkBlocks(offset: number, length: number): Promise<BadBlock[]> {
+    this.#checkRange(offset, length);
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const out: BadBlock[] = [];
+    const buf = Buffer.allocUnsafe(256 * BLOCK_SIZE);
+    this.#pending++;
+    try {
+      for (const layer of [...this.#layers]) {
+        for (let b = first; b < end; b += 256) {
+          if (b % BLOCKS_PER_CHUNK === 0 && !layer.map.hasChunk(b / BLOCKS_PER_CHUNK)) {
+            b += BLOCKS_PER_CHUNK - 256;
+            continue;
+          }
+          const e = Math.min(b + 256, end);
+          await forEachRun(
+            e - b,
+            (i) => layer.map.state(b + i) === DATA,
+            async (i, j) => {
+              const view = buf.subarray(0, (j - i) * BLOCK_SIZE);
+              await preadFull(layer.fd, view, 0, view.length, (b + i) * BLOCK_SIZE);
+              for (const x of await this.#badBlocks(layer, b + i, view)) {
+                out.push({
+                  offset: (b + i + x) * BLOCK_SIZE,
+                  ...(layer.record.snapshot !== undefined
+                    ? { snapshot: layer.record.snapshot }
+                    : {}),
+                });
+              }
+            },
+          );
+        }
+      }
+    } finally {
+      this.#leave();
+    }
+    return out;
+  }
+
+  #corrupt(layer: OpenLayer, blocks: number[]): CorralError {
+    const where = layer.record.snapshot ? `snapshot ${layer.record.snapshot}` : 'the head';
+    const shown = blocks.slice(0, 8).map((b) => b * BLOCK_SIZE);
+    return new CorralError(
+      'DATA_CORRUPT',
+      `Replica ${this.id} of volume ${this.#record.volume}: ${blocks.length} block(s) of ${where} do not match their checksums (offsets ${shown.join(', ')}${blocks.length > shown.length ? ', …' : ''})`,
+    );
+  }
+
   /** Fills `buf[bufOffset, +length)` with the volume's bytes at `offset`, through the chain. */
   async #readInto(
     buf: Uint8Array,
@@ -344,7 +484,7 @@ export class LocalReplica implements Replica {
         } else {
           const layer = this.#bySlot[source - 1];
           assert(layer, `read index points at missing layer slot ${source - 1}`);
-          pending.push(preadFull(layer.fd, buf, at, runLength, runStart));
+          pending.push(this.#readRun(layer, buf, at, runLength, runStart));
         }
         if (next === -1) break;
         runStart = blockEnd;
@@ -359,6 +499,90 @@ export class LocalReplica implements Replica {
     if (failed) throw ioError(`Cannot read replica ${this.id}`, failed.reason);
   }
 
+  /** The write-intent mark of a region (see `Spaces.marks`). */
+  #markKey(layer: OpenLayer, region: number): string {
+    return `${layer.record.id}/${region.toString(16).padStart(8, '0')}`;
+  }
+
+  /**
+   * Before blocks [start, end) of `layer` are written: their regions are
+   * counted as being written, and marked durably if they were not (the
+   * checksums of what follows may not be persisted before a crash). Returns
+   * the function to call when the write is done.
+   */
+  #intend(layer: OpenLayer, start: number, end: number): (() => void) | Promise<() => void> {
+    const keys: string[] = [];
+    for (let r = Math.floor(start / BLOCKS_PER_CHUNK); r * BLOCKS_PER_CHUNK < end; r++)
+      keys.push(this.#markKey(layer, r));
+    let unmarked: string[] | undefined;
+    for (const k of keys) {
+      this.#writing.set(k, (this.#writing.get(k) ?? 0) + 1);
+      this.#recent.add(k);
+      if (!this.#marked.has(k)) (unmarked ??= []).push(k);
+    }
+    const done = () => this.#done(keys);
+    // Almost always: the regions are marked already, and the write goes on in this turn.
+    if (!unmarked) return done;
+    const batch = this.#spaces.batch();
+    for (const k of unmarked) batch.put(this.#spaces.marks, `${this.id}/${k}`, EMPTY);
+    return batch.write({ sync: true }).then(
+      () => {
+        for (const k of unmarked) this.#marked.add(k);
+        return done;
+      },
+      (err: unknown) => {
+        done();
+        throw ioError(`Cannot mark replica ${this.id} for a write`, err);
+      },
+    );
+  }
+
+  #done(keys: string[]): void {
+    for (const k of keys) {
+      this.#recent.add(k);
+      const n = (this.#writing.get(k) ?? 1) - 1;
+      if (n > 0) this.#writing.set(k, n);
+      else this.#writing.delete(k);
+    }
+  }
+
+  /**
+   * At open: regions still marked may hold writes whose sums never reached
+   * the disk (a crash after the data, before the flush). Their DATA blocks'
+   * sums are computed again from what the file holds — which the crash
+   * semantics allow to be old, new or a mix per sector — and the marks go.
+   */
+  async #recoverMarked(): Promise<void> {
+    const keys = await this.#spaces.marks.keys(`${this.id}/`);
+    if (keys.length === 0) return;
+    const batch = this.#spaces.batch();
+    const buf = Buffer.allocUnsafe(256 * BLOCK_SIZE);
+    for (const key of keys) {
+      const [, layerId, hex] = key.split('/') as [string, string, string];
+      const layer = this.#layers.find((l) => l.record.id === layerId);
+      if (layer) {
+        const first = parseInt(hex, 16) * BLOCKS_PER_CHUNK;
+        const end = Math.min(first + BLOCKS_PER_CHUNK, this.#blockCount);
+        for (let b = first; b < end; b += 256) {
+          const e = Math.min(b + 256, end);
+          await forEachRun(
+            e - b,
+            (i) => layer.map.state(b + i) === DATA,
+            async (i, j) => {
+              const view = buf.subarray(0, (j - i) * BLOCK_SIZE);
+              await preadFull(layer.fd, view, 0, view.length, (b + i) * BLOCK_SIZE);
+              layer.sums.setFrom(b + i, view, j - i);
+            },
+          );
+        }
+        for (const [index, bytes] of layer.sums.takeDirty())
+          batch.put(this.#spaces.sums, bitmapKey(layer.record.id, index), bytes);
+      }
+      batch.del(this.#spaces.marks, key);
+    }
+    await batch.write({ sync: true });
+  }
+
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     this.#checkRange(offset, data.length);
     if (data.length === 0) return;
@@ -366,6 +590,33 @@ export class LocalReplica implements Replica {
     const startBlock = Math.floor(offset / BLOCK_SIZE);
     const endBlock = Math.ceil(end / BLOCK_SIZE);
     const head = this.#head;
+    const intent = this.#intend(head, startBlock, endBlock);
+    const done = typeof intent === 'function' ? intent : await intent;
+    try {
+      await this.#write(head, offset, data, startBlock, endBlock);
+    } finally {
+      done();
+    }
+    this.#unsynced.add(head);
+    this.#unsyncedBytes += data.length;
+    if (options?.fua) await this.flush();
+    else if (this.#unsyncedBytes >= WRITE_BEHIND_BYTES) {
+      // Write-behind: keep the dirty data of a replica small, so that a client's flush (and a
+      // snapshot, a rebuild step) never waits for gigabytes of page cache to reach the disk.
+      this.#unsyncedBytes = 0;
+      this.flush().catch(() => undefined);
+    }
+  }
+
+  async #write(
+    head: OpenLayer,
+    offset: number,
+    data: Uint8Array,
+    startBlock: number,
+    endBlock: number,
+  ): Promise<void> {
+    assert(head === this.#head, `replica ${this.id}'s head changed under a write`);
+    const end = offset + data.length;
     const unlocked =
       offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0 && this.#mergeInto !== head;
     this.#pending++;
@@ -374,6 +625,7 @@ export class LocalReplica implements Replica {
       try {
         if (unlocked) {
           await pwriteFull(head.fd, data, offset);
+          head.sums.setFrom(startBlock, data, endBlock - startBlock);
         } else {
           const release = await this.#locks.acquire(startBlock, endBlock);
           try {
@@ -392,15 +644,6 @@ export class LocalReplica implements Replica {
         for (const w of this.#unlockedWaiters.splice(0)) w();
       }
       this.#leave();
-    }
-    this.#unsynced.add(head);
-    this.#unsyncedBytes += data.length;
-    if (options?.fua) await this.flush();
-    else if (this.#unsyncedBytes >= WRITE_BEHIND_BYTES) {
-      // Write-behind: keep the dirty data of a replica small, so that a client's flush (and a
-      // snapshot, a rebuild step) never waits for gigabytes of page cache to reach the disk.
-      this.#unsyncedBytes = 0;
-      this.flush().catch(() => undefined);
     }
   }
 
@@ -421,6 +664,7 @@ export class LocalReplica implements Replica {
     }
     buf.set(data, offset - alignedStart);
     await pwriteFull(head.fd, buf, alignedStart);
+    head.sums.setFrom(startBlock, buf, endBlock - startBlock);
   }
 
   #markBlocks(startBlock: number, endBlock: number, state: typeof DATA | typeof ZERO): void {
@@ -519,7 +763,13 @@ export class LocalReplica implements Replica {
     this.#unsyncedBytes = 0;
     const layers = [...this.#unsynced];
     this.#unsynced.clear();
-    const chunks = this.#layers.map((layer) => ({ layer, dirty: layer.map.takeDirty() }));
+    const chunks = this.#layers.map((layer) => ({
+      layer,
+      dirty: layer.map.takeDirty(),
+      sums: layer.sums.takeDirty(),
+    }));
+    // What is written from now on is the next flush's: its regions stay marked.
+    this.#recent = new Set();
     const revision = this.#revision;
     const commits = this.#commits.splice(0);
     this.#pending++;
@@ -527,9 +777,19 @@ export class LocalReplica implements Replica {
       await Promise.all(layers.map((l) => fdatasync(l.fd)));
       const kvBatch = this.#spaces.batch();
       for (const commit of commits) commit(kvBatch);
-      for (const { layer, dirty } of chunks) {
+      for (const { layer, dirty, sums } of chunks) {
         for (const [index, bytes] of dirty)
           kvBatch.put(this.#spaces.bitmaps, bitmapKey(layer.record.id, index), bytes);
+        for (const [index, bytes] of sums)
+          kvBatch.put(this.#spaces.sums, bitmapKey(layer.record.id, index), bytes);
+      }
+      // A region with no write since this flush began has its data synced above and its sums
+      // in this batch: its mark goes with them. (Taken out of memory now, so that a write
+      // starting meanwhile marks it again, after this batch.)
+      for (const k of [...this.#marked]) {
+        if (this.#recent.has(k) || this.#writing.has(k)) continue;
+        kvBatch.del(this.#spaces.marks, `${this.id}/${k}`);
+        this.#marked.delete(k);
       }
       if (revision !== this.#persistedRevision) {
         const rev = Buffer.alloc(8);
@@ -541,7 +801,10 @@ export class LocalReplica implements Replica {
     } catch (err) {
       // Keep the promise that the next flush retries what this one could not make durable.
       for (const l of layers) this.#unsynced.add(l);
-      for (const { layer, dirty } of chunks) layer.map.markDirty(dirty.map(([i]) => i));
+      for (const { layer, dirty, sums } of chunks) {
+        layer.map.markDirty(dirty.map(([i]) => i));
+        layer.sums.markDirty(sums.map(([i]) => i));
+      }
       throw ioError(`Cannot flush replica ${this.id}`, err);
     } finally {
       this.#leave();
@@ -616,7 +879,13 @@ export class LocalReplica implements Replica {
           err ? reject(err) : resolve(fd),
         ),
       );
-      return { record, fd, map: new LayerMap(this.#blockCount), slot };
+      return {
+        record,
+        fd,
+        map: new LayerMap(this.#blockCount),
+        sums: new BlockSums(this.#blockCount),
+        slot,
+      };
     } catch (err) {
       await fs.promises.rm(layerPath(this.#dir, record.id), { force: true });
       throw ioError(`Cannot create a layer for replica ${this.id}`, err);
@@ -713,6 +982,7 @@ export class LocalReplica implements Replica {
       }
       this.#unsynced.add(into);
       const keys = await this.#spaces.bitmaps.keys(`${gone.record.id}/`);
+      const sumKeys = await this.#spaces.sums.keys(`${gone.record.id}/`);
       const record: ReplicaRecord = {
         id: this.#record.id,
         volume: this.#record.volume,
@@ -721,6 +991,7 @@ export class LocalReplica implements Replica {
       };
       await this.#commit((batch) => {
         for (const key of keys) batch.del(this.#spaces.bitmaps, key);
+        for (const key of sumKeys) batch.del(this.#spaces.sums, key);
         batch.put(this.#spaces.replicas, this.id, record);
       });
       this.#record = record;
@@ -757,8 +1028,10 @@ export class LocalReplica implements Replica {
       let e = b + 1;
       while (e < end && gone.map.state(e) === DATA && into.map.state(e) === ABSENT) e++;
       const buf = Buffer.allocUnsafe((e - b) * BLOCK_SIZE);
-      await preadFull(gone.fd, buf, 0, buf.length, b * BLOCK_SIZE);
+      // Checked on the way: a bad block must not move into the child under a good checksum.
+      await this.#readRun(gone, buf, 0, buf.length, b * BLOCK_SIZE);
       await pwriteFull(into.fd, buf, b * BLOCK_SIZE);
+      into.sums.setFrom(b, buf, e - b);
       for (let x = b; x < e; x++) {
         into.map.set(x, DATA);
         if (this.#index.get(x) === gone.slot + 1) this.#index.set(x, into.slot + 1);
@@ -795,11 +1068,20 @@ export class LocalReplica implements Replica {
       layers: [...this.#record.layers.slice(0, i + 1), head.record],
     };
     const keys: string[] = [];
-    for (const l of dropped) keys.push(...(await this.#spaces.bitmaps.keys(`${l.record.id}/`)));
+    const sumKeys: string[] = [];
+    const markKeys: string[] = [];
+    for (const l of dropped) {
+      keys.push(...(await this.#spaces.bitmaps.keys(`${l.record.id}/`)));
+      sumKeys.push(...(await this.#spaces.sums.keys(`${l.record.id}/`)));
+      markKeys.push(...(await this.#spaces.marks.keys(`${this.id}/${l.record.id}/`)));
+    }
     await this.#commit((batch) => {
       for (const key of keys) batch.del(this.#spaces.bitmaps, key);
+      for (const key of sumKeys) batch.del(this.#spaces.sums, key);
+      for (const key of markKeys) batch.del(this.#spaces.marks, key);
       batch.put(this.#spaces.replicas, this.id, record);
     });
+    for (const key of markKeys) this.#marked.delete(key.slice(this.id.length + 1));
     this.#record = record;
     this.#layers = [...this.#layers.slice(0, i + 1), head];
     this.#bySlot[head.slot] = head;
@@ -834,7 +1116,7 @@ export class LocalReplica implements Replica {
         let runEnd = Math.min((block + 1) * BLOCK_SIZE, end);
         while (runEnd < end && this.#sourceBelow(top, ++block) === layer)
           runEnd = Math.min((block + 1) * BLOCK_SIZE, end);
-        if (layer) await preadFull(layer.fd, out, at - offset, runEnd - at, at);
+        if (layer) await this.#readRun(layer, out, at - offset, runEnd - at, at);
         else out.fill(0, at - offset, runEnd - offset);
         at = runEnd;
       }
@@ -936,7 +1218,7 @@ export class LocalReplica implements Replica {
     for (const g of [...granules].sort((a, b) => a - b)) {
       const offset = g * granuleBytes;
       const length = Math.min(granuleBytes, this.sizeBytes - offset);
-      const { states, data } = await this.readLayerChunk(name, offset, length);
+      const { states, data } = await this.#layerChunk(name, offset, length, undefined, true);
       out.push([g, createHash('sha256').update(states).update(data).digest('hex')]);
     }
     return out;
@@ -947,11 +1229,26 @@ export class LocalReplica implements Replica {
    * the bytes of its DATA blocks in order — of the blocks `mask` selects
    * (a non-zero byte per block), or all.
    */
-  async readLayerChunk(
+  readLayerChunk(
     name: string,
     offset: number,
     length: number,
     mask?: Uint8Array,
+  ): Promise<{ states: Uint8Array; data: Uint8Array }> {
+    return this.#layerChunk(name, offset, length, mask, false);
+  }
+
+  /**
+   * `readLayerChunk`; with `poison`, a block that fails its checksum gets the
+   * state POISONED instead of failing the read: its digest then matches no
+   * healthy replica's, so a rebuild copies it (a scrubbed replica heals).
+   */
+  async #layerChunk(
+    name: string,
+    offset: number,
+    length: number,
+    mask: Uint8Array | undefined,
+    poison: boolean,
   ): Promise<{ states: Uint8Array; data: Uint8Array }> {
     this.#checkRange(offset, length);
     assert(offset % BLOCK_SIZE === 0 && length % BLOCK_SIZE === 0, 'layer ranges are whole blocks');
@@ -969,8 +1266,18 @@ export class LocalReplica implements Replica {
     try {
       let at = 0;
       await forEachRun(states.length, wanted, async (i, j) => {
-        await preadFull(layer.fd, data, at, (j - i) * BLOCK_SIZE, (first + i) * BLOCK_SIZE);
-        at += (j - i) * BLOCK_SIZE;
+        const view = data.subarray(at, at + (j - i) * BLOCK_SIZE);
+        await preadFull(layer.fd, view, 0, view.length, (first + i) * BLOCK_SIZE);
+        const bad = layer.sums.mismatches(first + i, view, j - i);
+        if (bad.length > 0) {
+          if (!poison)
+            throw this.#corrupt(
+              layer,
+              bad.map((x) => first + i + x),
+            );
+          for (const x of bad) states[i + x] = POISONED;
+        }
+        at += view.length;
       });
     } finally {
       this.#leave();
@@ -992,6 +1299,9 @@ export class LocalReplica implements Replica {
     const first = offset / BLOCK_SIZE;
     const chosen = (i: number) => !mask || mask[i] !== 0;
     const wanted = (i: number) => states[i] === DATA && chosen(i);
+    // Blocks of a snapshot layer may be overwritten here: marked like a head write.
+    const intent = this.#intend(layer, first, first + states.length);
+    const done = typeof intent === 'function' ? intent : await intent;
     this.#pending++;
     try {
       let at = 0;
@@ -999,11 +1309,13 @@ export class LocalReplica implements Replica {
         const run = data.subarray(at, at + (j - i) * BLOCK_SIZE);
         assert(run.length === (j - i) * BLOCK_SIZE, 'layer chunk data shorter than its states');
         await pwriteFull(layer.fd, run, (first + i) * BLOCK_SIZE);
+        layer.sums.setFrom(first + i, run, j - i);
         at += run.length;
       });
     } catch (err) {
       throw ioError(`Cannot write layer ${name} of replica ${this.id}`, err);
     } finally {
+      done();
       this.#leave();
     }
     for (let i = 0; i < states.length; i++) {
@@ -1023,12 +1335,12 @@ export class LocalReplica implements Replica {
    * blocks whose bytes differ, not whole granules.
    */
   async layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array> {
-    const { states, data } = await this.readLayerChunk(name, offset, length);
+    const { states, data } = await this.#layerChunk(name, offset, length, undefined, true);
     const out = Buffer.alloc(states.length * 8);
     let at = 0;
     for (let i = 0; i < states.length; i++) {
       out[i * 8] = states[i]!;
-      if (states[i] === DATA) {
+      if (states[i] === DATA || states[i] === POISONED) {
         createHash('sha256')
           .update(data.subarray(at, at + BLOCK_SIZE))
           .digest()

@@ -2,7 +2,7 @@ import * as net from 'node:net';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
-import type { Replica, SnapshotInfo } from './replica.ts';
+import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 import type { RemoteInfo } from './replica-server.ts';
 import {
   decodeError,
@@ -434,6 +434,12 @@ export class RemoteReplica implements Replica {
         })
       ).toString('utf8'),
     ) as string[];
+  }
+
+  async checkBlocks(offset: number, length: number): Promise<BadBlock[]> {
+    return JSON.parse(
+      (await this.#call('checkBlocks', { offset, length })).toString('utf8'),
+    ) as BadBlock[];
   }
 
   async close(): Promise<void> {

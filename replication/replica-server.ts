@@ -215,6 +215,8 @@ export class ReplicaSession {
         break;
       case 'layerDigests':
         return r.layerDigests(str('name'), Number(a.offset), Number(a.length), Number(a.granule));
+      case 'checkBlocks':
+        return r.checkBlocks(Number(a.offset), Number(a.length));
       case 'viewDigests':
         return r.viewDigests(
           typeof a.snapshot === 'string' ? a.snapshot : undefined,

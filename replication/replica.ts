@@ -11,6 +11,20 @@ export interface SnapshotInfo {
 
 export type ReplicaMode = 'RW' | 'WO' | 'ERR';
 
+/** What a scrub found on one replica; `failed`: set to ERR, to be rebuilt from a clean one. */
+export interface ScrubReport {
+  replica: string;
+  location: string;
+  bad: BadBlock[];
+  failed: boolean;
+}
+
+/** A block that failed its checksum: in a snapshot layer, or in the head when `snapshot` is absent. */
+export interface BadBlock {
+  offset: number;
+  snapshot?: string;
+}
+
 /**
  * How the engine reaches one copy of a volume, local or remote alike.
  * Inputs are already validated by the engine (in range); a replica asserts.
@@ -72,6 +86,8 @@ export interface Replica extends BlockOps {
   layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array>;
   /** Rebuild: takes the source's revision once the copy is complete, durably. */
   setRevision(revision: bigint): Promise<void>;
+  /** Scrub: every layer's DATA blocks in the range read and checked against their checksums. */
+  checkBlocks(offset: number, length: number): Promise<BadBlock[]>;
   /** Verify: SHA-256 per granule of the volume at a snapshot (undefined: now). */
   viewDigests(
     snapshot: string | undefined,

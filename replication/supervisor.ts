@@ -7,7 +7,7 @@ import type {
   WriteOptions,
   ZeroOptions,
 } from './block-device.ts';
-import type { Replica, ReplicaMode, SnapshotInfo } from './replica.ts';
+import type { Replica, ReplicaMode, ScrubReport, SnapshotInfo } from './replica.ts';
 import type { CopyOptions, Difference, RebuildProgress } from './rebuild.ts';
 
 export interface ReplicaStatus {
@@ -37,6 +37,7 @@ export interface SupervisedEngine extends BlockDevice {
   ): Promise<RebuildProgress>;
   removeReplica(id: string): Replica;
   verify(onProgress?: (done: number, total: number) => void): Promise<Difference[]>;
+  scrub(onProgress?: (done: number, total: number) => void): Promise<ScrubReport[]>;
 }
 
 export interface SupervisorEvent {

@@ -1,0 +1,107 @@
+import * as zlib from 'node:zlib';
+import { assert } from '../common/assert.ts';
+import { BLOCK_SIZE } from './block-device.ts';
+
+/** Blocks per sum chunk: the unit stored in LevelDB (1024 × 4 bytes = 4 MiB of volume). */
+export const SUMS_PER_CHUNK = 1024;
+
+/** No checksum known (written before checksums existed, or never written). */
+const UNKNOWN = 0;
+
+/**
+ * A block's checksum as stored: CRC-32 (zlib's, native), with 0 moved to 1
+ * so that 0 can mean "unknown". Measured on this machine: ~1 µs per 4 KiB,
+ * ~300 µs per MiB in 4 KiB pieces (docs/PERFORMANCE.md, "Checksums").
+ */
+export function blockSum(block: Uint8Array): number {
+  const crc = zlib.crc32(block);
+  return crc === UNKNOWN ? 1 : crc;
+}
+
+/**
+ * The checksums of one layer's blocks, in chunks allocated where the layer
+ * holds data. Chunks changed since the last flush are remembered so that a
+ * flush persists only those (with the bitmaps, after the data sync).
+ */
+export class BlockSums {
+  readonly #chunks: Array<Uint32Array | undefined>;
+  readonly #dirty = new Set<number>();
+  readonly blockCount: number;
+
+  constructor(blockCount: number) {
+    this.blockCount = blockCount;
+    this.#chunks = new Array<Uint32Array | undefined>(Math.ceil(blockCount / SUMS_PER_CHUNK));
+  }
+
+  /** The stored sum of a block, or undefined when none is known. */
+  get(block: number): number | undefined {
+    const v = this.#chunks[Math.floor(block / SUMS_PER_CHUNK)]?.[block % SUMS_PER_CHUNK];
+    return v === undefined || v === UNKNOWN ? undefined : v;
+  }
+
+  set(block: number, sum: number): void {
+    assert(block >= 0 && block < this.blockCount, `block ${block} outside layer`);
+    const index = Math.floor(block / SUMS_PER_CHUNK);
+    let chunk = this.#chunks[index];
+    if (!chunk) {
+      chunk = new Uint32Array(SUMS_PER_CHUNK);
+      this.#chunks[index] = chunk;
+    }
+    chunk[block % SUMS_PER_CHUNK] = sum;
+    this.#dirty.add(index);
+  }
+
+  /** Sets the sums of `count` whole blocks laid out in `data` from `firstBlock` on. */
+  setFrom(firstBlock: number, data: Uint8Array, count: number): void {
+    for (let i = 0; i < count; i++)
+      this.set(firstBlock + i, blockSum(data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)));
+  }
+
+  /**
+   * Indexes (relative to `firstBlock`) of the blocks in `data` whose bytes
+   * do not match their stored sum; blocks with no known sum pass.
+   */
+  mismatches(firstBlock: number, data: Uint8Array, count: number): number[] {
+    const bad: number[] = [];
+    for (let i = 0; i < count; i++) {
+      const want = this.get(firstBlock + i);
+      if (want === undefined) continue;
+      if (blockSum(data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)) !== want) bad.push(i);
+    }
+    return bad;
+  }
+
+  chunkIndexes(): number[] {
+    const out: number[] = [];
+    this.#chunks.forEach((c, i) => c && out.push(i));
+    return out;
+  }
+
+  load(chunkIndex: number, bytes: Uint8Array): void {
+    assert(bytes.length === SUMS_PER_CHUNK * 4, `sum chunk of ${bytes.length} bytes`);
+    const chunk = new Uint32Array(SUMS_PER_CHUNK);
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+    for (let i = 0; i < SUMS_PER_CHUNK; i++) chunk[i] = view.getUint32(i * 4, true);
+    this.#chunks[chunkIndex] = chunk;
+  }
+
+  /** The chunks changed since the last call, copied (little-endian u32s), and forgets them. */
+  takeDirty(): Array<[number, Uint8Array]> {
+    const out: Array<[number, Uint8Array]> = [];
+    for (const index of this.#dirty) {
+      const chunk = this.#chunks[index];
+      if (!chunk) continue;
+      const bytes = new Uint8Array(SUMS_PER_CHUNK * 4);
+      const view = new DataView(bytes.buffer);
+      for (let i = 0; i < SUMS_PER_CHUNK; i++) view.setUint32(i * 4, chunk[i]!, true);
+      out.push([index, bytes]);
+    }
+    this.#dirty.clear();
+    return out;
+  }
+
+  /** After a failed flush: these chunks are persisted by the next one. */
+  markDirty(indexes: number[]): void {
+    for (const i of indexes) this.#dirty.add(i);
+  }
+}
