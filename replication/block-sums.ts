@@ -53,8 +53,23 @@ export class BlockSums {
 
   /** Sets the sums of `count` whole blocks laid out in `data` from `firstBlock` on. */
   setFrom(firstBlock: number, data: Uint8Array, count: number): void {
-    for (let i = 0; i < count; i++)
-      this.set(firstBlock + i, blockSum(data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)));
+    assert(firstBlock >= 0 && firstBlock + count <= this.blockCount, `blocks outside layer`);
+    for (let i = 0; i < count;) {
+      const block = firstBlock + i;
+      const index = Math.floor(block / SUMS_PER_CHUNK);
+      let chunk = this.#chunks[index];
+      if (!chunk) {
+        chunk = new Uint32Array(SUMS_PER_CHUNK);
+        this.#chunks[index] = chunk;
+      }
+      this.#dirty.add(index);
+      // One chunk at a time: the lookups once per chunk, not per block.
+      const upTo = Math.min(count, i + SUMS_PER_CHUNK - (block % SUMS_PER_CHUNK));
+      for (; i < upTo; i++)
+        chunk[(firstBlock + i) % SUMS_PER_CHUNK] = blockSum(
+          data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE),
+        );
+    }
   }
 
   /**

@@ -29,6 +29,10 @@ interface OpenLayer {
   map: LayerMap;
   /** The checksum of every DATA block written since checksums exist. */
   sums: BlockSums;
+  /** Per region (bitmap chunk): write-intent mark durable (1), written since the last flush began (2). */
+  regions: Uint8Array;
+  /** Per region: writes under way. */
+  writing: Uint32Array;
   /** Stable number of this layer while the replica is open: what the read index stores. */
   slot: number;
 }
@@ -70,6 +74,15 @@ const ZERO_PIECE = new Uint8Array(ZERO_PIECE_BYTES);
 
 /** A block state only digests show: DATA whose bytes fail their checksum. */
 const POISONED = 0xee;
+
+/** OpenLayer.regions bits. */
+const MARKED = 1;
+const RECENT = 2;
+
+function regionState(blockCount: number): { regions: Uint8Array; writing: Uint32Array } {
+  const n = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
+  return { regions: new Uint8Array(n), writing: new Uint32Array(n) };
+}
 
 /** The value of a write-intent mark: its key says it all. */
 const EMPTY = new Uint8Array(0);
@@ -132,15 +145,8 @@ export class LocalReplica implements Replica {
   #flushRunning: Promise<void> | undefined;
   #flushNext: Promise<void> | undefined;
   #closed = false;
-  /**
-   * Write-intent marks (`layerId/region`, a region being a bitmap chunk) known
-   * to be durable: a write into an unmarked region persists its mark first.
-   */
-  readonly #marked = new Set<string>();
-  /** Regions written since the last flush began (added at a write's start and end). */
-  #recent = new Set<string>();
-  /** Writes under way per region. */
-  readonly #writing = new Map<string, number>();
+  /** Writes under way, all layers (see OpenLayer.writing). */
+  #writes = 0;
   /** File operations under way: fds are closed only at zero, so a number is never reused under one. */
   #pending = 0;
   #fdsClosed = false;
@@ -213,7 +219,14 @@ export class LocalReplica implements Replica {
         );
         const map = new LayerMap(blockCount);
         const sums = new BlockSums(blockCount);
-        layers.push({ record: layer, fd, map, sums, slot: layers.length });
+        layers.push({
+          record: layer,
+          fd,
+          map,
+          sums,
+          ...regionState(blockCount),
+          slot: layers.length,
+        });
         for (const [key, bytes] of await options.spaces.bitmaps.entries(`${layer.id}/`)) {
           map.load(parseInt(key.slice(layer.id.length + 1), 16), bytes);
         }
@@ -392,9 +405,8 @@ export class LocalReplica implements Replica {
 
   /** Indexes (from `firstBlock`) of the blocks in `data` that fail their checksum, read again while writes race. */
   async #badBlocks(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<number[]> {
-    const count = data.length / BLOCK_SIZE;
-    let bad = layer.sums.mismatches(firstBlock, data, count);
-    for (let attempt = 0; bad.length > 0 && this.#writing.size > 0 && attempt < 8; attempt++) {
+    let bad = layer.sums.mismatches(firstBlock, data, data.length / BLOCK_SIZE);
+    for (let attempt = 0; bad.length > 0 && this.#writes > 0 && attempt < 8; attempt++) {
       await new Promise((resolve) => setImmediate(resolve));
       const again: number[] = [];
       for (const i of bad) {
@@ -501,7 +513,7 @@ export class LocalReplica implements Replica {
 
   /** The write-intent mark of a region (see `Spaces.marks`). */
   #markKey(layer: OpenLayer, region: number): string {
-    return `${layer.record.id}/${region.toString(16).padStart(8, '0')}`;
+    return `${this.id}/${layer.record.id}/${region.toString(16).padStart(8, '0')}`;
   }
 
   /**
@@ -511,23 +523,34 @@ export class LocalReplica implements Replica {
    * the function to call when the write is done.
    */
   #intend(layer: OpenLayer, start: number, end: number): (() => void) | Promise<() => void> {
-    const keys: string[] = [];
-    for (let r = Math.floor(start / BLOCKS_PER_CHUNK); r * BLOCKS_PER_CHUNK < end; r++)
-      keys.push(this.#markKey(layer, r));
-    let unmarked: string[] | undefined;
-    for (const k of keys) {
-      this.#writing.set(k, (this.#writing.get(k) ?? 0) + 1);
-      this.#recent.add(k);
-      if (!this.#marked.has(k)) (unmarked ??= []).push(k);
+    const first = Math.floor(start / BLOCKS_PER_CHUNK);
+    const last = Math.floor((end - 1) / BLOCKS_PER_CHUNK);
+    let unmarked = false;
+    for (let r = first; r <= last; r++) {
+      layer.writing[r]!++;
+      layer.regions[r] = layer.regions[r]! | RECENT;
+      if ((layer.regions[r]! & MARKED) === 0) unmarked = true;
     }
-    const done = () => this.#done(keys);
+    this.#writes++;
+    const done = () => {
+      this.#writes--;
+      for (let r = first; r <= last; r++) {
+        layer.writing[r]!--;
+        layer.regions[r] = layer.regions[r]! | RECENT;
+      }
+    };
     // Almost always: the regions are marked already, and the write goes on in this turn.
     if (!unmarked) return done;
     const batch = this.#spaces.batch();
-    for (const k of unmarked) batch.put(this.#spaces.marks, `${this.id}/${k}`, EMPTY);
+    const marking: number[] = [];
+    for (let r = first; r <= last; r++) {
+      if ((layer.regions[r]! & MARKED) !== 0) continue;
+      marking.push(r);
+      batch.put(this.#spaces.marks, this.#markKey(layer, r), EMPTY);
+    }
     return batch.write({ sync: true }).then(
       () => {
-        for (const k of unmarked) this.#marked.add(k);
+        for (const r of marking) layer.regions[r] = layer.regions[r]! | MARKED;
         return done;
       },
       (err: unknown) => {
@@ -535,15 +558,6 @@ export class LocalReplica implements Replica {
         throw ioError(`Cannot mark replica ${this.id} for a write`, err);
       },
     );
-  }
-
-  #done(keys: string[]): void {
-    for (const k of keys) {
-      this.#recent.add(k);
-      const n = (this.#writing.get(k) ?? 1) - 1;
-      if (n > 0) this.#writing.set(k, n);
-      else this.#writing.delete(k);
-    }
   }
 
   /**
@@ -769,7 +783,8 @@ export class LocalReplica implements Replica {
       sums: layer.sums.takeDirty(),
     }));
     // What is written from now on is the next flush's: its regions stay marked.
-    this.#recent = new Set();
+    for (const l of this.#layers)
+      for (let r = 0; r < l.regions.length; r++) l.regions[r]! &= ~RECENT;
     const revision = this.#revision;
     const commits = this.#commits.splice(0);
     this.#pending++;
@@ -786,10 +801,12 @@ export class LocalReplica implements Replica {
       // A region with no write since this flush began has its data synced above and its sums
       // in this batch: its mark goes with them. (Taken out of memory now, so that a write
       // starting meanwhile marks it again, after this batch.)
-      for (const k of [...this.#marked]) {
-        if (this.#recent.has(k) || this.#writing.has(k)) continue;
-        kvBatch.del(this.#spaces.marks, `${this.id}/${k}`);
-        this.#marked.delete(k);
+      for (const l of this.#layers) {
+        for (let r = 0; r < l.regions.length; r++) {
+          if (l.regions[r] !== MARKED || l.writing[r] !== 0) continue;
+          kvBatch.del(this.#spaces.marks, this.#markKey(l, r));
+          l.regions[r] = 0;
+        }
       }
       if (revision !== this.#persistedRevision) {
         const rev = Buffer.alloc(8);
@@ -884,6 +901,7 @@ export class LocalReplica implements Replica {
         fd,
         map: new LayerMap(this.#blockCount),
         sums: new BlockSums(this.#blockCount),
+        ...regionState(this.#blockCount),
         slot,
       };
     } catch (err) {
@@ -1081,7 +1099,7 @@ export class LocalReplica implements Replica {
       for (const key of markKeys) batch.del(this.#spaces.marks, key);
       batch.put(this.#spaces.replicas, this.id, record);
     });
-    for (const key of markKeys) this.#marked.delete(key.slice(this.id.length + 1));
+
     this.#record = record;
     this.#layers = [...this.#layers.slice(0, i + 1), head];
     this.#bySlot[head.slot] = head;
