@@ -26,7 +26,7 @@ export class NbdServer {
   readonly #connections = new Map<net.Socket, NbdConnection>();
   readonly #running = new Set<Promise<void>>();
   /** Large request buffers, shared by all connections. */
-  readonly #pool = new BufferPool(256 * 1024 * 1024);
+  readonly #pool = new BufferPool(64 * 1024 * 1024);
 
   constructor(options: NbdServerOptions) {
     this.#options = { maxConnections: 256, handshakeTimeoutMs: 10_000, ...options };

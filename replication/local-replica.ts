@@ -145,8 +145,8 @@ export class LocalReplica implements Replica {
   #flushRunning: Promise<void> | undefined;
   #flushNext: Promise<void> | undefined;
   #closed = false;
-  /** Writes under way, all layers (see OpenLayer.writing). */
-  #writes = 0;
+  /** Writes under way, all layers; a read that raced one waits for it (see #badBlocks). */
+  readonly #inflight = new Set<{ waiters?: Array<() => void> }>();
   /** File operations under way: fds are closed only at zero, so a number is never reused under one. */
   #pending = 0;
   #fdsClosed = false;
@@ -391,8 +391,9 @@ export class LocalReplica implements Replica {
   /**
    * Checks whole blocks read from `layer` against their sums. A mismatch
    * while writes are under way may be a read that raced a write to the same
-   * block (new bytes, sum not yet set): such blocks are read again after the
-   * writes of this turn settle. A mismatch that stays is DATA_CORRUPT.
+   * block (new bytes, sum not yet set): the writes under way then complete
+   * and such blocks are read again (8 rounds at most). A mismatch that
+   * stays is DATA_CORRUPT.
    */
   async #verify(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<void> {
     const bad = await this.#badBlocks(layer, firstBlock, data);
@@ -406,8 +407,13 @@ export class LocalReplica implements Replica {
   /** Indexes (from `firstBlock`) of the blocks in `data` that fail their checksum, read again while writes race. */
   async #badBlocks(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<number[]> {
     let bad = layer.sums.mismatches(firstBlock, data, data.length / BLOCK_SIZE);
-    for (let attempt = 0; bad.length > 0 && this.#writes > 0 && attempt < 8; attempt++) {
-      await new Promise((resolve) => setImmediate(resolve));
+    for (let attempt = 0; bad.length > 0 && this.#inflight.size > 0 && attempt < 8; attempt++) {
+      // Every write under way now completes (and sets its sums) before the blocks are read again.
+      await Promise.all(
+        [...this.#inflight].map(
+          (w) => new Promise<void>((resolve) => (w.waiters ??= []).push(resolve)),
+        ),
+      );
       const again: number[] = [];
       for (const i of bad) {
         const view = data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE);
@@ -531,13 +537,15 @@ export class LocalReplica implements Replica {
       layer.regions[r] = layer.regions[r]! | RECENT;
       if ((layer.regions[r]! & MARKED) === 0) unmarked = true;
     }
-    this.#writes++;
+    const record: { waiters?: Array<() => void> } = {};
+    this.#inflight.add(record);
     const done = () => {
-      this.#writes--;
+      this.#inflight.delete(record);
       for (let r = first; r <= last; r++) {
         layer.writing[r]!--;
         layer.regions[r] = layer.regions[r]! | RECENT;
       }
+      if (record.waiters) for (const w of record.waiters) w();
     };
     // Almost always: the regions are marked already, and the write goes on in this turn.
     if (!unmarked) return done;

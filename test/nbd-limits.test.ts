@@ -3,7 +3,8 @@ import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
-import { mustRun } from './helpers/run.ts';
+import * as fs from 'node:fs';
+import { mustRun, waitFor } from './helpers/run.ts';
 
 describe('NBD connection limits and multi-conn', () => {
   let daemon: DaemonProcess;
@@ -57,5 +58,55 @@ describe('NBD connection limits and multi-conn', () => {
     c.request(CMD.READ, 1024 * 1024, data.length);
     assert.ok((await c.reply(data.length)).data.equals(data));
     c.close();
+  });
+});
+
+describe('NBD memory after a burst', () => {
+  let daemon: DaemonProcess;
+  before(async () => {
+    daemon = await DaemonProcess.start();
+    await daemon.createVolume('m', '256M');
+  });
+  after(() => daemon.cleanup());
+
+  it('large requests and refused ones leave the RSS near its baseline once idle', async () => {
+    const rssMiB = async () => {
+      const status = await fs.promises.readFile(`/proc/${daemon.child.pid}/status`, 'utf8');
+      return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1]) / 1024;
+    };
+    const baseline = await rssMiB();
+    const MiB = 1024 * 1024;
+    let seed = 7;
+    const random = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed % n;
+    };
+    await Promise.all(
+      [0, 1, 2, 3].map(async (k) => {
+        const c = await RawNbd.connect({ port: daemon.nbdPort });
+        await c.greet();
+        await c.go('m', { structured: false });
+        for (let i = 0; i < 10; i++) {
+          const length = (1 + random(32)) * MiB - random(4096);
+          const offset = random(256 * MiB - length);
+          c.request(CMD.WRITE, offset, length, { payload: Buffer.alloc(length, k + i) });
+          assert.equal((await c.reply()).error, 0);
+          c.request(CMD.READ, offset, length);
+          assert.equal((await c.reply(length)).error, 0);
+        }
+        // Refused: larger than the maximum request (its payload is consumed and dropped).
+        c.request(CMD.WRITE, 0, 33 * MiB, { payload: Buffer.alloc(33 * MiB) });
+        assert.notEqual((await c.reply()).error, 0);
+        c.close();
+      }),
+    );
+    const peak = await rssMiB();
+    const settled = await waitFor(
+      'RSS back near its baseline',
+      async () => ((await rssMiB()) < baseline + 64 ? rssMiB() : undefined),
+      45_000,
+    );
+    assert.ok(peak > baseline + 48, `the burst used memory (${baseline} → ${peak} MiB)`);
+    assert.ok(settled < baseline + 64, `${baseline} → ${peak} → ${settled} MiB`);
   });
 });
