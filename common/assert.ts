@@ -1,5 +1,5 @@
 /**
- * Our own assertion, on in production (STYLE.md, TigerBeetle): a broken
+ * Our own assertion, on in production (docs/CONTRIBUTING.md, after TigerBeetle): a broken
  * invariant in the data path must stop the engine, not corrupt a block.
  */
 export class AssertionError extends Error {

@@ -1,6 +1,6 @@
 /**
  * Time is passed in, never read directly by the engine or replicas, so that
- * a simulation can drive it (STYLE.md, TigerBeetle).
+ * a simulation can drive it (docs/CONTRIBUTING.md, after TigerBeetle).
  */
 export interface Clock {
   nowMs(): number;

@@ -1,6 +1,6 @@
 /**
  * Stable error codes. Callers branch on `code`, never on `message`
- * (STYLE.md: abstract-level's LEVEL_NOT_FOUND). The HTTP API and the NBD
+ * (docs/CONTRIBUTING.md, after abstract-level's LEVEL_NOT_FOUND). The HTTP API and the NBD
  * server map codes to statuses and errnos in one place each.
  */
 export type ErrorCode =

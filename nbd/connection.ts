@@ -99,10 +99,6 @@ export class NbdConnection {
     socket.on('drain', () => this.#wake());
   }
 
-  get inflight(): number {
-    return this.#inflight;
-  }
-
   /** Stops taking requests; resolves once those in flight have been answered. */
   quiesce(): Promise<void> {
     this.#stopping = true;

@@ -666,7 +666,8 @@ export class Engine implements SupervisedEngine {
     return {
       sizeBytes: this.sizeBytes,
       capabilities: () => ({ ...this.capabilities(), readOnly: true }),
-      read: (offset, length, into) => {
+      // async: a bad range rejects, as every other BlockDevice method does, never throws.
+      read: async (offset, length, into) => {
         this.#check('read', offset, length, MAX_REQUEST_BYTES);
         return this.#firstReadable('read').replica.readSnapshot(name, offset, length, into);
       },

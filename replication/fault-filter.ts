@@ -12,7 +12,7 @@ import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 export type FaultMode = 'none' | 'throw' | 'hang';
 
 /**
- * A filter (STYLE.md, nbdkit) for tests of engine isolation: 'throw' makes
+ * A filter (docs/CONTRIBUTING.md, after nbdkit) for tests of engine isolation: 'throw' makes
  * the next operations fail like a bug would (a plain Error), 'hang' makes
  * them never complete. Enabled only with CORRAL_FAULT_INJECTION=1.
  */

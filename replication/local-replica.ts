@@ -122,7 +122,7 @@ export class LocalReplica implements Replica {
   #retired: OpenLayer[] = [];
   /** While a snapshot is merged into the head, every write takes the range lock. */
   #mergeInto: OpenLayer | undefined;
-  /** Open read-only snapshot exports: the chain must not change under them. */
+  /** How fast a snapshot delete may copy (undefined: no limit). */
   #mergeLimit: LocalReplicaOptions['mergeLimit'];
   /**
    * Writes that took the lock-free path (aligned, no merge into the head at

@@ -36,7 +36,7 @@ const SMALL_PAYLOAD = 64 * 1024;
 /** A request may take this many ping timeouts before the replica is failed. */
 const REQUEST_TIMEOUT_FACTOR = 6;
 
-/** HTTP/2 flow-control windows: large, so that many writes are in flight on one stream. */
+/** A request sent and not yet answered. */
 interface Pending {
   /** `pooled`: the frame's buffer came from the pool; whoever copies the payload out gives it back. */
   resolve: (payload: Buffer, pooled?: Buffer) => void;

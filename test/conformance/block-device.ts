@@ -4,7 +4,7 @@ import { it } from 'node:test';
 import type { BlockOps } from '../../replication/block-device.ts';
 
 /**
- * One suite for every implementation of the block interface (STYLE.md,
+ * One suite for every implementation of the block interface (docs/CONTRIBUTING.md,
  * abstract-level): a bare replica, an engine, and whatever comes next.
  * `reopen` simulates a restart after a flush, when the implementation has one.
  */

@@ -1,6 +1,6 @@
 /**
  * A seeded simulation of one engine and three replicas in one process
- * (STYLE.md, TigerBeetle's VOPR): a random workload of writes, trims,
+ * (docs/CONTRIBUTING.md, after TigerBeetle's VOPR): a random workload of writes, trims,
  * flushes and reads against a model, while faults hit the replicas — error
  * replies, timeouts, dropped connections, crashes that lose what was not
  * flushed, and crashes of the engine's host. Checks that a read always sees
@@ -44,10 +44,10 @@ const clock: Clock = {
 
 type Fault = 'error' | 'timeout' | 'drop' | 'crash';
 
-/** A replica as the engine sees it across a network: it can fail, time out or vanish. */
 /** Faults allowed in the current step, shared by all links: never more than the spare replicas. */
 const budget = { faults: 0 };
 
+/** A replica as the engine sees it across a network: it can fail, time out or vanish. */
 class Link {
   dead = false;
   faultRate = 0;
@@ -225,7 +225,7 @@ export async function simulate(seed: number, steps = 300): Promise<SimResult> {
           const bad = modes.findIndex((m) => m.mode === 'ERR');
           if (bad >= 0) {
             const slot = links.findIndex((l) => l.proxy.id === modes[bad]!.id);
-            if (!links[slot]!.inner.revision) fail('link lost its replica');
+            if (slot < 0) fail(`replica ${modes[bad]!.id} in ERR has no link`);
             if (!links[slot]!.dead) crashLink(links[slot]!);
             else links[slot]!.inner.abandon();
             const back = await openLink(slot);
