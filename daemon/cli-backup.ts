@@ -157,13 +157,13 @@ export async function runJobCommand(
     case 'add': {
       const volume = positionals[0];
       if (!volume) throw new UsageError('missing volume name');
-      if (!values.cron || !values.task || !values.retain)
-        throw new UsageError('job add needs --cron, --task and --retain');
+      if (!values.cron || !values.task || (!values.retain && values.task !== 'scrub'))
+        throw new UsageError('job add needs --cron, --task and --retain (not for scrub)');
       const job = await call<JobInfo>(api, 'POST', '/v1/jobs', {
         volume,
         cron: values.cron,
         task: values.task,
-        retain: Number(values.retain),
+        ...(values.retain !== undefined ? { retain: Number(values.retain) } : {}),
         ...(values.target ? { target: values.target } : {}),
       });
       print(json, job, () => rows([job]));

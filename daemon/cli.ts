@@ -27,7 +27,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral volume attach NAME [--frontend nbd|fuse] | detach NAME [--force] | rm NAME [--force]
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
-  corral job add VOL --cron EXPR --task snapshot|backup --retain N [--target URL] | ls | rm ID
+  corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
   corral node ls | replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--json]
 

@@ -80,15 +80,16 @@ export class JobScheduler {
     volume: unknown;
     cron: unknown;
     task: unknown;
-    retain: unknown;
+    retain?: unknown;
     target?: unknown;
   }): Promise<JobInfo> {
     const volume = validateVolumeName(input.volume);
     await this.#volumes.get(volume);
     parseCron(input.cron);
-    if (input.task !== 'snapshot' && input.task !== 'backup')
-      throw new CorralError('INVALID_ARGUMENT', 'task must be snapshot or backup');
-    const retain = input.retain;
+    if (input.task !== 'snapshot' && input.task !== 'backup' && input.task !== 'scrub')
+      throw new CorralError('INVALID_ARGUMENT', 'task must be snapshot, backup or scrub');
+    // A scrub keeps nothing: its retain is 1 whatever is asked.
+    const retain = input.task === 'scrub' && input.retain === undefined ? 1 : input.retain;
     if (
       typeof retain !== 'number' ||
       !Number.isInteger(retain) ||
@@ -155,7 +156,12 @@ export class JobScheduler {
       'job',
       `${job.task} job ${job.id}`,
       job.volume,
-      () => (job.task === 'snapshot' ? this.#snapshotRun(job, now) : this.#backupRun(job, now)),
+      () =>
+        job.task === 'snapshot'
+          ? this.#snapshotRun(job, now)
+          : job.task === 'backup'
+            ? this.#backupRun(job, now)
+            : this.#scrubRun(job),
       (outcome) => outcome,
     );
     let outcome: string;
@@ -193,6 +199,19 @@ export class JobScheduler {
     const old = own.slice(0, Math.max(0, own.length - job.retain));
     for (const snap of old) await this.#volumes.deleteSnapshot(job.volume, snap);
     return `snapshot ${name}; ${old.length} old snapshot(s) deleted, ${own.length - old.length} kept`;
+  }
+
+  /** Every block of the volume checked; bad replicas are rebuilt (VolumeManager.scrubNow). */
+  async #scrubRun(job: JobRecord): Promise<string> {
+    const reports = await this.#volumes.scrubNow(job.volume);
+    const bad = reports.filter((r) => r.bad.length > 0);
+    if (bad.length === 0) return `${reports.length} replica(s) clean`;
+    return bad
+      .map(
+        (r) =>
+          `replica ${r.replica}: ${r.bad.length} bad block(s)${r.failed ? ', rebuilt from a clean replica' : ', no clean replica'}`,
+      )
+      .join('; ');
   }
 
   async #backupRun(job: JobRecord, now: Date): Promise<string> {

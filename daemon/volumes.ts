@@ -1066,27 +1066,36 @@ export class VolumeManager {
     );
   }
 
-  /** Checks every block of every healthy replica against its checksum, as an operation. */
+  /** Checks every block of every healthy replica against its checksum (see Engine.scrub). */
+  async scrubNow(
+    name: string,
+    onProgress?: (done: number, total: number) => void,
+  ): Promise<ScrubReport[]> {
+    await this.#record(name);
+    const entry = this.#attachedEntry(name, 'scrub it');
+    return this.#serially(name, 'scrub', () =>
+      entry.supervisor.control('scrub', (e) => e.scrub(onProgress)),
+    );
+  }
+
+  /** `scrubNow` as an operation with progress. */
   async scrub(name: string): Promise<{
     operation: Operation;
     done: Promise<{ replicas: ScrubReport[] }>;
   }> {
     await this.#record(name);
-    const entry = this.#attachedEntry(name, 'scrub it');
+    this.#attachedEntry(name, 'scrub it');
     const ops = this.#o.operations;
     if (!ops) throw new CorralError('INTERNAL', 'operations are not set up');
     return ops.start(
       'scrub',
       `volume ${name}`,
       name,
-      (update) =>
-        this.#serially(name, 'scrub', () =>
-          entry.supervisor.control('scrub', async (e) => ({
-            replicas: await e.scrub((done, total) =>
-              update({ phase: 'scrub', done, total, bytes: done }),
-            ),
-          })),
+      async (update) => ({
+        replicas: await this.scrubNow(name, (done, total) =>
+          update({ phase: 'scrub', done, total, bytes: done }),
         ),
+      }),
       (r) => {
         const bad = r.replicas.filter((x) => x.bad.length > 0);
         return bad.length === 0

@@ -111,7 +111,7 @@ export interface JobRecord {
   id: string;
   volume: string;
   cron: string;
-  task: 'snapshot' | 'backup';
+  task: 'snapshot' | 'backup' | 'scrub';
   /** Snapshots (or backups) of this job kept; older ones are deleted after each run. */
   retain: number;
   /** Backup target URL; the daemon's default when absent. */
@@ -123,7 +123,7 @@ export interface JobRecord {
 
 function validateJob(r: Record<string, unknown>, key: string): JobRecord {
   const task = field<string>(r, key, 'task', 'string');
-  if (task !== 'snapshot' && task !== 'backup') {
+  if (task !== 'snapshot' && task !== 'backup' && task !== 'scrub') {
     throw new CorralError('CORRUPT_METADATA', `record ${key}: unknown task ${task}`);
   }
   return {

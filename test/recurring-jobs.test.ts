@@ -148,6 +148,34 @@ describe('recurring jobs on a clock the test controls', () => {
     await w.close();
   });
 
+  it('a weekly scrub job finds a block damaged on disk and says so', async () => {
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-jobs-'));
+    dirs.push(dir);
+    const w = await world(dir, Date.parse('2026-01-04T00:00:00Z')); // a Sunday
+    await w.volumes.create({ name: 's', size: '16M' });
+    await w.volumes.device('s')!.write(0, Buffer.alloc(65536, 0x61));
+    await w.volumes.device('s')!.flush();
+    const job = await w.jobs.add({ volume: 's', cron: '0 4 * * 0', task: 'scrub' });
+    assert.equal(job.nextRunAt, '2026-01-04T04:00:00.000Z');
+    w.time.now += 4 * HOUR;
+    await w.jobs.runDue();
+    assert.match((await w.jobs.list())[0]!.lastOutcome ?? '', /1 replica\(s\) clean/);
+    // One byte of the layer file changes behind the daemon's back.
+    const [replica] = await fs.promises.readdir(path.join(dir, 'replicas'));
+    const [layer] = await fs.promises.readdir(path.join(dir, 'replicas', replica!));
+    const fh = await fs.promises.open(path.join(dir, 'replicas', replica!, layer!), 'r+');
+    await fh.write(Buffer.from([0x62]), 0, 1, 12345);
+    await fh.close();
+    w.time.now += 7 * 24 * HOUR;
+    await w.jobs.runDue();
+    assert.match(
+      (await w.jobs.list())[0]!.lastOutcome ?? '',
+      /replica .*: 1 bad block\(s\), no clean replica/,
+    );
+    assert.ok(w.events.list().some((e) => e.type === 'data-corrupt'));
+    await w.close();
+  });
+
   it('refuses bad jobs with clear errors', async () => {
     const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-jobs-'));
     dirs.push(dir);
@@ -160,7 +188,7 @@ describe('recurring jobs on a clock the test controls', () => {
       );
     await bad({ cron: 'every hour' }, /Invalid cron expression "every hour"/);
     await bad({ cron: '61 * * * *' }, /Invalid cron expression.*minute/);
-    await bad({ task: 'defrag' }, /task must be snapshot or backup/);
+    await bad({ task: 'defrag' }, /task must be snapshot, backup or scrub/);
     await bad({ retain: 0 }, /retain must be a whole number from 1/);
     await bad({ retain: 2.5 }, /retain must be a whole number/);
     await bad({ volume: 'nope' }, /No volume named nope/);
