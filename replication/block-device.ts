@@ -1,3 +1,5 @@
+import { CorralError } from '../common/errors.ts';
+
 /**
  * The one narrow interface under every frontend (nbd/, fuse/), after
  * nbdkit's backend: frontends see this and nothing about replicas.
@@ -54,3 +56,26 @@ export interface BlockDevice extends BlockOps {
 export const BLOCK_SIZE = 4096;
 /** NBD_INFO_BLOCK_SIZE maximum payload; also the largest read or write we accept. */
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
+
+/**
+ * A read-only device from its reads and map: writes, trims and zeroes are
+ * refused with READ_ONLY naming `label`, a flush has nothing to do. (A
+ * filter that overrides only what it needs, after nbdkit's.)
+ */
+export function readOnlyDevice(
+  label: string,
+  device: Pick<BlockDevice, 'sizeBytes' | 'capabilities' | 'read' | 'extents'>,
+): BlockDevice {
+  const refuse = (what: string) => () =>
+    Promise.reject(new CorralError('READ_ONLY', `Cannot ${what}: ${label} is read-only`));
+  return {
+    sizeBytes: device.sizeBytes,
+    capabilities: () => ({ ...device.capabilities(), readOnly: true }),
+    read: (offset, length, into) => device.read(offset, length, into),
+    extents: (offset, length) => device.extents(offset, length),
+    write: refuse('write'),
+    trim: refuse('trim'),
+    zero: refuse('write zeroes'),
+    flush: () => Promise.resolve(),
+  };
+}

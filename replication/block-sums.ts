@@ -72,6 +72,19 @@ export class BlockSums {
     }
   }
 
+  /** True when every block in `data` matches its stored sum (or has none): the read path's check. */
+  allMatch(firstBlock: number, data: Uint8Array, count: number): boolean {
+    for (let i = 0; i < count; i++) {
+      const want = this.get(firstBlock + i);
+      if (
+        want !== undefined &&
+        blockSum(data.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)) !== want
+      )
+        return false;
+    }
+    return true;
+  }
+
   /**
    * Indexes (relative to `firstBlock`) of the blocks in `data` whose bytes
    * do not match their stored sum; blocks with no known sum pass.

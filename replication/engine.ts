@@ -2,6 +2,7 @@ import { assert } from '../common/assert.ts';
 import { CorralError, isCorralError } from '../common/errors.ts';
 import {
   MAX_REQUEST_BYTES,
+  readOnlyDevice,
   type BlockDevice,
   type Capabilities,
   type Extent,
@@ -656,16 +657,9 @@ export class Engine implements SupervisedEngine {
     if (!this.snapshots().some((s) => s.name === name)) {
       throw new CorralError('NOT_FOUND', `Volume ${this.volume} has no snapshot named ${name}`);
     }
-    const readOnly = (what: string) => () =>
-      Promise.reject(
-        new CorralError(
-          'READ_ONLY',
-          `Cannot ${what}: snapshot ${this.volume}@${name} is read-only`,
-        ),
-      );
-    return {
+    return readOnlyDevice(`snapshot ${this.volume}@${name}`, {
       sizeBytes: this.sizeBytes,
-      capabilities: () => ({ ...this.capabilities(), readOnly: true }),
+      capabilities: () => this.capabilities(),
       // async: a bad range rejects, as every other BlockDevice method does, never throws.
       read: async (offset, length, into) => {
         this.#check('read', offset, length, MAX_REQUEST_BYTES);
@@ -675,11 +669,7 @@ export class Engine implements SupervisedEngine {
         this.#check('map', offset, length);
         return this.#firstReadable('map').replica.extentsSnapshot(name, offset, length);
       },
-      write: readOnly('write'),
-      trim: readOnly('trim'),
-      zero: readOnly('write zeroes'),
-      flush: () => Promise.resolve(),
-    };
+    });
   }
 
   /**

@@ -1,11 +1,12 @@
 import type { Clock } from '../common/clock.ts';
 import { CorralError } from '../common/errors.ts';
-import type {
-  BlockDevice,
-  Capabilities,
-  Extent,
-  WriteOptions,
-  ZeroOptions,
+import {
+  readOnlyDevice,
+  type BlockDevice,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
 } from './block-device.ts';
 import type { Replica, ReplicaMode, ScrubReport, SnapshotInfo } from './replica.ts';
 import type { CopyOptions, Difference, RebuildProgress } from './rebuild.ts';
@@ -246,25 +247,14 @@ export class Supervisor implements BlockDevice {
    */
   snapshotDevice(name: string): BlockDevice {
     const view = (e: SupervisedEngine) => e.snapshotDevice(name);
-    const readOnly = (what: string) => () =>
-      Promise.reject(
-        new CorralError(
-          'READ_ONLY',
-          `Cannot ${what}: snapshot ${this.volume}@${name} is read-only`,
-        ),
-      );
-    return {
+    return readOnlyDevice(`snapshot ${this.volume}@${name}`, {
       sizeBytes: this.sizeBytes,
-      capabilities: () => ({ ...this.capabilities(), readOnly: true }),
+      capabilities: () => this.capabilities(),
       read: (offset, length, into) =>
         this.#run(`read ${this.volume}@${name}`, (e) => view(e).read(offset, length, into)),
       extents: (offset, length) =>
         this.#run(`map ${this.volume}@${name}`, (e) => view(e).extents(offset, length)),
-      write: readOnly('write'),
-      trim: readOnly('trim'),
-      zero: readOnly('write zeroes'),
-      flush: () => Promise.resolve(),
-    };
+    });
   }
 
   #controls = 0;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
+import { prng } from './helpers/prng.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 
 /**
@@ -111,18 +112,6 @@ function describeModel(m: Model): string {
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([k, v]) => [k, v.head, v.snaps.map((s) => `${s.name}=${s.content}`).join(',')]),
   );
-}
-
-/** A small seeded generator (mulberry32): the same seed gives the same rounds. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 async function nbdSession<T>(d: DaemonProcess, name: string, fn: (c: RawNbd) => Promise<T>) {

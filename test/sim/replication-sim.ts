@@ -18,23 +18,12 @@ import { openSpaces, type Spaces } from '../../kv/spaces.ts';
 import { Engine } from '../../replication/engine.ts';
 import { LocalReplica } from '../../replication/local-replica.ts';
 import type { Replica } from '../../replication/replica.ts';
+import { prng } from '../helpers/prng.ts';
 
 const BLOCK = 4096;
 const BLOCKS = 256;
 const SIZE = BLOCKS * BLOCK;
 const REPLICAS = 3;
-
-/** mulberry32: small, fast, and the same sequence for a seed everywhere. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const clock: Clock = {
   nowMs: () => Date.now(),
