@@ -23,6 +23,16 @@ import { RangeLock } from './range-lock.ts';
 import { BlockSums } from './block-sums.ts';
 import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 
+/** A write under way: which blocks of which layer, and who waits for it to end. */
+interface InflightWrite {
+  layer: OpenLayer;
+  start: number;
+  end: number;
+  /** A read-modify-write reads its edge blocks first (under the range lock). */
+  reads: boolean;
+  waiters?: Array<() => void>;
+}
+
 interface OpenLayer {
   record: LayerRecord;
   fd: number;
@@ -146,7 +156,7 @@ export class LocalReplica implements Replica {
   #flushNext: Promise<void> | undefined;
   #closed = false;
   /** Writes under way, all layers; a read that raced one waits for it (see #badBlocks). */
-  readonly #inflight = new Set<{ waiters?: Array<() => void> }>();
+  readonly #inflight = new Set<InflightWrite>();
   /** File operations under way: fds are closed only at zero, so a number is never reused under one. */
   #pending = 0;
   #fdsClosed = false;
@@ -372,6 +382,7 @@ export class LocalReplica implements Replica {
     at: number,
     length: number,
     fileOffset: number,
+    inWrite = false,
   ): Promise<void> {
     const first = Math.floor(fileOffset / BLOCK_SIZE);
     const end = fileOffset + length;
@@ -380,25 +391,35 @@ export class LocalReplica implements Replica {
       await preadFull(layer.fd, buf, at, length, fileOffset);
       const view = buf.subarray(at, at + length);
       // Checked here, without another await, in the common case that every block matches.
-      if (!layer.sums.allMatch(first, view, last - first)) await this.#verify(layer, first, view);
+      if (!layer.sums.allMatch(first, view, last - first))
+        await this.#verify(layer, first, view, inWrite);
       return;
     }
     const whole = Buffer.allocUnsafe((last - first) * BLOCK_SIZE);
     await preadFull(layer.fd, whole, 0, whole.length, first * BLOCK_SIZE);
-    if (!layer.sums.allMatch(first, whole, last - first)) await this.#verify(layer, first, whole);
+    if (!layer.sums.allMatch(first, whole, last - first))
+      await this.#verify(layer, first, whole, inWrite);
     const skip = fileOffset - first * BLOCK_SIZE;
     buf.set(whole.subarray(skip, skip + length), at);
   }
 
   /**
    * Checks whole blocks read from `layer` against their sums. A mismatch
-   * while writes are under way may be a read that raced a write to the same
-   * block (new bytes, sum not yet set): the writes under way then complete
-   * and such blocks are read again (8 rounds at most). A mismatch that
-   * stays is DATA_CORRUPT.
+   * may be a read that raced a write to the same block (new bytes and the
+   * old sum, or old bytes and the new sum): the overlapping writes under way
+   * complete and those blocks are read again (8 rounds at most, at least
+   * one). A mismatch that stays is
+   * DATA_CORRUPT. `inWrite`: the read is a read-modify-write's, which holds
+   * the range lock: it waits only for writes that read nothing themselves
+   * (waiting for one that waits for our lock would never end).
    */
-  async #verify(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<void> {
-    const bad = await this.#badBlocks(layer, firstBlock, data);
+  async #verify(
+    layer: OpenLayer,
+    firstBlock: number,
+    data: Uint8Array,
+    inWrite: boolean,
+  ): Promise<void> {
+    const bad = await this.#badBlocks(layer, firstBlock, data, inWrite);
     if (bad.length > 0)
       throw this.#corrupt(
         layer,
@@ -406,15 +427,26 @@ export class LocalReplica implements Replica {
       );
   }
 
-  /** Indexes (from `firstBlock`) of the blocks in `data` that fail their checksum, read again while writes race. */
-  async #badBlocks(layer: OpenLayer, firstBlock: number, data: Uint8Array): Promise<number[]> {
+  /** Indexes (from `firstBlock`) of the blocks in `data` that fail their checksum (see #verify). */
+  async #badBlocks(
+    layer: OpenLayer,
+    firstBlock: number,
+    data: Uint8Array,
+    inWrite = false,
+  ): Promise<number[]> {
     let bad = layer.sums.mismatches(firstBlock, data, data.length / BLOCK_SIZE);
-    for (let attempt = 0; bad.length > 0 && this.#inflight.size > 0 && attempt < 8; attempt++) {
-      // Every write under way now completes (and sets its sums) before the blocks are read again.
+    for (let attempt = 0; bad.length > 0 && attempt < 8; attempt++) {
+      const from = firstBlock + bad[0]!;
+      const to = firstBlock + bad[bad.length - 1]! + 1;
+      const racing = [...this.#inflight].filter(
+        (w) => w.layer === layer && w.start < to && w.end > from && !(inWrite && w.reads),
+      );
+      // Read again at least once even with no write under way: the read may have seen the old
+      // bytes just before a write completed and set the new sums. Real damage stays bad.
+      if (racing.length === 0 && attempt > 0) break;
+      // The writes that overlap complete (and set their sums) before the blocks are read again.
       await Promise.all(
-        [...this.#inflight].map(
-          (w) => new Promise<void>((resolve) => (w.waiters ??= []).push(resolve)),
-        ),
+        racing.map((w) => new Promise<void>((resolve) => (w.waiters ??= []).push(resolve))),
       );
       const again: number[] = [];
       for (const i of bad) {
@@ -499,6 +531,7 @@ export class LocalReplica implements Replica {
     bufOffset: number,
     offset: number,
     length: number,
+    inWrite = false,
   ): Promise<void> {
     if (length === 0) return;
     const end = offset + length;
@@ -517,7 +550,7 @@ export class LocalReplica implements Replica {
         } else {
           const layer = this.#bySlot[source - 1];
           assert(layer, `read index points at missing layer slot ${source - 1}`);
-          pending.push(this.#readRun(layer, buf, at, runLength, runStart));
+          pending.push(this.#readRun(layer, buf, at, runLength, runStart, inWrite));
         }
         if (next === -1) break;
         runStart = blockEnd;
@@ -543,7 +576,12 @@ export class LocalReplica implements Replica {
    * checksums of what follows may not be persisted before a crash). Returns
    * the function to call when the write is done.
    */
-  #intend(layer: OpenLayer, start: number, end: number): (() => void) | Promise<() => void> {
+  #intend(
+    layer: OpenLayer,
+    start: number,
+    end: number,
+    aligned: boolean,
+  ): (() => void) | Promise<() => void> {
     const first = Math.floor(start / BLOCKS_PER_CHUNK);
     const last = Math.floor((end - 1) / BLOCKS_PER_CHUNK);
     let unmarked = false;
@@ -552,7 +590,8 @@ export class LocalReplica implements Replica {
       layer.regions[r] = layer.regions[r]! | RECENT;
       if ((layer.regions[r]! & MARKED) === 0) unmarked = true;
     }
-    const record: { waiters?: Array<() => void> } = {};
+    // Until #write knows better, a write may read (the safe side for waiters).
+    const record: InflightWrite = { layer, start, end, reads: !aligned };
     this.#inflight.add(record);
     const done = () => {
       this.#inflight.delete(record);
@@ -617,7 +656,8 @@ export class LocalReplica implements Replica {
     const startBlock = Math.floor(offset / BLOCK_SIZE);
     const endBlock = Math.ceil(end / BLOCK_SIZE);
     const head = this.#head;
-    const intent = this.#intend(head, startBlock, endBlock);
+    const aligned = offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0;
+    const intent = this.#intend(head, startBlock, endBlock, aligned);
     const done = typeof intent === 'function' ? intent : await intent;
     try {
       await this.#write(head, offset, data, startBlock, endBlock);
@@ -685,9 +725,15 @@ export class LocalReplica implements Replica {
     const buf = Buffer.allocUnsafe((endBlock - startBlock) * BLOCK_SIZE);
     const end = offset + data.length;
     // Only the partial edge blocks need their old bytes; data covers the rest.
-    if (offset % BLOCK_SIZE !== 0) await this.#readInto(buf, 0, alignedStart, BLOCK_SIZE);
+    if (offset % BLOCK_SIZE !== 0) await this.#readInto(buf, 0, alignedStart, BLOCK_SIZE, true);
     if (end % BLOCK_SIZE !== 0 && (endBlock - 1 !== startBlock || offset % BLOCK_SIZE === 0)) {
-      await this.#readInto(buf, buf.length - BLOCK_SIZE, (endBlock - 1) * BLOCK_SIZE, BLOCK_SIZE);
+      await this.#readInto(
+        buf,
+        buf.length - BLOCK_SIZE,
+        (endBlock - 1) * BLOCK_SIZE,
+        BLOCK_SIZE,
+        true,
+      );
     }
     buf.set(data, offset - alignedStart);
     await pwriteFull(head.fd, buf, alignedStart);
@@ -1331,7 +1377,7 @@ export class LocalReplica implements Replica {
     const chosen = (i: number) => !mask || mask[i] !== 0;
     const wanted = (i: number) => states[i] === DATA && chosen(i);
     // Blocks of a snapshot layer may be overwritten here: marked like a head write.
-    const intent = this.#intend(layer, first, first + states.length);
+    const intent = this.#intend(layer, first, first + states.length, true);
     const done = typeof intent === 'function' ? intent : await intent;
     this.#pending++;
     try {

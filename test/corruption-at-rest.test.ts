@@ -199,6 +199,23 @@ describe('corruption at rest', () => {
         assert.equal(read.error, 0, `round ${round}: a read racing a write is not corruption`);
       }
     }
+    // Read-modify-writes (unaligned) racing aligned writes to their edge blocks, with reads
+    // beside them: an edge read that sees a racing write's bytes waits for that write only
+    // (waiting for every write under way, its own included, hung until the watchdog: EIO).
+    const u = await open();
+    for (let round = 0; round < 40; round++) {
+      for (let i = 0; i < 8; i++) {
+        u.request(CMD.WRITE, 100 + i * 8192, 8192, { payload: Buffer.alloc(8192, i) });
+        w.request(CMD.WRITE, (i * 2 + 1) * 4096, 4096, { payload: Buffer.alloc(4096, 0x80 + i) });
+        r.request(CMD.READ, 0, 64 * 1024);
+      }
+      for (let i = 0; i < 8; i++) {
+        assert.equal((await u.reply()).error, 0, `round ${round}: unaligned write`);
+        assert.equal((await w.reply()).error, 0, `round ${round}: aligned write`);
+        assert.equal((await r.reply(64 * 1024)).error, 0, `round ${round}: read`);
+      }
+    }
+    u.close();
     w.close();
     r.close();
   });
