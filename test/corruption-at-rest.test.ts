@@ -271,6 +271,18 @@ describe('corruption at rest', () => {
     assert.equal(again.code, 0, JSON.stringify(again.result));
     const v = await d1.cli(['volume', 'verify', 'pg', '--json']);
     assert.equal(v.code, 0, v.stdout + v.stderr);
+    // Progress counts the volume once, however many snapshots were compared (two here).
+    const ops = (
+      await d1.api_<{
+        operations: Array<{
+          kind: string;
+          progress: { done: number; total: number; bytes: number };
+        }>;
+      }>('GET', '/v1/operations')
+    ).json.operations.filter((o) => o.kind === 'verify');
+    const last = ops[ops.length - 1]!.progress;
+    assert.deepEqual([last.done, last.total], [64 * MiB, 64 * MiB]);
+    assert.ok(last.bytes > 64 * MiB, 'every view was read');
     assert.equal((await qemuRead(d1.uri('pg'), 0x33, 0, 8 * MiB)).code, 0);
   });
 });
