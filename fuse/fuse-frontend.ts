@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { BlockDevice } from '../replication/block-device.ts';
+import { deviceErrno, type BlockDevice, type DeviceErrno } from '../replication/block-device.ts';
 import { FuseChannel, type FuseRequest } from './channel.ts';
 import {
   attrOut,
@@ -320,7 +320,7 @@ export class FuseFrontend {
         ch.replyIn(unique, reply);
         ch.release(reply);
       },
-      (err: unknown) => this.#fail(ch, unique, err, `read ${v.name}`),
+      (err: unknown) => this.#fail(ch, unique, err, `read ${v.name}`, false),
     );
   }
 
@@ -343,7 +343,7 @@ export class FuseFrontend {
         ch.reply(unique, writeOut(n));
         if (held) ch.release(held);
       },
-      (err: unknown) => this.#fail(ch, unique, err, `write ${v.name}`),
+      (err: unknown) => this.#fail(ch, unique, err, `write ${v.name}`, true),
     );
   }
 
@@ -375,16 +375,17 @@ export class FuseFrontend {
     return ch.error(unique, 0);
   }
 
+  /** Answers `op`'s outcome (flush, punch hole, zero range: all but flush write). */
   #settle(ch: FuseChannel, unique: bigint, op: Promise<void>, what: string, name: string): void {
     op.then(
       () => ch.error(unique, 0),
-      (err: unknown) => this.#fail(ch, unique, err, `${what} ${name}`),
+      (err: unknown) => this.#fail(ch, unique, err, `${what} ${name}`, what !== 'flush'),
     );
   }
 
-  #fail(ch: FuseChannel, unique: bigint, err: unknown, what: string): void {
+  #fail(ch: FuseChannel, unique: bigint, err: unknown, what: string, writes: boolean): void {
     this.#log.warn(`FUSE ${what}: ${err instanceof Error ? err.message : String(err)}`);
-    ch.error(unique, errnoOf(err));
+    ch.error(unique, errnoOf(err, writes));
   }
 
   async unmount(): Promise<void> {
@@ -397,9 +398,16 @@ export class FuseFrontend {
   }
 }
 
-function errnoOf(err: unknown): number {
-  const code = typeof err === 'object' && err !== null && 'code' in err ? err.code : undefined;
-  if (code === 'NO_SPACE' || code === 'OUT_OF_RANGE') return E.ENOSPC;
-  if (code === 'READ_ONLY') return E.EPERM;
-  return E.EIO;
+/** The kernel's numbers; a volume going away is an I/O error to whatever uses the image. */
+const FUSE_ERRNO: Record<DeviceErrno, number> = {
+  EIO: E.EIO,
+  EINVAL: E.EINVAL,
+  ENOSPC: E.ENOSPC,
+  EPERM: E.EPERM,
+  ESHUTDOWN: E.EIO,
+};
+
+/** The errno for a device error (one table for every frontend: `deviceErrno`). */
+function errnoOf(err: unknown, writes: boolean): number {
+  return FUSE_ERRNO[deviceErrno(err, writes)];
 }

@@ -1,6 +1,10 @@
 import type { Socket } from 'node:net';
-import { isCorralError } from '../common/errors.ts';
-import { MAX_REQUEST_BYTES, type BlockDevice, type Extent } from '../replication/block-device.ts';
+import {
+  deviceErrno,
+  MAX_REQUEST_BYTES,
+  type BlockDevice,
+  type Extent,
+} from '../replication/block-device.ts';
 import type { BufferPool } from '../common/buffer-pool.ts';
 import type { ByteQueue } from './byte-queue.ts';
 import type { Negotiated } from './handshake.ts';
@@ -34,26 +38,10 @@ class NbdRequestError extends Error {
   }
 }
 
-/** Maps a device error to the errno the spec names for it. */
+/** Maps a device error to the errno the spec names for it (one table: `deviceErrno`). */
 function errnoOf(err: unknown, command: number): number {
   if (err instanceof NbdRequestError) return err.errno;
-  if (isCorralError(err)) {
-    switch (err.code) {
-      case 'OUT_OF_RANGE':
-        return command === P.CMD_WRITE || command === P.CMD_WRITE_ZEROES ? P.ENOSPC : P.EINVAL;
-      case 'INVALID_ARGUMENT':
-        return P.EINVAL;
-      case 'NO_SPACE':
-        return P.ENOSPC;
-      case 'READ_ONLY':
-        return P.EPERM;
-      case 'SHUTTING_DOWN':
-        return P.ESHUTDOWN;
-      default:
-        return P.EIO;
-    }
-  }
-  return P.EIO;
+  return P[deviceErrno(err, command === P.CMD_WRITE || command === P.CMD_WRITE_ZEROES)];
 }
 
 export interface ConnectionLog {

@@ -1,4 +1,4 @@
-import { CorralError } from '../common/errors.ts';
+import { CorralError, isCorralError } from '../common/errors.ts';
 
 /**
  * The one narrow interface under every frontend (nbd/, fuse/), after
@@ -78,4 +78,30 @@ export function readOnlyDevice(
     zero: refuse('write zeroes'),
     flush: () => Promise.resolve(),
   };
+}
+
+/** The errno a frontend answers for a failed BlockDevice request. */
+export type DeviceErrno = 'EIO' | 'EINVAL' | 'ENOSPC' | 'EPERM' | 'ESHUTDOWN';
+
+/**
+ * One table for every frontend (NBD and FUSE answered INVALID_ARGUMENT
+ * differently): a range past the end is ENOSPC for what writes and EINVAL
+ * for the rest, as the NBD spec names them; anything unclassified is EIO.
+ */
+export function deviceErrno(err: unknown, writes: boolean): DeviceErrno {
+  if (!isCorralError(err)) return 'EIO';
+  switch (err.code) {
+    case 'OUT_OF_RANGE':
+      return writes ? 'ENOSPC' : 'EINVAL';
+    case 'INVALID_ARGUMENT':
+      return 'EINVAL';
+    case 'NO_SPACE':
+      return 'ENOSPC';
+    case 'READ_ONLY':
+      return 'EPERM';
+    case 'SHUTTING_DOWN':
+      return 'ESHUTDOWN';
+    default:
+      return 'EIO';
+  }
 }
