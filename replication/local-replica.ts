@@ -1454,10 +1454,17 @@ export class LocalReplica implements Replica {
     return out;
   }
 
+  /**
+   * Flushes and lets go of the files — the files always, even when the flush
+   * fails (then it rejects: the caller must not take the data as durable).
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
-    await this.flush();
-    this.abandon();
+    try {
+      await this.flush();
+    } finally {
+      this.abandon();
+    }
   }
 }
 

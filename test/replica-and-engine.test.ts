@@ -76,6 +76,31 @@ describe('block device conformance: bare replica', () =>
 describe('block device conformance: one-replica engine', () =>
   blockDeviceConformance('engine', engineSubject, teardown));
 
+/** Polls (with a deadline) until `done`: file descriptors close on libuv's threads. */
+async function waitForFds(done: () => Promise<boolean>): Promise<void> {
+  const until = Date.now() + 5000;
+  while (!(await done())) {
+    assert.ok(Date.now() < until, 'the layer files were not closed');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+describe('replica close', () => {
+  it('a close whose flush fails rejects and still closes every file', async () => {
+    const fds = async () => (await fs.promises.readdir('/proc/self/fd')).length;
+    const { e, replica } = await freshReplica();
+    await replica.snapshot('s1', new Date()); // two layers: two open files
+    await replica.write(0, Buffer.alloc(4096, 7));
+    // The metadata store goes away under it: the flush cannot record the write.
+    await e.kv.close();
+    const open = await fds();
+    await assert.rejects(replica.close(), /closed/i);
+    await waitForFds(async () => (await fds()) === open - 2);
+    await fs.promises.rm(e.dir, { recursive: true, force: true });
+    env = undefined;
+  });
+});
+
 describe('replica crash semantics', () => {
   it('an unflushed write is gone after a crash; a flushed one stays; the revision counter is persisted', async () => {
     const { device, reopen } = await replicaSubject();
