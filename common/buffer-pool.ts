@@ -29,10 +29,6 @@ export class BufferPool {
     this.#maxBytes = maxBytes;
   }
 
-  get pooledBytes(): number {
-    return this.#pooledBytes;
-  }
-
   /**
    * Drops the free buffers if none was asked for since the last call: a
    * burst of large requests must not keep its buffers for ever (an NBD fuzz

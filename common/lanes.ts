@@ -74,6 +74,7 @@ export class Lanes {
           resolve();
         },
       };
+      // The clock has no one-shot timer: an interval cancelled at its first tick.
       const timer = this.#clock.setInterval(() => {
         timer.cancel();
         const i = lane.queue.indexOf(waiter);

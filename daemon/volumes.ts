@@ -102,8 +102,6 @@ export class VolumeManager {
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
   readonly #restoring = new Set<string>();
-  /** Volumes whose replicas are being repaired (one repair at a time per volume). */
-  readonly #repairing = new Set<string>();
   /** When each `volume/replica` was first seen in ERR. */
   readonly #failedSince = new Map<string, number>();
   #repairTimer: { cancel(): void } | undefined;
@@ -173,10 +171,11 @@ export class VolumeManager {
       this.#o.events.add({ type: 'sweep-refused', message });
       return;
     }
+    // Without a quarantine folder nothing is moved, and nothing is ever deleted.
     const quarantine = this.#o.quarantineRoot;
+    if (!quarantine) return;
     const move = async (id: string, record: unknown, why: string): Promise<void> => {
       const from = LocalReplica.dirOf(this.#o.replicaRoot, id);
-      if (!quarantine) return;
       await fs.promises.mkdir(quarantine, { recursive: true });
       const to = path.join(quarantine, id);
       if (fs.existsSync(from)) await fs.promises.rename(from, to);
@@ -192,7 +191,6 @@ export class VolumeManager {
       });
     };
     for (const [id, record] of unowned) {
-      if (!quarantine) continue;
       await move(id, record, `of volume ${record.volume}, which does not own it`);
       // The folder is kept; the records of a replica no volume owns go.
       await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
@@ -825,20 +823,18 @@ export class VolumeManager {
           .catch(() => undefined)
           .finally(() => (leftovers = undefined));
       for (const name of this.#attached.keys()) {
-        if (this.#repairing.has(name) || this.#restoring.has(name)) continue;
-        if (this.#lanes.holder(name) !== undefined) continue; // busy: next tick
-        this.#repairing.add(name);
+        // A volume whose lane is taken (a repair still running, or a user's operation) is
+        // looked at again next tick: the lane is also what keeps repairs one at a time.
+        if (this.#restoring.has(name) || this.#lanes.holder(name) !== undefined) continue;
         this.#lanes
           .run(name, 'repair replicas', () => this.#repair(name), { waitMs: 0 })
-          .catch((err: unknown) => {
-            if (err instanceof CorralError && err.code === 'BUSY') return;
+          .catch((err: unknown) =>
             this.#o.events.add({
               type: 'repair-failed',
               volume: name,
               message: err instanceof Error ? err.message : String(err),
-            });
-          })
-          .finally(() => this.#repairing.delete(name));
+            }),
+          );
       }
     }, intervalMs);
   }

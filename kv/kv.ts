@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { Level } from 'level';
-import { CorralError, systemErrorCode } from '../common/errors.ts';
+import { CorralError, isCorralError, systemErrorCode } from '../common/errors.ts';
 import type { RecordCodec } from './codec.ts';
 
 type Db = Level<string, Uint8Array>;
@@ -228,9 +228,9 @@ export class Kv {
     if (this.#broken) throw this.#broken;
   }
 
-  #reopen(cause: unknown): Promise<void> {
+  #reopen(cause: CorralError): Promise<void> {
     this.#reopening ??= (async () => {
-      if (this.#reservePath && systemErrorCode(rootCause(cause)) === 'ENOSPC') {
+      if (this.#reservePath && cause.code === 'NO_SPACE') {
         await fs.promises.rm(this.#reservePath, { force: true });
         this.#diskFull = true;
       }
@@ -271,8 +271,8 @@ export class Kv {
   }
 
   /**
-   * True from a metadata write that found the disk full until the disk has
-   * room again (for the reserve and three times more).
+   * True from a metadata write that found the disk full until the reserve
+   * can be written again (twice its size free).
    */
   async diskFull(): Promise<boolean> {
     if (this.#diskFull) await this.#makeReserve();
@@ -286,16 +286,6 @@ export class Kv {
     this.#closed = true;
     await this.#db.close();
   }
-}
-
-function isCorralError(err: unknown): boolean {
-  return err instanceof CorralError;
-}
-
-function rootCause(err: unknown): unknown {
-  let e = err;
-  while (e instanceof Error && e.cause !== undefined) e = e.cause;
-  return e;
 }
 
 /** LevelDB reports errors as text with a LEVEL_ code; the errno is in the text. */

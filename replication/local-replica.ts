@@ -89,9 +89,15 @@ const POISONED = 0xee;
 const MARKED = 1;
 const RECENT = 2;
 
-function regionState(blockCount: number): { regions: Uint8Array; writing: Uint32Array } {
-  const n = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
-  return { regions: new Uint8Array(n), writing: new Uint32Array(n) };
+/** A layer's in-memory state, empty (its bitmaps and sums are loaded into it, if any). */
+function layerState(blockCount: number): Pick<OpenLayer, 'map' | 'sums' | 'regions' | 'writing'> {
+  const regions = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
+  return {
+    map: new LayerMap(blockCount),
+    sums: new BlockSums(blockCount),
+    regions: new Uint8Array(regions),
+    writing: new Uint32Array(regions),
+  };
 }
 
 /** The value of a write-intent mark: its key says it all. */
@@ -227,16 +233,9 @@ export class LocalReplica implements Replica {
         const fd = await new Promise<number>((resolve, reject) =>
           fs.open(layerPath(dir, layer.id), 'r+', (err, fd) => (err ? reject(err) : resolve(fd))),
         );
-        const map = new LayerMap(blockCount);
-        const sums = new BlockSums(blockCount);
-        layers.push({
-          record: layer,
-          fd,
-          map,
-          sums,
-          ...regionState(blockCount),
-          slot: layers.length,
-        });
+        const state = layerState(blockCount);
+        const { map, sums } = state;
+        layers.push({ record: layer, fd, ...state, slot: layers.length });
         for (const [key, bytes] of await options.spaces.bitmaps.entries(`${layer.id}/`)) {
           map.load(parseInt(key.slice(layer.id.length + 1), 16), bytes);
         }
@@ -408,8 +407,7 @@ export class LocalReplica implements Replica {
    * may be a read that raced a write to the same block (new bytes and the
    * old sum, or old bytes and the new sum): the overlapping writes under way
    * complete and those blocks are read again (8 rounds at most, at least
-   * one). A mismatch that stays is
-   * DATA_CORRUPT. `inWrite`: the read is a read-modify-write's, which holds
+   * one). A mismatch that stays is DATA_CORRUPT. `inWrite`: the read is a read-modify-write's, which holds
    * the range lock: it waits only for writes that read nothing themselves
    * (waiting for one that waits for our lock would never end).
    */
@@ -590,7 +588,7 @@ export class LocalReplica implements Replica {
       layer.regions[r] = layer.regions[r]! | RECENT;
       if ((layer.regions[r]! & MARKED) === 0) unmarked = true;
     }
-    // Until #write knows better, a write may read (the safe side for waiters).
+    // An unaligned write reads its edge blocks first (a read-modify-write).
     const record: InflightWrite = { layer, start, end, reads: !aligned };
     this.#inflight.add(record);
     const done = () => {
@@ -660,7 +658,7 @@ export class LocalReplica implements Replica {
     const intent = this.#intend(head, startBlock, endBlock, aligned);
     const done = typeof intent === 'function' ? intent : await intent;
     try {
-      await this.#write(head, offset, data, startBlock, endBlock);
+      await this.#write(head, offset, data, startBlock, endBlock, aligned);
     } finally {
       done();
     }
@@ -681,11 +679,10 @@ export class LocalReplica implements Replica {
     data: Uint8Array,
     startBlock: number,
     endBlock: number,
+    aligned: boolean,
   ): Promise<void> {
     assert(head === this.#head, `replica ${this.id}'s head changed under a write`);
-    const end = offset + data.length;
-    const unlocked =
-      offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0 && this.#mergeInto !== head;
+    const unlocked = aligned && this.#mergeInto !== head;
     this.#pending++;
     if (unlocked) this.#unlockedWrites++;
     try {
@@ -955,14 +952,7 @@ export class LocalReplica implements Replica {
           err ? reject(err) : resolve(fd),
         ),
       );
-      return {
-        record,
-        fd,
-        map: new LayerMap(this.#blockCount),
-        sums: new BlockSums(this.#blockCount),
-        ...regionState(this.#blockCount),
-        slot,
-      };
+      return { record, fd, ...layerState(this.#blockCount), slot };
     } catch (err) {
       await fs.promises.rm(layerPath(this.#dir, record.id), { force: true });
       throw ioError(`Cannot create a layer for replica ${this.id}`, err);
