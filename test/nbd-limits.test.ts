@@ -101,12 +101,14 @@ describe('NBD memory after a burst', () => {
       }),
     );
     const peak = await rssMiB();
+    // The bound leaves room for the V8 heap and socket slabs, which vary from run to run (one
+    // CI run did not settle under +64 MiB in 45 s); the pool alone kept ~200 MiB untrimmed.
     const settled = await waitFor(
       'RSS back near its baseline',
-      async () => ((await rssMiB()) < baseline + 64 ? rssMiB() : undefined),
+      async () => ((await rssMiB()) < baseline + 96 ? rssMiB() : undefined),
       45_000,
     );
     assert.ok(peak > baseline + 48, `the burst used memory (${baseline} → ${peak} MiB)`);
-    assert.ok(settled < baseline + 64, `${baseline} → ${peak} → ${settled} MiB`);
+    assert.ok(settled < baseline + 96, `${baseline} → ${peak} → ${settled} MiB`);
   });
 });
