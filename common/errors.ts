@@ -22,6 +22,7 @@ export type ErrorCode =
   | 'CORRUPT_METADATA'
   | 'DATA_CORRUPT'
   | 'TOO_LARGE'
+  | 'UNAVAILABLE'
   | 'INTERNAL';
 
 export class CorralError extends Error {

@@ -21,7 +21,11 @@ const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>
   NO_SPACE: 507,
   SHUTTING_DOWN: 503,
   TOO_LARGE: 413,
+  UNAVAILABLE: 503,
 };
+
+/** Marks a call forwarded from another node of the cluster (never forwarded again). */
+const FORWARDED_HEADER = 'x-corral-forwarded';
 
 /** The largest request body the API reads: every control request is a small JSON object. */
 export const MAX_BODY_BYTES = 1024 * 1024;
@@ -71,6 +75,15 @@ export function createApi(options: ApiOptions): Hono {
     return c.json({ operation: run.operation, result }, 200);
   };
   const app = new Hono();
+  const clusterRegistry = () => {
+    const registry = cluster.registry;
+    if (!registry)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        'Nodes are cordoned in a cluster: start the daemons with --etcd',
+      );
+    return registry;
+  };
 
   app.onError((err, c) => {
     if (err instanceof CorralError) {
@@ -104,6 +117,37 @@ export function createApi(options: ApiOptions): Hono {
 
   app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));
 
+  // In a cluster a volume's calls are answered by the node whose engine serves it: forwarded
+  // there once (the header stops a second hop). Attach is not: it brings the engine here.
+  app.use('/v1/volumes/*', async (c, next) => {
+    const parts = c.req.path.split('/');
+    const name = parts[3];
+    if (!name || parts[4] === 'attach' || c.req.header(FORWARDED_HEADER) !== undefined)
+      return next();
+    const owner = await volumes.engineElsewhere(decodeURIComponent(name));
+    if (owner === undefined) return next();
+    const url = new URL(c.req.url);
+    const method = c.req.method;
+    const contentType = c.req.header('content-type');
+    let response: Response;
+    try {
+      response = await fetch(owner + url.pathname + url.search, {
+        method,
+        headers: {
+          [FORWARDED_HEADER]: '1',
+          ...(contentType !== undefined ? { 'content-type': contentType } : {}),
+        },
+        ...(method === 'GET' || method === 'HEAD' ? {} : { body: await c.req.arrayBuffer() }),
+      });
+    } catch (err) {
+      throw new CorralError(
+        'UNAVAILABLE',
+        `The node serving volume ${decodeURIComponent(name)} (${owner}) does not answer: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    }
+    return new Response(response.body, { status: response.status, headers: response.headers });
+  });
+
   app.get('/v1/volumes', async (c) => c.json({ volumes: await volumes.list() }));
   app.post('/v1/volumes', async (c) => {
     const body = await jsonBody(c);
@@ -114,13 +158,16 @@ export function createApi(options: ApiOptions): Hono {
       frontend: body.frontend,
       fromSnapshot: body.fromSnapshot,
       allowSameHost: body.allowSameHost,
+      failover: body.failover,
     });
     return c.json(volume, 201);
   });
   app.get('/v1/volumes/:name', async (c) => c.json(await volumes.get(c.req.param('name'))));
   app.post('/v1/volumes/:name/attach', async (c) => {
     const body = await jsonBody(c);
-    return c.json(await volumes.attach(c.req.param('name'), { frontend: body.frontend }));
+    return c.json(
+      await volumes.attach(c.req.param('name'), { frontend: body.frontend, node: body.node }),
+    );
   });
   app.post('/v1/volumes/:name/detach', async (c) => {
     const body = await jsonBody(c);
@@ -164,6 +211,20 @@ export function createApi(options: ApiOptions): Hono {
   };
   app.use('/v1/replicas', peersOnly);
   app.use('/v1/replicas/*', peersOnly);
+  app.use('/v1/peer/*', peersOnly);
+  // A planned move: the node taking the volume asks this one to let go of it.
+  app.post('/v1/peer/volumes/:name/release', async (c) => {
+    await volumes.release(c.req.param('name'));
+    return c.body(null, 204);
+  });
+  app.post('/v1/nodes/:name/cordon', async (c) => {
+    await clusterRegistry().setCordoned(c.req.param('name'), true);
+    return c.body(null, 204);
+  });
+  app.post('/v1/nodes/:name/uncordon', async (c) => {
+    await clusterRegistry().setCordoned(c.req.param('name'), false);
+    return c.body(null, 204);
+  });
   app.post('/v1/replicas', async (c) => {
     const body = await jsonBody(c);
     return c.json(

@@ -1,3 +1,4 @@
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../common/size.ts';
@@ -20,15 +21,18 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
-  corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse] [--json]
+                [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]]
+  corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
+                [--failover auto] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json]
-  corral volume attach NAME [--frontend nbd|fuse] | detach NAME [--force] | rm NAME [--force]
+  corral volume attach NAME [--frontend nbd|fuse] [--node N] | detach NAME [--force] | rm NAME [--force]
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
-  corral node ls | replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
+  corral node ls | node cordon N | node uncordon N
+  corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--json]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
@@ -39,14 +43,17 @@ AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the daemon's environment.
 The CLI talks to CORRAL_API (default http://127.0.0.1:9500).`;
 
 function volumeRows(volumes: VolumeInfo[]): string {
+  // In a cluster: which node's engine serves each volume.
+  const nodes = volumes.some((v) => v.node !== undefined);
   return table([
-    ['NAME', 'SIZE', 'REPLICAS', 'FRONTEND', 'STATE', 'CONNECTIONS'],
+    ['NAME', 'SIZE', 'REPLICAS', 'FRONTEND', 'STATE', ...(nodes ? ['NODE'] : []), 'CONNECTIONS'],
     ...volumes.map((v) => [
       v.name,
       formatSize(v.sizeBytes),
       `${v.replicas.filter((r) => r.mode === 'RW').length}/${v.replicaCount}`,
       v.frontend,
       v.state,
+      ...(nodes ? [v.node ?? ''] : []),
       String(v.nbdConnections),
     ]),
   ]);
@@ -74,6 +81,9 @@ async function runDaemon(args: string[]): Promise<void> {
       'rebuild-delay': { type: 'string' },
       'rebuild-rate': { type: 'string' },
       'repair-metadata': { type: 'boolean' },
+      etcd: { type: 'string' },
+      'node-name': { type: 'string' },
+      'node-ttl': { type: 'string' },
     },
     strict: true,
   });
@@ -97,6 +107,15 @@ async function runDaemon(args: string[]): Promise<void> {
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
     repairMetadata: values['repair-metadata'] ?? false,
+    ...(values.etcd !== undefined
+      ? {
+          etcd: {
+            endpoints: values.etcd.split(',').map((e) => e.trim().replace(/\/+$/, '')),
+            nodeName: values['node-name'] ?? os.hostname(),
+            nodeTtlMs: Number(values['node-ttl'] ?? 10_000),
+          },
+        }
+      : {}),
     ensureVolumes: (values['ensure-volume'] ?? []).map((spec) => {
       const [name, size] = spec.split('=');
       if (!name || !size) throw new UsageError(`--ensure-volume takes NAME=SIZE, got "${spec}"`);
@@ -111,6 +130,20 @@ async function runDaemon(args: string[]): Promise<void> {
   }
   if (!Number.isInteger(config.nbdMaxConnections) || config.nbdMaxConnections < 1) {
     throw new UsageError('--nbd-max-connections takes a whole number, at least 1');
+  }
+  if (config.etcd) {
+    if (!Number.isFinite(config.etcd.nodeTtlMs) || config.etcd.nodeTtlMs < 2000)
+      throw new UsageError(
+        '--node-ttl takes milliseconds, at least 2000 (etcd leases count seconds)',
+      );
+    if (!/^[a-z0-9][a-z0-9.-]{0,62}$/.test(config.etcd.nodeName))
+      throw new UsageError(
+        `--node-name "${config.etcd.nodeName}": use up to 63 lower-case letters, digits, dots and dashes`,
+      );
+    if (config.peers.length > 0)
+      throw new UsageError('--peer and --etcd do not mix: in a cluster the nodes come from etcd');
+  } else if (values['node-name'] !== undefined || values['node-ttl'] !== undefined) {
+    throw new UsageError('--node-name and --node-ttl need --etcd');
   }
   // A daemon outlives whoever reads its output: a closed pipe must not kill it (EPIPE).
   process.stdout.on('error', () => undefined);
@@ -153,6 +186,8 @@ async function runClient(args: string[]): Promise<void> {
         'from-snapshot': { type: 'string' },
         'discard-newer': { type: 'boolean' },
         'allow-same-host': { type: 'boolean' },
+        node: { type: 'string' },
+        failover: { type: 'string' },
       },
       allowPositionals: true,
       strict: true,
@@ -178,6 +213,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values.replicas ? { replicas: Number(values.replicas) } : {}),
           ...(values.frontend ? { frontend: values.frontend } : {}),
           ...(values['allow-same-host'] ? { allowSameHost: true } : {}),
+          ...(values.failover ? { failover: values.failover } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -217,9 +253,10 @@ async function runClient(args: string[]): Promise<void> {
           `/v1/volumes/${encodeURIComponent(name)}/${verb}`,
           verb === 'detach'
             ? { force: values.force === true }
-            : values.frontend
-              ? { frontend: values.frontend }
-              : undefined,
+            : {
+                ...(values.frontend ? { frontend: values.frontend } : {}),
+                ...(values.node ? { node: values.node } : {}),
+              },
         );
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -286,6 +323,12 @@ async function runClient(args: string[]): Promise<void> {
         return;
       }
     }
+  } else if (noun === 'node' && (verb === 'cordon' || verb === 'uncordon')) {
+    const { values, positionals } = parse();
+    const node = need(positionals, 'node name');
+    await call(api, 'POST', `/v1/nodes/${encodeURIComponent(node)}/${verb}`, {});
+    print(values.json === true, { node, cordoned: verb === 'cordon' }, () => `${verb}ed ${node}`);
+    return;
   } else if (noun === 'node' && verb === 'ls') {
     const { values } = parse();
     const { nodes } = await call<{ nodes: NodeInfo[] }>(api, 'GET', '/v1/nodes');
@@ -294,8 +337,8 @@ async function runClient(args: string[]): Promise<void> {
         ['URL', 'ID', 'STATE', 'FREE', 'TOTAL', 'REPLICAS'],
         ...nodes.map((n) => [
           n.url,
-          n.id,
-          n.state,
+          n.name ?? n.id,
+          n.state + (n.cordoned ? ',cordoned' : ''),
           n.state === 'up' ? formatSize(n.freeBytes) : '',
           n.state === 'up' ? formatSize(n.totalBytes) : '',
           n.state === 'up' ? String(n.replicas) : (n.error ?? ''),

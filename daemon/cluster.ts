@@ -1,15 +1,20 @@
 import { timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
 import { CorralError } from '../common/errors.ts';
+import type { NodeRegistry } from './node-registry.ts';
 
 export interface NodeInfo {
   id: string;
+  /** In a cluster: the node's name (`--node-name`). */
+  name?: string;
   url: string;
   state: 'up' | 'down';
   totalBytes: number;
   freeBytes: number;
   replicas: number;
   version?: string;
+  /** In a cluster: takes no new replicas or engines. */
+  cordoned?: boolean;
   error?: string;
 }
 
@@ -23,14 +28,17 @@ export interface ClusterOptions {
   version: string;
   /** Replicas this host keeps (its own volumes' and those hosted for peers). */
   replicaCount: () => Promise<number>;
+  /** In a cluster (`--etcd`): the nodes come from etcd, not from `--peer`. */
+  registry?: NodeRegistry;
 }
 
 /** Peer calls give up after this long: a node that does not answer is down. */
 const PEER_TIMEOUT_MS = 3000;
 
 /**
- * The hosts this daemon knows (itself and its `--peer`s) and the shared
- * cluster secret every peer call carries as a bearer token.
+ * The hosts this daemon knows — itself and its `--peer`s, or in a cluster
+ * every node registered in etcd — and the shared cluster secret every peer
+ * call carries as a bearer token.
  */
 export class Cluster {
   readonly #o: ClusterOptions;
@@ -55,6 +63,16 @@ export class Cluster {
     return this.#o.peers;
   }
 
+  /** The node registry when the daemon runs in a cluster (`--etcd`). */
+  get registry(): NodeRegistry | undefined {
+    return this.#o.registry;
+  }
+
+  /** This node's name in a cluster; undefined when it runs alone or with `--peer`s. */
+  get nodeName(): string | undefined {
+    return this.#o.registry?.name;
+  }
+
   /** Whether a request carries the cluster secret. */
   authorized(header: string | undefined): boolean {
     const want = Buffer.from(`Bearer ${this.#o.secret}`);
@@ -64,8 +82,10 @@ export class Cluster {
 
   async self(): Promise<NodeInfo> {
     const st = await fs.promises.statfs(this.#o.dataDir);
+    const name = this.#o.registry?.name;
     return {
-      id: this.#o.nodeId,
+      id: name ?? this.#o.nodeId,
+      ...(name !== undefined ? { name } : {}),
       url: this.#o.selfUrl,
       state: 'up',
       totalBytes: st.blocks * st.bsize,
@@ -76,7 +96,13 @@ export class Cluster {
   }
 
   /** Calls a peer's API with the cluster secret; errors come back as CorralErrors. */
-  async call<T>(url: string, method: string, route: string, body?: unknown): Promise<T> {
+  async call<T>(
+    url: string,
+    method: string,
+    route: string,
+    body?: unknown,
+    options: { timeoutMs?: number } = {},
+  ): Promise<T> {
     let response: Response;
     try {
       response = await fetch(url + route, {
@@ -86,7 +112,7 @@ export class Cluster {
           ...(body === undefined ? {} : { 'content-type': 'application/json' }),
         },
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(PEER_TIMEOUT_MS),
+        signal: AbortSignal.timeout(options.timeoutMs ?? PEER_TIMEOUT_MS),
       });
     } catch (err) {
       throw new CorralError(
@@ -106,8 +132,21 @@ export class Cluster {
     return json as T;
   }
 
-  /** This node and every peer, peers that do not answer as down. */
+  /**
+   * This node first, then every other: in a cluster as etcd has them (down
+   * when their lease expired), else every peer, those that do not answer
+   * as down.
+   */
   async nodes(): Promise<NodeInfo[]> {
+    const registry = this.#o.registry;
+    if (registry) {
+      const all = await registry.nodes();
+      const self = all.find((n) => n.name === registry.name);
+      return [
+        ...(self ? [{ ...self, ...(await this.self()), cordoned: self.cordoned ?? false }] : []),
+        ...all.filter((n) => n !== self),
+      ];
+    }
     const peers = await Promise.all(
       this.#o.peers.map(async (url): Promise<NodeInfo> => {
         try {

@@ -3,6 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { systemClock } from '../common/clock.ts';
 import { VERSION } from '../common/version.ts';
+import { EtcdClient } from '../kv/etcd.ts';
 import { Kv } from '../kv/kv.ts';
 import { openSpaces } from '../kv/spaces.ts';
 import { NbdServer } from '../nbd/server.ts';
@@ -10,13 +11,15 @@ import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
-import { Cluster } from './cluster.ts';
+import { Cluster, type NodeInfo } from './cluster.ts';
 import { HostedReplicas } from './hosted.ts';
 import { replicaUpgrades } from './replica-io.ts';
 import { EventLog } from './events.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
+import { NodeRegistry } from './node-registry.ts';
+import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
 import { VolumeManager } from './volumes.ts';
 
 export interface DaemonConfig {
@@ -46,6 +49,8 @@ export interface DaemonConfig {
   rebuildBytesPerSecond: number | undefined;
   /** Rebuild a damaged metadata store (LevelDB repair) before starting. */
   repairMetadata?: boolean;
+  /** A cluster: state in etcd, this daemon one of its nodes. Absent: one host, LevelDB. */
+  etcd?: { endpoints: string[]; nodeName: string; nodeTtlMs: number };
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -99,8 +104,21 @@ export async function startDaemon(
   }
   const replicaRoot = path.join(config.dataDir, 'replicas');
   const hosted = new HostedReplicas({ spaces, root: replicaRoot, clock: systemClock, events });
+  const etcd = config.etcd ? new EtcdClient(config.etcd.endpoints) : undefined;
+  const registry: NodeRegistry | undefined =
+    etcd && config.etcd
+      ? new NodeRegistry({
+          etcd,
+          name: config.etcd.nodeName,
+          ttlMs: config.etcd.nodeTtlMs,
+          status: (): Promise<NodeInfo> => cluster.self(),
+          onError: (err) =>
+            events.add({ type: 'cluster-store-error', message: `node lease: ${err.message}` }),
+        })
+      : undefined;
   // The URL is known once the API listens (the port may be 0): filled in below.
   const cluster = new Cluster({
+    ...(registry ? { registry } : {}),
     selfUrl: config.advertise ?? '',
     nodeId: node.id,
     peers: config.peers,
@@ -115,6 +133,7 @@ export async function startDaemon(
   const operations = new Operations(events);
   const volumes = new VolumeManager({
     spaces,
+    records: etcd ? new EtcdVolumeRecords(etcd) : new LocalVolumeRecords(spaces.volumes),
     replicaRoot,
     cluster,
     replicaTimeoutMs: config.replicaTimeoutMs,
@@ -197,6 +216,9 @@ export async function startDaemon(
     replicaUpgrades(cluster, hosted),
   );
   cluster.selfUrl = config.advertise ?? `http://${config.listen.host}:${http.port}`;
+  // Registered before the volumes start: placement and engines look nodes up in etcd.
+  await registry?.start(cluster.selfUrl);
+  if (registry) log(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
   // Volumes attach once the API serves: their replicas on peers are reached from here.
   await volumes.start();
   volumes.startRepairs();
@@ -219,6 +241,7 @@ export async function startDaemon(
         await fuse?.unmount();
         await volumes.stop();
         await hosted.stop();
+        await registry?.stop();
         await kv.close();
       })()),
   };

@@ -11,6 +11,8 @@ import { LocalReplica } from '../replication/local-replica.ts';
 import { RemoteReplica } from '../replication/remote-replica.ts';
 import type { Replica } from '../replication/replica.ts';
 import type { Cluster, NodeInfo } from './cluster.ts';
+import { placeReplicas } from './placement.ts';
+import type { VolumeRecords } from './volume-records.ts';
 import type { Operation, Operations } from './operations.ts';
 import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
@@ -32,6 +34,10 @@ export interface VolumeInfo {
   createdAt: string;
   attached: boolean;
   state: 'attached' | 'detached' | 'failed' | 'restoring';
+  /** In a cluster: the node whose engine serves the volume (or served it last). */
+  node?: string;
+  /** In a cluster: `auto` when a surviving node takes the volume over by itself. */
+  failover?: 'auto';
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{
@@ -45,6 +51,8 @@ export interface VolumeInfo {
 
 export interface VolumeManagerOptions {
   spaces: Spaces;
+  /** Volume records: this host's LevelDB, or etcd in a cluster (then every node sees them). */
+  records: VolumeRecords;
   replicaRoot: string;
   clock: Clock;
   events: EventLog;
@@ -83,6 +91,9 @@ export interface VolumeManagerOptions {
   diskFull?: () => Promise<boolean>;
 }
 
+/** A call forwarded to another node may start an engine there: replicas take a while to answer. */
+const FORWARD_TIMEOUT_MS = 60_000;
+
 /** The volumes of this host: their records, and an engine per attached one. */
 export class VolumeManager {
   readonly #o: VolumeManagerOptions;
@@ -107,8 +118,6 @@ export class VolumeManager {
   #repairTimer: { cancel(): void } | undefined;
   /** Rebuilds under way, to stop them at detach and shutdown. */
   readonly #rebuilds = new Map<string, AbortController>();
-  /** Record updates from engines (failed replicas), one at a time per volume. */
-  readonly #recordUpdates = new Map<string, Promise<void>>();
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
@@ -118,12 +127,14 @@ export class VolumeManager {
   /** Attaches what was attached before the daemon stopped; drops half-created replicas. */
   async start(): Promise<void> {
     await fs.promises.mkdir(this.#o.replicaRoot, { recursive: true });
-    const volumes = await this.#o.spaces.volumes.entries();
+    const volumes = await this.#o.records.entries();
     await this.#sweep(volumes);
     for (const [name, v] of volumes) {
+      // In a cluster every node sees every volume: each starts the engines it served.
+      if (this.#shared && v.engineNode !== this.#nodeName) continue;
       if (v.restoring !== undefined) {
         // The daemon died during a restore: a half-restored volume must not pass for the backup.
-        await this.#o.spaces.volumes.del(name);
+        await this.#o.records.del(name);
         for (const id of v.replicaIds)
           await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
         this.#o.events.add({
@@ -212,8 +223,18 @@ export class VolumeManager {
     return this.#lanes.run(name, what, fn);
   }
 
+  /** True in a cluster (`--etcd`): records are shared, engines move between nodes. */
+  get #shared(): boolean {
+    return this.#o.records.shared;
+  }
+
+  /** This node's name in a cluster. */
+  get #nodeName(): string | undefined {
+    return this.#o.cluster?.nodeName;
+  }
+
   async #record(name: string): Promise<VolumeRecord> {
-    const record = await this.#o.spaces.volumes.get(validateVolumeName(name));
+    const record = await this.#o.records.get(validateVolumeName(name));
     if (!record) throw new CorralError('NOT_FOUND', `No volume named ${name}`);
     return record;
   }
@@ -228,6 +249,8 @@ export class VolumeManager {
     allowSameHost?: unknown;
     /** The volume is the target of a restore from this backup (see `finishRestore`). */
     restoring?: string;
+    /** `auto`: in a cluster, a surviving replica node takes the volume over by itself. */
+    failover?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -252,6 +275,7 @@ export class VolumeManager {
       frontend?: unknown;
       allowSameHost?: unknown;
       restoring?: string;
+      failover?: unknown;
     },
     source: BlockDevice | undefined,
   ): Promise<VolumeInfo> {
@@ -288,30 +312,49 @@ export class VolumeManager {
         `Invalid frontend ${quoted(frontend)}: use nbd or fuse`,
       );
     }
+    const failover = input.failover ?? 'off';
+    if (failover !== 'off' && failover !== 'auto')
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Invalid failover ${quoted(failover)}: use auto or off`,
+      );
+    if (failover === 'auto' && !this.#shared)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        'Automatic failover needs a cluster: start the daemons with --etcd',
+      );
+    if (this.#shared && source)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        'Clones are not made in a cluster yet: back the snapshot up and restore it instead',
+      );
     return this.#serially(name, `create volume ${name}`, async () => {
-      if (await this.#o.spaces.volumes.get(name))
+      if (await this.#o.records.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
       if (await this.#o.diskFull?.())
         throw new CorralError(
           'NO_SPACE',
           `Cannot create volume ${name}: the data disk of this host is full (its metadata reserve is in use); free space first`,
         );
-      const peers =
-        replicaCount > 1
+      // In a cluster every replica is kept as a hosted replica on its node (this one's too),
+      // so that an engine on any node can reach them all.
+      const peers = this.#shared
+        ? await this.#placeInCluster(name, sizeBytes, replicaCount)
+        : replicaCount > 1
           ? await this.#place(name, sizeBytes, replicaCount, input.allowSameHost === true)
           : [];
       // With --allow-same-host, the replicas the other hosts cannot take stay here too.
       const localCount = replicaCount - peers.length;
-      const remoteReplicas: Array<{ id: string; url: string }> = [];
+      const remoteReplicas: Array<{ id: string; url: string; node?: string }> = [];
       try {
-        for (const url of peers) {
-          const { id } = await this.#o.cluster!.call<{ id: string }>(url, 'POST', '/v1/replicas', {
-            volume: name,
-            sizeBytes,
-            engine: this.#o.cluster!.selfUrl,
-            epoch: 1,
-          });
-          remoteReplicas.push({ id, url });
+        for (const peer of peers) {
+          const { id } = await this.#o.cluster!.call<{ id: string }>(
+            peer.url,
+            'POST',
+            '/v1/replicas',
+            { volume: name, sizeBytes, engine: this.#o.cluster!.selfUrl, epoch: 1 },
+          );
+          remoteReplicas.push({ id, url: peer.url, ...(peer.name ? { node: peer.name } : {}) });
         }
       } catch (err) {
         await this.#removeRemote(name, remoteReplicas);
@@ -351,27 +394,67 @@ export class VolumeManager {
         ...(input.restoring !== undefined ? { restoring: input.restoring } : {}),
         ...(remoteReplicas.length > 0 ? { remoteReplicas } : {}),
         epoch: 0,
+        ...(this.#shared ? { engineNode: this.#nodeName! } : {}),
+        ...(failover === 'auto' ? { failover: 'auto' as const } : {}),
       };
       if (input.restoring !== undefined) this.#restoring.add(name);
-      await this.#o.spaces.volumes.put(name, record);
+      try {
+        await this.#o.records.create(record);
+      } catch (err) {
+        // Another node created the name first (or etcd is away): the replicas made here go.
+        for (const id of localIds)
+          await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
+        await this.#removeRemote(name, remoteReplicas);
+        throw err;
+      }
       this.#o.events.add({ type: 'volume-created', volume: name, message: `${sizeBytes} bytes` });
-      await this.#attach(record);
-      return this.#info(record);
+      return this.#info(await this.#attach(record), new Set());
     });
   }
 
-  async #attach(record: VolumeRecord): Promise<void> {
+  /** Starts the volume's engine here; returns the record as it is then (claimed, in a cluster). */
+  async #attach(record: VolumeRecord): Promise<VolumeRecord> {
     this.#frontends.set(record.name, record.frontend);
-    if (this.#attached.has(record.name)) return;
-    if (record.remoteReplicas?.length) {
+    if (this.#attached.has(record.name)) return record;
+    const self = this.#nodeName;
+    if (this.#shared) {
+      // The claim: one compare-and-swap names this node the engine's and gives a newer
+      // epoch; every replica refuses older epochs from the moment this engine reaches it.
+      const expected = record.engineNode;
+      const claimed = await this.#o.records.update(record.name, (rec) => {
+        if (rec.engineNode !== expected)
+          throw new CorralError(
+            'BUSY',
+            `Volume ${rec.name} was attached on node ${rec.engineNode ?? '?'} meanwhile; try again`,
+          );
+        rec.engineNode = self!;
+        rec.epoch = (rec.epoch ?? 0) + 1;
+        rec.attached = true;
+      });
+      if (!claimed) throw new CorralError('NOT_FOUND', `No volume named ${record.name}`);
+      record = claimed;
+    } else if (record.remoteReplicas?.length) {
       // A new engine: replicas elsewhere will refuse the previous one from now on.
-      record.epoch = (record.epoch ?? 0) + 1;
-      await this.#o.spaces.volumes.put(record.name, record);
+      const bumped = await this.#o.records.update(record.name, (rec) => {
+        rec.epoch = (rec.epoch ?? 0) + 1;
+      });
+      if (bumped) record = bumped;
     }
+    const epoch = record.epoch ?? 1;
+    /** In a cluster, a record that names another engine (or a newer epoch) means this one is fenced. */
+    const fenced = (rec: VolumeRecord): CorralError | undefined =>
+      this.#shared && (rec.engineNode !== self || rec.epoch !== epoch)
+        ? new CorralError(
+            'BUSY',
+            `Volume ${rec.name} is now served by node ${rec.engineNode ?? '?'} (epoch ${rec.epoch ?? 0}); the engine of epoch ${epoch} on ${self ?? 'this node'} is fenced`,
+          )
+        : undefined;
     let fault: FaultFilter | undefined;
     const start = async (): Promise<SupervisedEngine> => {
       // Read afresh: a restarted engine must see replicas replaced since the attach.
-      const rec = (await this.#o.spaces.volumes.get(record.name)) ?? record;
+      const rec = (await this.#o.records.get(record.name)) ?? record;
+      const stale = fenced(rec);
+      if (stale) throw stale;
       const replicas: Replica[] = [];
       const failed = new Map<Replica, string>();
       try {
@@ -382,13 +465,14 @@ export class VolumeManager {
       }
       const cluster = this.#o.cluster;
       if (cluster) {
+        const urls = await this.#replicaUrls(rec);
         const remote = await Promise.all(
-          (rec.remoteReplicas ?? []).map((r) =>
+          (rec.remoteReplicas ?? []).map((r, i) =>
             RemoteReplica.connect({
-              url: r.url,
+              url: urls[i]!,
               id: r.id,
               secret: cluster.secret,
-              epoch: rec.epoch ?? 1,
+              epoch,
               timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
             }),
           ),
@@ -402,8 +486,11 @@ export class VolumeManager {
         if (rec.failedReplicas?.includes(r.id) && !failed.has(r))
           failed.set(r, 'it failed before and has not been rebuilt since');
       }
+      // A stale engine must not write its view into the record: the claim's epoch is checked.
       const markFailed = (id: string, isFailed: boolean) =>
         this.#updateRecord(record.name, (rec) => {
+          const stale = fenced(rec);
+          if (stale) throw stale;
           const set = new Set(rec.failedReplicas ?? []);
           if (isFailed) set.add(id);
           else set.delete(id);
@@ -441,9 +528,19 @@ export class VolumeManager {
     });
     this.#attached.set(record.name, { supervisor, fault });
     this.#frontends.set(record.name, record.frontend);
+    return record;
   }
 
-  async attach(name: string, options: { frontend?: unknown } = {}): Promise<VolumeInfo> {
+  /**
+   * Attaches a volume here, or in a cluster on `node`. A volume served by
+   * another node moves: a node that is up lets go first (its engine drains
+   * and flushes, its clients are disconnected); one that is down (its lease
+   * expired) is taken over, and the newer epoch fences it should it come back.
+   */
+  async attach(
+    name: string,
+    options: { frontend?: unknown; node?: unknown } = {},
+  ): Promise<VolumeInfo> {
     const frontend = options.frontend;
     if (frontend !== undefined && frontend !== 'nbd' && frontend !== 'fuse') {
       throw new CorralError(
@@ -451,27 +548,118 @@ export class VolumeManager {
         `Invalid frontend ${quoted(frontend)}: use nbd or fuse`,
       );
     }
-    return this.#serially(name, `attach volume ${name}`, async () => {
-      const record = await this.#record(name);
-      if (!record.attached || (frontend !== undefined && record.frontend !== frontend)) {
-        record.attached = true;
-        if (frontend !== undefined) record.frontend = frontend;
-        await this.#o.spaces.volumes.put(name, record);
+    const node = options.node;
+    if (node !== undefined) {
+      if (typeof node !== 'string' || node === '')
+        throw new CorralError('INVALID_ARGUMENT', `Invalid node ${quoted(node)}`);
+      if (!this.#shared)
+        throw new CorralError(
+          'INVALID_ARGUMENT',
+          'Attaching on another node needs a cluster: start the daemons with --etcd',
+        );
+      if (node !== this.#nodeName) {
+        const target = (await this.#o.cluster!.nodes()).find((n) => n.name === node);
+        if (!target) throw new CorralError('NOT_FOUND', `No node named ${node} in the cluster`);
+        if (target.state !== 'up')
+          throw new CorralError('UNAVAILABLE', `Node ${node} is down: attach on a node that is up`);
+        return this.#o.cluster!.call<VolumeInfo>(
+          target.url,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(name)}/attach`,
+          frontend === undefined ? {} : { frontend },
+          { timeoutMs: FORWARD_TIMEOUT_MS },
+        );
       }
-      await this.#attach(record);
+    }
+    return this.#serially(name, `attach volume ${name}`, async () => {
+      let record = await this.#record(name);
+      if (
+        this.#shared &&
+        record.attached &&
+        record.engineNode !== undefined &&
+        record.engineNode !== this.#nodeName
+      )
+        await this.#takeFrom(record);
+      if (!record.attached || (frontend !== undefined && record.frontend !== frontend)) {
+        record =
+          (await this.#o.records.update(name, (rec) => {
+            rec.attached = true;
+            if (frontend !== undefined) rec.frontend = frontend;
+          })) ?? record;
+      }
+      record = await this.#attach(record);
       this.#o.events.add({ type: 'volume-attached', volume: name, message: 'attached' });
-      return this.#info(record);
+      return this.#info(record, new Set());
     });
+  }
+
+  /**
+   * Makes another node's engine let go of a volume before this node takes
+   * it: asked to (`release`) when the node is up, else taken over.
+   */
+  async #takeFrom(record: VolumeRecord): Promise<void> {
+    const nodes = await this.#o.cluster!.nodes();
+    const owner = nodes.find((n) => n.name === record.engineNode);
+    if (owner?.state === 'up') {
+      this.#o.events.add({
+        type: 'volume-moving',
+        volume: record.name,
+        message: `from node ${owner.name ?? owner.url} to ${this.#nodeName ?? '?'}`,
+      });
+      await this.#o.cluster!.call(
+        owner.url,
+        'POST',
+        `/v1/peer/volumes/${encodeURIComponent(record.name)}/release`,
+        {},
+        { timeoutMs: FORWARD_TIMEOUT_MS },
+      );
+      return;
+    }
+    this.#o.events.add({
+      type: 'volume-takeover',
+      volume: record.name,
+      message: `node ${record.engineNode ?? '?'} is down (its lease expired): ${this.#nodeName ?? '?'} takes the volume over with epoch ${(record.epoch ?? 0) + 1}`,
+    });
+  }
+
+  /**
+   * Another node takes this volume (a planned move): the engine here drains
+   * and stops — in-flight requests finish, everything is flushed — and its
+   * NBD clients are disconnected so that they reconnect to the new node.
+   * The record keeps naming this node until the new one claims it.
+   */
+  async release(name: string): Promise<void> {
+    await this.#serially(name, `release volume ${name}`, async () => {
+      const record = await this.#record(name);
+      await this.#detach(record, true);
+      this.#o.events.add({ type: 'volume-released', volume: name, message: 'to another node' });
+    });
+  }
+
+  /**
+   * In a cluster: the API address of the node whose engine serves `name`,
+   * when that is another node and it is up (the API forwards the volume's
+   * calls there); else undefined.
+   */
+  async engineElsewhere(name: string): Promise<string | undefined> {
+    if (!this.#shared) return undefined;
+    const record = await this.#o.records.get(name);
+    if (!record?.attached || !record.engineNode || record.engineNode === this.#nodeName)
+      return undefined;
+    const owner = (await this.#o.cluster!.nodes()).find((n) => n.name === record.engineNode);
+    return owner?.state === 'up' ? owner.url : undefined;
   }
 
   async detach(name: string, options?: { force?: boolean }): Promise<VolumeInfo> {
     return this.#serially(name, `detach volume ${name}`, async () => {
-      const record = await this.#record(name);
+      let record = await this.#record(name);
       await this.#detach(record, options?.force ?? false);
-      record.attached = false;
-      await this.#o.spaces.volumes.put(name, record);
+      record =
+        (await this.#o.records.update(name, (rec) => {
+          rec.attached = false;
+        })) ?? record;
       this.#o.events.add({ type: 'volume-detached', volume: name, message: 'detached' });
-      return this.#info(record);
+      return this.#info(record, new Set());
     });
   }
 
@@ -507,7 +695,7 @@ export class VolumeManager {
       await this.#detach(record, options?.force ?? false);
       // The volume record goes first: once it is gone, leftover replicas are unowned and
       // the next start removes them, so a crash here never leaves a volume half there.
-      await this.#o.spaces.volumes.del(name);
+      await this.#o.records.del(name);
       this.#restoring.delete(name);
       for (const id of record.replicaIds) {
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
@@ -527,25 +715,30 @@ export class VolumeManager {
     sizeBytes: number,
     count: number,
     allowSameHost: boolean,
-  ): Promise<string[]> {
-    const cluster = this.#o.cluster;
-    const nodes: NodeInfo[] = cluster ? await cluster.nodes() : [];
-    const [self, ...peers] = nodes;
-    const fits = (n: NodeInfo) => n.state === 'up' && n.freeBytes >= sizeBytes;
-    const eligible = peers.filter(fits).sort((a, b) => b.freeBytes - a.freeBytes);
-    const hosts = (self && fits(self) ? 1 : 0) + eligible.length;
-    if (!self || !fits(self) || (hosts < count && !allowSameHost)) {
-      const why = nodes
-        .map((n) =>
-          n.state !== 'up' ? `${n.url} is down` : `${n.url} has ${n.freeBytes} bytes free`,
-        )
-        .join('; ');
-      throw new CorralError(
-        'LIMIT_REACHED',
-        `Cannot place ${count} replicas of volume ${name} (${sizeBytes} bytes) on distinct hosts: ${hosts} of ${Math.max(nodes.length, 1)} can take one${why ? ` (${why})` : ' (no --peer given)'}; --allow-same-host puts the rest on this host`,
-      );
-    }
-    return eligible.slice(0, count - 1).map((n) => n.url);
+  ): Promise<NodeInfo[]> {
+    const nodes: NodeInfo[] = (await this.#o.cluster?.nodes()) ?? [];
+    const chosen = placeReplicas({
+      volume: name,
+      sizeBytes,
+      count,
+      nodes,
+      selfRequired: true,
+      allowFewer: allowSameHost,
+      hint:
+        nodes.length > 1 ? '; --allow-same-host puts the rest on this host' : ' (no --peer given)',
+    });
+    return chosen.slice(1);
+  }
+
+  /** A cluster's placement: `count` nodes of the registry, this one first if it qualifies. */
+  async #placeInCluster(name: string, sizeBytes: number, count: number): Promise<NodeInfo[]> {
+    return placeReplicas({
+      volume: name,
+      sizeBytes,
+      count,
+      nodes: await this.#o.cluster!.nodes(),
+      selfRequired: false,
+    });
   }
 
   /**
@@ -597,21 +790,49 @@ export class VolumeManager {
   }
 
   async list(): Promise<VolumeInfo[]> {
-    return (await this.#o.spaces.volumes.entries()).map(([, v]) => this.#info(v));
+    const [records, up] = await Promise.all([this.#o.records.entries(), this.#upNodes()]);
+    return records.map(([, v]) => this.#info(v, up));
   }
 
   async get(name: string): Promise<VolumeInfo> {
-    return this.#info(await this.#record(name));
+    const [record, up] = await Promise.all([this.#record(name), this.#upNodes()]);
+    return this.#info(record, up);
   }
 
-  #info(record: VolumeRecord): VolumeInfo {
+  /** In a cluster, the names of the nodes that are up (an engine elsewhere serves if its node is). */
+  async #upNodes(): Promise<Set<string>> {
+    if (!this.#shared) return new Set();
+    const nodes = await this.#o.cluster!.nodes();
+    return new Set(nodes.filter((n) => n.state === 'up').map((n) => n.name ?? ''));
+  }
+
+  #info(record: VolumeRecord, upNodes: Set<string>): VolumeInfo {
     const entry = this.#attached.get(record.name);
+    // Served by another node's engine: the modes as that engine recorded them.
+    const elsewhere =
+      !entry &&
+      this.#shared &&
+      record.engineNode !== undefined &&
+      record.engineNode !== this.#nodeName;
+    const failed = new Set(record.failedReplicas ?? []);
     const replicas =
       entry?.supervisor.engine?.replicaModes() ??
       [
         ...record.replicaIds.map((id) => ({ id, location: 'local' })),
-        ...(record.remoteReplicas ?? []).map((r) => ({ id: r.id, location: r.url })),
-      ].map((r) => ({ ...r, mode: entry ? 'restarting' : 'detached', revision: '' }));
+        ...(record.remoteReplicas ?? []).map((r) => ({ id: r.id, location: r.node ?? r.url })),
+      ].map((r) => ({
+        ...r,
+        mode:
+          elsewhere && record.attached
+            ? failed.has(r.id)
+              ? 'ERR'
+              : 'RW'
+            : entry
+              ? 'restarting'
+              : 'detached',
+        revision: '',
+      }));
+    const servedElsewhere = elsewhere && record.attached && upNodes.has(record.engineNode!);
     return {
       name: record.name,
       sizeBytes: record.sizeBytes,
@@ -621,11 +842,13 @@ export class VolumeManager {
       attached: record.attached,
       state: record.restoring
         ? 'restoring'
-        : entry
+        : entry || servedElsewhere
           ? 'attached'
           : record.attached
             ? 'failed'
             : 'detached',
+      ...(record.engineNode !== undefined ? { node: record.engineNode } : {}),
+      ...(record.failover ? { failover: record.failover } : {}),
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
@@ -777,9 +1000,10 @@ export class VolumeManager {
   }
 
   async finishRestore(name: string): Promise<void> {
-    const record = await this.#record(name);
-    delete record.restoring;
-    await this.#o.spaces.volumes.put(name, record);
+    await this.#record(name);
+    await this.#o.records.update(name, (rec) => {
+      delete rec.restoring;
+    });
     this.#restoring.delete(name);
   }
 
@@ -798,18 +1022,8 @@ export class VolumeManager {
   }
 
   /** Changes a volume's record, one change at a time per volume. */
-  #updateRecord(name: string, change: (record: VolumeRecord) => void): Promise<void> {
-    const next = (this.#recordUpdates.get(name) ?? Promise.resolve()).then(async () => {
-      const record = await this.#o.spaces.volumes.get(name);
-      if (!record) return;
-      change(record);
-      await this.#o.spaces.volumes.put(name, record);
-    });
-    this.#recordUpdates.set(
-      name,
-      next.catch(() => undefined),
-    );
-    return next;
+  async #updateRecord(name: string, change: (record: VolumeRecord) => void): Promise<void> {
+    await this.#o.records.update(name, change);
   }
 
   /** Looks for replicas to rebuild every `intervalMs`. */
@@ -850,7 +1064,7 @@ export class VolumeManager {
     const engine = entry?.supervisor.engine;
     const cluster = this.#o.cluster;
     if (!entry || !engine || !cluster) return;
-    const record = await this.#o.spaces.volumes.get(name);
+    const record = await this.#o.records.get(name);
     if (!record) return;
     const now = this.#o.clock.nowMs();
     const modes = engine.replicaModes();
@@ -893,7 +1107,10 @@ export class VolumeManager {
       return;
     }
     if (failed) {
-      const back = await connect(failed.id, failed.location);
+      // In a cluster the node may be back at another address: ask the registry.
+      const urls = await this.#replicaUrls(record);
+      const at = (record.remoteReplicas ?? []).findIndex((r) => r.id === failed.id);
+      const back = await connect(failed.id, at >= 0 ? urls[at]! : failed.location);
       if (back.failure === undefined) {
         await this.#rebuild(name, back, failed.id);
         this.#failedSince.delete(`${name}/${failed.id}`);
@@ -915,13 +1132,28 @@ export class VolumeManager {
     connect: (id: string, url: string) => Promise<RemoteReplica>,
   ): Promise<boolean> {
     const cluster = this.#o.cluster!;
-    const used = new Set((record.remoteReplicas ?? []).map((r) => r.url));
     const nodes = await cluster.nodes();
-    const target = nodes
-      .slice(1)
-      .filter((n) => n.state === 'up' && n.freeBytes >= record.sizeBytes && !used.has(n.url))
-      .sort((a, b) => b.freeBytes - a.freeBytes)[0];
-    if (!target) return false; // no host with room: stay degraded, try again later
+    // Nodes holding a replica already (by name in a cluster, where addresses may change); with
+    // --peer this host too, whose replica is local.
+    const holders = new Set((record.remoteReplicas ?? []).map((r) => r.node ?? r.url));
+    const used = new Set(
+      nodes.filter((n) => holders.has(n.name ?? n.url) || holders.has(n.url)).map((n) => n.url),
+    );
+    if (!this.#shared) used.add(cluster.selfUrl);
+    let target: NodeInfo | undefined;
+    try {
+      [target] = placeReplicas({
+        volume: record.name,
+        sizeBytes: record.sizeBytes,
+        count: 1,
+        nodes,
+        exclude: used,
+        selfRequired: false,
+      });
+    } catch {
+      return false; // no host with room: stay degraded, try again later
+    }
+    if (!target) return false;
     const { id } = await cluster.call<{ id: string }>(target.url, 'POST', '/v1/replicas', {
       volume: record.name,
       sizeBytes: record.sizeBytes,
@@ -940,7 +1172,7 @@ export class VolumeManager {
     await this.#updateRecord(record.name, (rec) => {
       rec.remoteReplicas = [
         ...(rec.remoteReplicas ?? []).filter((r) => r.id !== replaces),
-        { id, url: target.url },
+        { id, url: target.url, ...(target.name ? { node: target.name } : {}) },
       ];
       rec.replicaIds = rec.replicaIds.filter((r) => r !== replaces);
       rec.failedReplicas = [...(rec.failedReplicas ?? []).filter((r) => r !== replaces), id];
@@ -954,6 +1186,15 @@ export class VolumeManager {
         id: replaces,
       });
     return true;
+  }
+
+  /** Where each remote replica of a record is now: in a cluster, at its node's registered address. */
+  async #replicaUrls(rec: VolumeRecord): Promise<string[]> {
+    const remote = rec.remoteReplicas ?? [];
+    if (!this.#shared || !remote.some((r) => r.node)) return remote.map((r) => r.url);
+    const nodes = await this.#o.cluster!.nodes().catch(() => [] as NodeInfo[]);
+    const at = new Map(nodes.map((n) => [n.name, n.url]));
+    return remote.map((r) => (r.node !== undefined ? at.get(r.node) : undefined) ?? r.url);
   }
 
   #openLocal(id: string): Promise<LocalReplica> {

@@ -21,8 +21,16 @@ export interface VolumeRecord {
   replicaIds: string[];
   /** Being restored from this backup: not served until done, removed if the daemon died meanwhile. */
   restoring?: string;
-  /** Replicas on other hosts: their id there and the host's API URL. */
-  remoteReplicas?: Array<{ id: string; url: string }>;
+  /**
+   * Replicas on other hosts: their id there and the host's API URL (in a
+   * cluster, every replica, with its node's name: the URL is where the node
+   * was when the replica was made; the node registry knows where it is now).
+   */
+  remoteReplicas?: Array<{ id: string; url: string; node?: string }>;
+  /** In a cluster: the node whose engine serves the volume (or served it last). */
+  engineNode?: string;
+  /** In a cluster: re-attached on a surviving replica node when the engine's node goes down. */
+  failover?: 'auto';
   /** Grows at every attach: a host keeping a replica refuses streams from older engines. */
   epoch?: number;
   /** Replicas set to ERR (they missed writes): never trusted again until rebuilt. */
@@ -71,15 +79,21 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
           remoteReplicas: (r.remoteReplicas as Array<Record<string, unknown>>).map((x) => ({
             id: field<string>(x, key, 'id', 'string'),
             url: field<string>(x, key, 'url', 'string'),
+            ...(typeof x.node === 'string' ? { node: x.node } : {}),
           })),
         }
       : {}),
     ...(typeof r.epoch === 'number' ? { epoch: r.epoch } : {}),
+    ...(typeof r.engineNode === 'string' ? { engineNode: r.engineNode } : {}),
+    ...(r.failover === 'auto' ? { failover: 'auto' as const } : {}),
     ...(Array.isArray(r.failedReplicas)
       ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }
       : {}),
   };
 }
+
+/** How a volume record is stored, in LevelDB and in etcd alike. */
+export const volumeCodec = jsonCodec('volume', 1, validateVolume);
 
 function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord {
   const layers = r.layers;
@@ -191,7 +205,7 @@ export interface Spaces {
 
 export function openSpaces(kv: Kv): Spaces {
   return {
-    volumes: kv.space('vol', jsonCodec('volume', 1, validateVolume)),
+    volumes: kv.space('vol', volumeCodec),
     replicas: kv.space('rep', jsonCodec('replica', 1, validateReplica)),
     bitmaps: kv.space('bmp', binaryCodec('bitmap', 1)),
     revisions: kv.space('rev', binaryCodec('revision', 1)),

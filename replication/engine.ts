@@ -30,7 +30,13 @@ function isUserError(err: unknown): boolean {
 }
 
 export interface EngineEvent {
-  type: 'replica-error' | 'replica-behind' | 'replica-removed' | 'volume-salvaged' | 'data-corrupt';
+  type:
+    | 'replica-error'
+    | 'replica-behind'
+    | 'replica-removed'
+    | 'volume-salvaged'
+    | 'data-corrupt'
+    | 'engine-fenced';
   volume: string;
   replica: string;
   message: string;
@@ -81,6 +87,14 @@ export class Engine implements SupervisedEngine {
   /** The rebuild under way: snapshot operations wait for it (the chains must hold still). */
   #rebuilding: { replica: string; progress: RebuildProgress } | undefined;
   #inflight = 0;
+  /**
+   * Set when a replica's failure could not be recorded (the store refused:
+   * a newer engine owns the volume, or it does not answer): from then on
+   * every request fails. Writing on to the replicas left would acknowledge
+   * writes that the volume's owner may never see (docs/ARCHITECTURE.md,
+   * "Engine ownership and fencing").
+   */
+  #fenced: CorralError | undefined;
   readonly #idleWaiters: Array<() => void> = [];
 
   constructor(options: EngineOptions) {
@@ -383,8 +397,14 @@ export class Engine implements SupervisedEngine {
    * Every data operation passes here: while a snapshot or revert switches
    * the chain, new operations wait and those in flight finish first.
    */
+  /** Why this engine stopped serving, when it did (see `#fenced`). */
+  get fenced(): CorralError | undefined {
+    return this.#fenced;
+  }
+
   async #admit<T>(op: () => Promise<T>): Promise<T> {
     while (this.#gate) await this.#gate;
+    if (this.#fenced) throw this.#fenced;
     this.#inflight++;
     try {
       return await op();
@@ -531,7 +551,22 @@ export class Engine implements SupervisedEngine {
       replica: member.replica.id,
       message,
     });
-    await this.#markFailed(member.replica.id, true);
+    try {
+      await this.#markFailed(member.replica.id, true);
+    } catch (recordErr) {
+      this.#fenced ??= new CorralError(
+        'IO_ERROR',
+        `Volume ${this.volume} stopped serving: replica ${member.replica.id} failed and that could not be recorded (${recordErr instanceof Error ? recordErr.message : String(recordErr)})`,
+        { cause: recordErr },
+      );
+      this.#onEvent({
+        type: 'engine-fenced',
+        volume: this.volume,
+        replica: member.replica.id,
+        message: this.#fenced.message,
+      });
+      throw this.#fenced;
+    }
   }
 
   #noReplica(what: string, cause?: unknown): CorralError {

@@ -11,6 +11,7 @@ import { EventLog } from '../daemon/events.ts';
 import { JobScheduler, jobSnapshotPrefix } from '../daemon/jobs.ts';
 import { Operations } from '../daemon/operations.ts';
 import { VolumeManager } from '../daemon/volumes.ts';
+import { LocalVolumeRecords } from '../daemon/volume-records.ts';
 
 // Cron expressions are in the host's local time: pin it.
 process.env.TZ = 'UTC';
@@ -31,6 +32,7 @@ async function world(dir: string, startMs: number) {
   const operations = new Operations(events);
   const volumes = new VolumeManager({
     spaces,
+    records: new LocalVolumeRecords(spaces.volumes),
     replicaRoot: path.join(dir, 'replicas'),
     clock,
     events,

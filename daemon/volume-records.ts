@@ -1,0 +1,139 @@
+import { CorralError } from '../common/errors.ts';
+import type { EtcdClient } from '../kv/etcd.ts';
+import type { KeySpace } from '../kv/kv.ts';
+import { volumeCodec, type VolumeRecord } from '../kv/spaces.ts';
+
+/**
+ * Where volume records live: the host's LevelDB when the daemon runs alone,
+ * etcd in a cluster (every node sees every volume). Everything that changes
+ * a record goes through `update`, which applies a change to the record as
+ * it is now — one at a time on one host, compare-and-swap in etcd — so two
+ * writers never lose each other's change.
+ */
+export interface VolumeRecords {
+  readonly shared: boolean;
+  get(name: string): Promise<VolumeRecord | undefined>;
+  entries(): Promise<Array<[string, VolumeRecord]>>;
+  /** Stores a new record; ALREADY_EXISTS when the name is taken (anywhere in the cluster). */
+  create(record: VolumeRecord): Promise<void>;
+  /**
+   * Applies `change` to the current record and stores it; undefined when
+   * there is no record. `change` may throw to store nothing (it may be
+   * called again, on a newer record, when another writer came first).
+   */
+  update(name: string, change: (record: VolumeRecord) => void): Promise<VolumeRecord | undefined>;
+  del(name: string): Promise<void>;
+}
+
+/** The single-host store: this host's LevelDB. */
+export class LocalVolumeRecords implements VolumeRecords {
+  readonly shared = false;
+  readonly #space: KeySpace<VolumeRecord>;
+  readonly #updates = new Map<string, Promise<unknown>>();
+
+  constructor(space: KeySpace<VolumeRecord>) {
+    this.#space = space;
+  }
+
+  get(name: string): Promise<VolumeRecord | undefined> {
+    return this.#space.get(name);
+  }
+
+  entries(): Promise<Array<[string, VolumeRecord]>> {
+    return this.#space.entries();
+  }
+
+  create(record: VolumeRecord): Promise<void> {
+    return this.#one(record.name, async () => {
+      if (await this.#space.get(record.name))
+        throw new CorralError('ALREADY_EXISTS', `Volume ${record.name} already exists`);
+      await this.#space.put(record.name, record);
+    });
+  }
+
+  update(name: string, change: (record: VolumeRecord) => void): Promise<VolumeRecord | undefined> {
+    return this.#one(name, async () => {
+      const record = await this.#space.get(name);
+      if (!record) return undefined;
+      change(record);
+      await this.#space.put(name, record);
+      return record;
+    });
+  }
+
+  del(name: string): Promise<void> {
+    return this.#one(name, () => this.#space.del(name));
+  }
+
+  #one<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const next = (this.#updates.get(name) ?? Promise.resolve()).then(fn);
+    const settled = next.catch(() => undefined);
+    this.#updates.set(name, settled);
+    void settled.then(() => {
+      if (this.#updates.get(name) === settled) this.#updates.delete(name);
+    });
+    return next;
+  }
+}
+
+/** etcd key of a volume's record (docs/ARCHITECTURE.md, "Cluster state in etcd"). */
+export const VOLUMES_PREFIX = '/corral/volumes/';
+
+/** The cluster store: one key per volume in etcd, changed by compare-and-swap. */
+export class EtcdVolumeRecords implements VolumeRecords {
+  readonly shared = true;
+  readonly #etcd: EtcdClient;
+
+  constructor(etcd: EtcdClient) {
+    this.#etcd = etcd;
+  }
+
+  #decode(key: string, value: Buffer): VolumeRecord {
+    return volumeCodec.decode(value, key);
+  }
+
+  async get(name: string): Promise<VolumeRecord | undefined> {
+    const kv = await this.#etcd.get(VOLUMES_PREFIX + name);
+    return kv ? this.#decode(kv.key, kv.value) : undefined;
+  }
+
+  async entries(): Promise<Array<[string, VolumeRecord]>> {
+    const kvs = await this.#etcd.range(VOLUMES_PREFIX);
+    return kvs.map((kv) => {
+      const record = this.#decode(kv.key, kv.value);
+      return [record.name, record];
+    });
+  }
+
+  async create(record: VolumeRecord): Promise<void> {
+    const key = VOLUMES_PREFIX + record.name;
+    const { ok } = await this.#etcd.txn(
+      [{ key, modRevision: 0 }],
+      [{ put: key, value: Buffer.from(volumeCodec.encode(record)) }],
+    );
+    if (!ok) throw new CorralError('ALREADY_EXISTS', `Volume ${record.name} already exists`);
+  }
+
+  async update(
+    name: string,
+    change: (record: VolumeRecord) => void,
+  ): Promise<VolumeRecord | undefined> {
+    const key = VOLUMES_PREFIX + name;
+    for (;;) {
+      const kv = await this.#etcd.get(key);
+      if (!kv) return undefined;
+      const record = this.#decode(kv.key, kv.value);
+      change(record);
+      const { ok } = await this.#etcd.txn(
+        [{ key, modRevision: kv.modRevision }],
+        [{ put: key, value: Buffer.from(volumeCodec.encode(record)) }],
+      );
+      if (ok) return record;
+      // Another writer came first: apply the change to what it stored.
+    }
+  }
+
+  async del(name: string): Promise<void> {
+    await this.#etcd.delete(VOLUMES_PREFIX + name);
+  }
+}
