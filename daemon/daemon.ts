@@ -131,9 +131,10 @@ export async function startDaemon(
   // connection counts: tie the knot through these late-bound functions.
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
   const operations = new Operations(events);
+  const etcdRecords = etcd ? new EtcdVolumeRecords(etcd) : undefined;
   const volumes = new VolumeManager({
     spaces,
-    records: etcd ? new EtcdVolumeRecords(etcd) : new LocalVolumeRecords(spaces.volumes),
+    records: etcdRecords ?? new LocalVolumeRecords(spaces.volumes),
     replicaRoot,
     cluster,
     replicaTimeoutMs: config.replicaTimeoutMs,
@@ -219,6 +220,9 @@ export async function startDaemon(
   // Registered before the volumes start: placement and engines look nodes up in etcd.
   await registry?.start(cluster.selfUrl);
   if (registry) log(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
+  await etcdRecords?.start((err) =>
+    events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
+  );
   // Volumes attach once the API serves: their replicas on peers are reached from here.
   await volumes.start();
   volumes.startRepairs();
@@ -241,6 +245,7 @@ export async function startDaemon(
         await fuse?.unmount();
         await volumes.stop();
         await hosted.stop();
+        etcdRecords?.stop();
         await registry?.stop();
         await kv.close();
       })()),

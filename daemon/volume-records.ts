@@ -23,6 +23,13 @@ export interface VolumeRecords {
    */
   update(name: string, change: (record: VolumeRecord) => void): Promise<VolumeRecord | undefined>;
   del(name: string): Promise<void>;
+  /**
+   * The record as last seen, for loops that look often (the repair loop):
+   * in etcd kept current by a watch, so that looking costs no request.
+   */
+  cached(name: string): Promise<VolumeRecord | undefined>;
+  /** Hears of every change to a record, made here or on another node (etcd only). */
+  onChange?: (name: string, record: VolumeRecord | undefined) => void;
 }
 
 /** The single-host store: this host's LevelDB. */
@@ -65,6 +72,10 @@ export class LocalVolumeRecords implements VolumeRecords {
     return this.#one(name, () => this.#space.del(name));
   }
 
+  cached(name: string): Promise<VolumeRecord | undefined> {
+    return this.#space.get(name);
+  }
+
   #one<T>(name: string, fn: () => Promise<T>): Promise<T> {
     const next = (this.#updates.get(name) ?? Promise.resolve()).then(fn);
     const settled = next.catch(() => undefined);
@@ -79,13 +90,67 @@ export class LocalVolumeRecords implements VolumeRecords {
 /** etcd key of a volume's record (docs/ARCHITECTURE.md, "Cluster state in etcd"). */
 export const VOLUMES_PREFIX = '/corral/volumes/';
 
-/** The cluster store: one key per volume in etcd, changed by compare-and-swap. */
+/**
+ * The cluster store: one key per volume in etcd, changed by compare-and-swap.
+ * A watch on the prefix keeps a copy of every record here (`cached`) and
+ * tells this node when another one changed a record it cares about.
+ */
 export class EtcdVolumeRecords implements VolumeRecords {
   readonly shared = true;
   readonly #etcd: EtcdClient;
+  readonly #cache = new Map<string, { record: VolumeRecord; revision: number }>();
+  readonly #stop = new AbortController();
+  onChange?: (name: string, record: VolumeRecord | undefined) => void;
 
   constructor(etcd: EtcdClient) {
     this.#etcd = etcd;
+  }
+
+  /** Loads every record and follows changes from then on. */
+  async start(onWatchError: (err: Error) => void): Promise<void> {
+    const { kvs, revision } = await this.#etcd.snapshot(VOLUMES_PREFIX);
+    for (const kv of kvs) this.#seen(kv.key, kv.value, kv.modRevision);
+    this.#etcd.watch(
+      VOLUMES_PREFIX,
+      revision + 1,
+      (e) => {
+        const name = e.key.slice(VOLUMES_PREFIX.length);
+        if (e.type === 'delete') {
+          const had = this.#cache.get(name);
+          if (had && had.revision > e.modRevision) return;
+          this.#cache.delete(name);
+          this.onChange?.(name, undefined);
+        } else {
+          const record = this.#seen(e.key, e.value, e.modRevision);
+          if (record) this.onChange?.(name, record);
+        }
+      },
+      this.#stop.signal,
+      onWatchError,
+    );
+  }
+
+  stop(): void {
+    this.#stop.abort();
+  }
+
+  /** Keeps a record read or written at `revision`, unless a newer one is known. */
+  #seen(key: string, value: Buffer, revision: number): VolumeRecord | undefined {
+    let record: VolumeRecord;
+    try {
+      record = this.#decode(key, value);
+    } catch {
+      return undefined; // a record this version cannot read: `get` says why
+    }
+    const had = this.#cache.get(record.name);
+    if (had && had.revision >= revision) return undefined;
+    this.#cache.set(record.name, { record, revision });
+    return record;
+  }
+
+  async cached(name: string): Promise<VolumeRecord | undefined> {
+    const hit = this.#cache.get(name);
+    return hit ? structuredClone(hit.record) : this.get(name);
   }
 
   #decode(key: string, value: Buffer): VolumeRecord {
@@ -94,7 +159,9 @@ export class EtcdVolumeRecords implements VolumeRecords {
 
   async get(name: string): Promise<VolumeRecord | undefined> {
     const kv = await this.#etcd.get(VOLUMES_PREFIX + name);
-    return kv ? this.#decode(kv.key, kv.value) : undefined;
+    if (!kv) return undefined;
+    this.#seen(kv.key, kv.value, kv.modRevision);
+    return this.#decode(kv.key, kv.value);
   }
 
   async entries(): Promise<Array<[string, VolumeRecord]>> {
@@ -107,11 +174,10 @@ export class EtcdVolumeRecords implements VolumeRecords {
 
   async create(record: VolumeRecord): Promise<void> {
     const key = VOLUMES_PREFIX + record.name;
-    const { ok } = await this.#etcd.txn(
-      [{ key, modRevision: 0 }],
-      [{ put: key, value: Buffer.from(volumeCodec.encode(record)) }],
-    );
+    const value = Buffer.from(volumeCodec.encode(record));
+    const { ok, revision } = await this.#etcd.txn([{ key, modRevision: 0 }], [{ put: key, value }]);
     if (!ok) throw new CorralError('ALREADY_EXISTS', `Volume ${record.name} already exists`);
+    this.#seen(key, value, revision);
   }
 
   async update(
@@ -124,16 +190,21 @@ export class EtcdVolumeRecords implements VolumeRecords {
       if (!kv) return undefined;
       const record = this.#decode(kv.key, kv.value);
       change(record);
-      const { ok } = await this.#etcd.txn(
+      const value = Buffer.from(volumeCodec.encode(record));
+      const { ok, revision } = await this.#etcd.txn(
         [{ key, modRevision: kv.modRevision }],
-        [{ put: key, value: Buffer.from(volumeCodec.encode(record)) }],
+        [{ put: key, value }],
       );
-      if (ok) return record;
+      if (ok) {
+        this.#seen(key, value, revision);
+        return record;
+      }
       // Another writer came first: apply the change to what it stored.
     }
   }
 
   async del(name: string): Promise<void> {
     await this.#etcd.delete(VOLUMES_PREFIX + name);
+    this.#cache.delete(name);
   }
 }

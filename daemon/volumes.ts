@@ -97,9 +97,10 @@ const FORWARD_TIMEOUT_MS = 60_000;
 /** The volumes of this host: their records, and an engine per attached one. */
 export class VolumeManager {
   readonly #o: VolumeManagerOptions;
+  /** The engines of this host, with the epoch each was claimed with. */
   readonly #attached = new Map<
     string,
-    { supervisor: Supervisor; fault: FaultFilter | undefined }
+    { supervisor: Supervisor; fault: FaultFilter | undefined; epoch: number }
   >();
   /**
    * One control operation per volume at a time (create, clone, attach, detach,
@@ -122,6 +123,30 @@ export class VolumeManager {
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
     this.#lanes = new Lanes({ clock: options.clock, waitMs: options.laneWaitMs ?? 30_000 });
+    options.records.onChange = (name, record) => this.#recordChanged(name, record);
+  }
+
+  /**
+   * Another node claimed a volume whose engine runs here (a newer epoch), or
+   * removed it: this engine is fenced. The replicas refuse it already; it
+   * also stops here at once, so that its clients get errors and reconnect
+   * to the new node rather than wait on a volume nobody serves from here.
+   */
+  #recordChanged(name: string, record: VolumeRecord | undefined): void {
+    const entry = this.#attached.get(name);
+    if (!entry || (record && (record.epoch ?? 0) <= entry.epoch)) return;
+    this.#attached.delete(name);
+    this.#frontends.delete(name);
+    this.#rebuilds.get(name)?.abort();
+    this.#o.disconnect(name);
+    this.#o.events.add({
+      type: 'engine-fenced',
+      volume: name,
+      message: record
+        ? `node ${record.engineNode ?? '?'} took the volume over (epoch ${record.epoch ?? 0}, this engine's ${entry.epoch}): stopped here`
+        : 'the volume was removed on another node: stopped here',
+    });
+    void entry.supervisor.stop().catch(() => undefined);
   }
 
   /** Attaches what was attached before the daemon stopped; drops half-created replicas. */
@@ -526,7 +551,7 @@ export class VolumeManager {
       hangTimeoutMs: this.#o.hangTimeoutMs,
       onEvent: (e) => this.#o.events.add({ type: e.type, volume: e.volume, message: e.message }),
     });
-    this.#attached.set(record.name, { supervisor, fault });
+    this.#attached.set(record.name, { supervisor, fault, epoch });
     this.#frontends.set(record.name, record.frontend);
     return record;
   }
@@ -1064,7 +1089,7 @@ export class VolumeManager {
     const engine = entry?.supervisor.engine;
     const cluster = this.#o.cluster;
     if (!entry || !engine || !cluster) return;
-    const record = await this.#o.records.get(name);
+    const record = await this.#o.records.cached(name);
     if (!record) return;
     const now = this.#o.clock.nowMs();
     const modes = engine.replicaModes();

@@ -140,12 +140,20 @@ export class EtcdClient {
 
   /** Every key starting with `prefix`, in key order. */
   async range(prefix: string, options: { keysOnly?: boolean } = {}): Promise<KeyValue[]> {
-    const r = await this.#call<{ kvs?: RawKv[] }>('/v3/kv/range', {
+    return (await this.snapshot(prefix, options)).kvs;
+  }
+
+  /** `range`, with the store's revision it was read at (a watch from revision + 1 misses nothing). */
+  async snapshot(
+    prefix: string,
+    options: { keysOnly?: boolean } = {},
+  ): Promise<{ kvs: KeyValue[]; revision: number }> {
+    const r = await this.#call<{ kvs?: RawKv[]; header?: { revision?: string } }>('/v3/kv/range', {
       key: b64(prefix),
       range_end: prefixEnd(prefix),
       ...(options.keysOnly ? { keys_only: true } : {}),
     });
-    return (r.kvs ?? []).map(toKv);
+    return { kvs: (r.kvs ?? []).map(toKv), revision: Number(r.header?.revision ?? 0) };
   }
 
   /** The number of keys starting with `prefix`. */

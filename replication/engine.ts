@@ -95,6 +95,14 @@ export class Engine implements SupervisedEngine {
    * "Engine ownership and fencing").
    */
   #fenced: CorralError | undefined;
+  /**
+   * Replica failures being recorded. A write that succeeds on the replicas
+   * left is not acknowledged before these are durable: the failed replica
+   * missed it too, and until the record says so a restart could trust it
+   * (a write racing the one that found the failure was once acknowledged on
+   * the engine's own replica alone while the record could not be written).
+   */
+  readonly #marking = new Set<Promise<void>>();
   readonly #idleWaiters: Array<() => void> = [];
 
   constructor(options: EngineOptions) {
@@ -510,7 +518,10 @@ export class Engine implements SupervisedEngine {
     const failures = results.flatMap((r, i) =>
       r.status === 'rejected' ? [{ member: targets[i]!, err: r.reason as unknown }] : [],
     );
-    if (failures.length === 0) return;
+    if (failures.length === 0) {
+      if (this.#marking.size > 0 || this.#fenced) await this.#failuresRecorded();
+      return;
+    }
     // A refusal every replica agrees on (no such snapshot, name taken, busy) is the caller's error.
     if (
       options.userErrors &&
@@ -533,6 +544,13 @@ export class Engine implements SupervisedEngine {
     if (!this.#members.some((m) => m.mode === 'RW')) {
       throw this.#noReplica(what, failures[0]?.err);
     }
+    await this.#failuresRecorded();
+  }
+
+  /** Waits until every replica failure found so far is recorded; throws if the engine was fenced. */
+  async #failuresRecorded(): Promise<void> {
+    while (this.#marking.size > 0) await Promise.allSettled([...this.#marking]);
+    if (this.#fenced) throw this.#fenced;
   }
 
   /**
@@ -551,8 +569,10 @@ export class Engine implements SupervisedEngine {
       replica: member.replica.id,
       message,
     });
+    const marked = this.#markFailed(member.replica.id, true);
+    this.#marking.add(marked);
     try {
-      await this.#markFailed(member.replica.id, true);
+      await marked;
     } catch (recordErr) {
       this.#fenced ??= new CorralError(
         'IO_ERROR',
@@ -566,6 +586,8 @@ export class Engine implements SupervisedEngine {
         message: this.#fenced.message,
       });
       throw this.#fenced;
+    } finally {
+      this.#marking.delete(marked);
     }
   }
 

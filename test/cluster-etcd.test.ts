@@ -7,6 +7,7 @@ import { after, describe, it } from 'node:test';
 import { CLUSTER_SECRET } from './helpers/cluster.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { EtcdProcess } from './helpers/etcd.ts';
+import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
 
 interface NodeRow {
@@ -149,5 +150,173 @@ describe('a cluster with its state in etcd', () => {
       `cluster figures: planned move ${moveMs} ms (CLI to first read on the new node); ` +
         `takeover ${takeoverMs} ms from SIGKILL (node down after ${downMs} ms, TTL 2000 ms)`,
     );
+  });
+
+  it('keeps serving I/O while etcd is down, answers control calls UNAVAILABLE, and converges after', async () => {
+    const e = etcd!;
+    const d3 = daemons[2]!;
+    const fio = run(
+      'fio',
+      [
+        '--name=outage',
+        '--ioengine=nbd',
+        `--uri=${d3.uri('pg')}`,
+        '--rw=randwrite',
+        '--bs=64k',
+        '--iodepth=8',
+        '--size=48m',
+        '--rate=8m',
+        '--verify=crc32c',
+        '--verify_fatal=1',
+      ],
+      { timeoutMs: 120_000 },
+    );
+    await e.kill();
+    const created = await d3.api_<{ error: { code: string; message: string } }>(
+      'POST',
+      '/v1/volumes',
+      { name: 'web', size: '16M' },
+    );
+    assert.equal(created.status, 503);
+    assert.equal(created.json.error.code, 'UNAVAILABLE');
+    assert.match(created.json.error.message, /cluster store \(etcd\) does not answer/);
+    const listed = await d3.cli(['volume', 'ls']);
+    assert.notEqual(listed.code, 0);
+    assert.match(listed.stderr, /etcd/);
+    const done = await fio;
+    assert.equal(done.code, 0, `fio failed while etcd was down: ${done.stdout}${done.stderr}`);
+    await e.resume();
+    await waitFor('every node up again', async () =>
+      (await nodeStates(d3)).join() === 'n1:up,n2:up,n3:up' ? true : undefined,
+    );
+    const web = await daemons[0]!.cli([
+      'volume',
+      'create',
+      'web',
+      '--size',
+      '16M',
+      '--replicas',
+      '2',
+    ]);
+    assert.equal(web.code, 0, web.stderr);
+    const v = await json<VolumeRow>(d3, ['volume', 'get', 'pg']);
+    assert.equal(v.node, 'n3');
+    assert.equal(v.replicas.filter((r) => r.mode === 'RW').length, 3);
+  });
+});
+
+/**
+ * A real partition: node n1 runs in its own network namespace, joined to
+ * the host by a veth pair; iptables inside the namespace then drops
+ * everything between n1 and the rest of the cluster (etcd, the other
+ * nodes) while its NBD clients still reach it.
+ */
+describe('an engine cut off from the cluster', () => {
+  const ns = `corral-fence-${process.pid}`;
+  const vethHost = `cfh${process.pid % 100000}`;
+  const vethNs = `cfn${process.pid % 100000}`;
+  const hostIp = '10.78.0.1';
+  const nsIp = '10.78.0.2';
+  let etcd: EtcdProcess | undefined;
+  const daemons: DaemonProcess[] = [];
+  let client: RawNbd | undefined;
+  after(async () => {
+    client?.close();
+    for (const d of daemons) await d.cleanup();
+    await etcd?.cleanup();
+    await run('ip', ['link', 'del', vethHost]);
+    await run('ip', ['netns', 'del', ns]);
+  });
+
+  it('is fenced after a takeover: its client gets errors and none of its writes is served', async () => {
+    const ip = (...args: string[]) => mustRun('ip', args);
+    await ip('netns', 'add', ns);
+    await ip('link', 'add', vethHost, 'type', 'veth', 'peer', 'name', vethNs);
+    await ip('link', 'set', vethNs, 'netns', ns);
+    await ip('addr', 'add', `${hostIp}/24`, 'dev', vethHost);
+    await ip('link', 'set', vethHost, 'up');
+    await ip('netns', 'exec', ns, 'ip', 'addr', 'add', `${nsIp}/24`, 'dev', vethNs);
+    await ip('netns', 'exec', ns, 'ip', 'link', 'set', vethNs, 'up');
+    await ip('netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up');
+
+    etcd = await EtcdProcess.start(hostIp);
+    const node = (i: number, host: string, netns?: string) =>
+      DaemonProcess.start({
+        args: [
+          '--listen',
+          `${host}:0`,
+          '--nbd',
+          `${host}:0`,
+          '--etcd',
+          etcd!.url,
+          '--node-name',
+          `n${i}`,
+          '--node-ttl',
+          '2000',
+          '--rebuild-delay',
+          '1000',
+          '--replica-timeout',
+          '1500',
+        ],
+        env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
+        ...(netns ? { netns } : {}),
+      });
+    const d1 = await node(1, nsIp, ns);
+    daemons.push(d1);
+    const [d2, d3] = await Promise.all([node(2, hostIp), node(3, hostIp)]);
+    daemons.push(d2, d3);
+    const created = await d1.cli(['volume', 'create', 'fence', '--size', '16M', '--replicas', '3']);
+    assert.equal(created.code, 0, created.stderr);
+
+    // A client of n1 writes A and flushes: acknowledged, so it must survive everything below.
+    const [host, port] = d1.nbd.split(':') as [string, string];
+    client = await RawNbd.connect({ host, port: Number(port) });
+    await client.greet();
+    await client.go('fence');
+    const a = Buffer.alloc(1 << 20, 0xaa);
+    client.request(CMD.WRITE, 0, a.length, { payload: a });
+    assert.equal((await client.reply()).error, 0);
+    client.request(CMD.FLUSH, 0, 0);
+    assert.equal((await client.reply()).error, 0);
+
+    // The partition: n1 keeps its NBD clients and nothing else.
+    const inNs = (...args: string[]) => mustRun('ip', ['netns', 'exec', ns, 'iptables', ...args]);
+    await inNs('-A', 'OUTPUT', '-p', 'tcp', '--sport', port, '-j', 'ACCEPT');
+    await inNs('-A', 'OUTPUT', '-d', hostIp, '-j', 'DROP');
+    await inNs('-A', 'INPUT', '-s', hostIp, '-p', 'tcp', '!', '--dport', port, '-j', 'DROP');
+    await waitFor('n1 down', async () =>
+      (await nodeStates(d2)).includes('n1:down') ? true : undefined,
+    );
+    const took = await d2.cli(['volume', 'attach', 'fence']);
+    assert.equal(took.code, 0, took.stderr);
+
+    // n1's client writes B after the takeover: every request fails, none is acknowledged.
+    const b = Buffer.alloc(1 << 20, 0xbb);
+    client.request(CMD.WRITE, 0, b.length, { payload: b });
+    client.request(CMD.WRITE, 1 << 20, b.length, { payload: b });
+    client.request(CMD.FLUSH, 0, 0);
+    for (let i = 0; i < 3; i++) {
+      const r = await client.reply(0, 60_000).catch(() => ({ error: -1 }));
+      assert.notEqual(r.error, 0, `request ${i} of the fenced engine was acknowledged`);
+    }
+
+    // The new engine serves A, never B; after the partition heals n1's replica is rebuilt
+    // and every replica agrees.
+    const expected = Buffer.concat([a, Buffer.alloc(1 << 20)]);
+    assert.ok(Buffer.compare(await readVolume(d2, 'fence', 2 << 20), expected) === 0);
+    await mustRun('ip', ['netns', 'exec', ns, 'iptables', '-F']);
+    await waitFor(
+      'three healthy replicas',
+      async () => {
+        const v = await json<VolumeRow>(d2, ['volume', 'get', 'fence']);
+        return v.replicas.filter((r) => r.mode === 'RW').length === 3 ? v : undefined;
+      },
+      30_000,
+    );
+    const verify = await d2.cli(['volume', 'verify', 'fence']);
+    assert.equal(verify.code, 0, verify.stdout + verify.stderr);
+    assert.ok(Buffer.compare(await readVolume(d2, 'fence', 2 << 20), expected) === 0);
+    const events = await d1.cli(['events', '--volume', 'fence']);
+    assert.match(events.stdout, /engine-fenced/);
   });
 });

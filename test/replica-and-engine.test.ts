@@ -151,6 +151,58 @@ describe('replica crash semantics', () => {
   });
 });
 
+describe('a replica failure', () => {
+  it('holds every write until it is recorded, and fences the engine when it cannot be', async () => {
+    const { e, root, replica: a } = await freshReplica();
+    const b = await LocalReplica.create({
+      spaces: e.spaces,
+      root,
+      volume: 'v',
+      sizeBytes: SIZE,
+      now: new Date(),
+    });
+    // b's disk fails at the first write.
+    const failing = new Proxy(b, {
+      get(target, key) {
+        if (key === 'write') return () => Promise.reject(new Error('disk gone'));
+        const value: unknown = Reflect.get(target, key, target);
+        return typeof value === 'function' ? (value as () => unknown).bind(target) : value;
+      },
+    });
+    let refuse!: (err: Error) => void;
+    const recorded = new Promise<void>((_, reject) => (refuse = reject));
+    try {
+      const engine = new Engine({
+        volume: 'v',
+        sizeBytes: SIZE,
+        replicas: [a, failing],
+        markFailed: () => recorded,
+      });
+      const outcome = (p: Promise<void>) =>
+        p.then(
+          () => 'acknowledged',
+          (err: unknown) => (err as { code?: string }).code ?? 'error',
+        );
+      // The first write finds b broken; the second, right behind it, succeeds on a alone.
+      const first = outcome(engine.write(0, Buffer.alloc(4096, 1)));
+      await new Promise((r) => setImmediate(r));
+      const second = outcome(engine.write(4096, Buffer.alloc(4096, 2)));
+      const early = await Promise.race([
+        second,
+        new Promise((r) => setTimeout(() => r('pending'), 200)),
+      ]);
+      assert.equal(early, 'pending', 'a write is acknowledged before the failure is recorded');
+      refuse(new Error('the store is away'));
+      assert.deepEqual([await first, await second], ['IO_ERROR', 'IO_ERROR']);
+      await assert.rejects(() => engine.read(0, 4096), /stopped serving/);
+      assert.ok(engine.fenced);
+    } finally {
+      e.open.push(a, b);
+      await teardown();
+    }
+  });
+});
+
 describe('engine start', () => {
   it('salvages the freshest replicas when every one had been set to ERR, and only then', async () => {
     const { e, root, replica: a } = await freshReplica();

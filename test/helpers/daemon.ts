@@ -14,6 +14,8 @@ export interface DaemonOptions {
   env?: Record<string, string>;
   /** Run the TypeScript sources under Deno instead of the built daemon under Node. */
   deno?: boolean;
+  /** Run inside this network namespace (`ip netns exec`), for partitions. */
+  netns?: string;
 }
 
 /** A real `corral daemon` process on loopback, on ports it picked itself. */
@@ -63,7 +65,10 @@ export class DaemonProcess {
           path.join(ROOT, 'node_modules', '.bin', 'deno'),
           ['run', '-A', path.join(ROOT, 'daemon', 'cli.ts'), ...daemonArgs],
         ]
-      : [process.execPath, [CLI, ...daemonArgs]];
+      : options.netns
+        ? // `ip netns exec` execs the command: the child's pid is the daemon's.
+          ['ip', ['netns', 'exec', options.netns, process.execPath, CLI, ...daemonArgs]]
+        : [process.execPath, [CLI, ...daemonArgs]];
     const child = spawn(command, args, {
       cwd: ROOT,
       env: { ...process.env, ...options.env },

@@ -166,8 +166,9 @@ export class RawNbd {
   /** Reads one reply (simple or one structured chunk); structured replies here are always single-chunk. */
   async reply(
     readLength = 0,
+    timeoutMs = 10_000,
   ): Promise<{ cookie: bigint; error: number; data: Buffer; type?: number }> {
-    const magic = (await this.read(4)).readUInt32BE(0);
+    const magic = (await this.read(4, timeoutMs)).readUInt32BE(0);
     if (magic === 0x67446698) {
       const rest = await this.read(12);
       const error = rest.readUInt32BE(0);
