@@ -137,9 +137,13 @@ export function createApi(options: ApiOptions): Hono {
           [FORWARDED_HEADER]: '1',
           ...(contentType !== undefined ? { 'content-type': contentType } : {}),
         },
-        ...(method === 'GET' || method === 'HEAD' ? {} : { body: await c.req.arrayBuffer() }),
+        ...(method === 'GET' || method === 'HEAD'
+          ? { signal: AbortSignal.timeout(5000) }
+          : { body: await c.req.arrayBuffer() }),
       });
     } catch (err) {
+      // Its node may have just died (its lease not yet expired): a read is answered from here.
+      if (method === 'GET') return next();
       throw new CorralError(
         'UNAVAILABLE',
         `The node serving volume ${decodeURIComponent(name)} (${owner}) does not answer: ${err instanceof Error ? err.message : String(err)}`,

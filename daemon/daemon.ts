@@ -223,6 +223,15 @@ export async function startDaemon(
   await etcdRecords?.start((err) =>
     events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
   );
+  await registry?.watchNodes(
+    (name) => {
+      events.add({ type: 'node-down', message: `node ${name}: its lease ended` });
+      void volumes
+        .nodeDown(name)
+        .catch((err: unknown) => events.add({ type: 'failover-failed', message: String(err) }));
+    },
+    (err) => events.add({ type: 'cluster-store-error', message: `node watch: ${err.message}` }),
+  );
   // Volumes attach once the API serves: their replicas on peers are reached from here.
   await volumes.start();
   volumes.startRepairs();

@@ -53,6 +53,7 @@ export class NodeRegistry {
   #lastFree = -1;
   #timer: ReturnType<typeof setInterval> | undefined;
   #renewing = false;
+  readonly #watching = new AbortController();
 
   constructor(options: NodeRegistryOptions) {
     this.#o = options;
@@ -166,8 +167,27 @@ export class NodeRegistry {
     }
   }
 
+  /**
+   * Tells `onDown` of every node whose alive key goes (its lease expired,
+   * or it stopped and gave its lease back), as etcd sees it happen: no node
+   * polls another.
+   */
+  async watchNodes(onDown: (name: string) => void, onError: (err: Error) => void): Promise<void> {
+    const { revision } = await this.#o.etcd.snapshot(ALIVE_PREFIX, { keysOnly: true });
+    this.#o.etcd.watch(
+      ALIVE_PREFIX,
+      revision + 1,
+      (e) => {
+        if (e.type === 'delete') onDown(e.key.slice(ALIVE_PREFIX.length));
+      },
+      this.#watching.signal,
+      onError,
+    );
+  }
+
   /** Stops renewing and gives the lease back: the node is down at once. */
   async stop(): Promise<void> {
+    this.#watching.abort();
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
     if (this.#lease) await this.#o.etcd.revokeLease(this.#lease);

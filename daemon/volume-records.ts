@@ -28,6 +28,8 @@ export interface VolumeRecords {
    * in etcd kept current by a watch, so that looking costs no request.
    */
   cached(name: string): Promise<VolumeRecord | undefined>;
+  /** Every record as last seen (etcd: no request; the watch keeps them current). */
+  cachedEntries(): Promise<Array<[string, VolumeRecord]>>;
   /** Hears of every change to a record, made here or on another node (etcd only). */
   onChange?: (name: string, record: VolumeRecord | undefined) => void;
 }
@@ -74,6 +76,10 @@ export class LocalVolumeRecords implements VolumeRecords {
 
   cached(name: string): Promise<VolumeRecord | undefined> {
     return this.#space.get(name);
+  }
+
+  cachedEntries(): Promise<Array<[string, VolumeRecord]>> {
+    return this.#space.entries();
   }
 
   #one<T>(name: string, fn: () => Promise<T>): Promise<T> {
@@ -151,6 +157,12 @@ export class EtcdVolumeRecords implements VolumeRecords {
   async cached(name: string): Promise<VolumeRecord | undefined> {
     const hit = this.#cache.get(name);
     return hit ? structuredClone(hit.record) : this.get(name);
+  }
+
+  cachedEntries(): Promise<Array<[string, VolumeRecord]>> {
+    return Promise.resolve(
+      [...this.#cache.values()].map(({ record }) => [record.name, structuredClone(record)]),
+    );
   }
 
   #decode(key: string, value: Buffer): VolumeRecord {

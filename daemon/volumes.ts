@@ -127,6 +127,56 @@ export class VolumeManager {
   }
 
   /**
+   * A node went down (its lease expired): the volumes with `--failover auto`
+   * whose engine it ran are attached on a surviving node that holds a
+   * replica — the first such node by name, so that exactly one tries (and
+   * the claim's compare-and-swap settles any race). Looks at the records
+   * this node keeps from its watch: no request per volume.
+   */
+  async nodeDown(node: string): Promise<void> {
+    if (!this.#shared || node === this.#nodeName) return;
+    const candidates = (await this.#o.records.cachedEntries()).filter(
+      ([, r]) => r.failover === 'auto' && r.attached && r.engineNode === node,
+    );
+    if (candidates.length === 0) return;
+    const nodes = await this.#o.cluster!.nodes();
+    const up = new Set(
+      nodes.filter((n) => n.state === 'up' && !n.cordoned && n.name !== node).map((n) => n.name),
+    );
+    for (const [name, record] of candidates) {
+      const heir = (record.remoteReplicas ?? [])
+        .map((r) => r.node)
+        .filter((n): n is string => n !== undefined && up.has(n))
+        .sort()[0];
+      if (heir !== this.#nodeName) continue;
+      this.#o.events.add({
+        type: 'failover-started',
+        volume: name,
+        message: `node ${node} is down: ${heir} takes the volume over`,
+      });
+      await this.attach(name).catch((err: unknown) =>
+        this.#o.events.add({
+          type: 'failover-failed',
+          volume: name,
+          message: err instanceof Error ? err.message : String(err),
+        }),
+      );
+    }
+  }
+
+  async #failoverSweep(): Promise<void> {
+    const owners = new Set(
+      (await this.#o.records.cachedEntries())
+        .filter(([, r]) => r.failover === 'auto' && r.attached && r.engineNode !== this.#nodeName)
+        .map(([, r]) => r.engineNode),
+    );
+    if (owners.size === 0) return;
+    for (const n of await this.#o.cluster!.nodes())
+      if (n.state === 'down' && n.name !== undefined && owners.has(n.name))
+        await this.nodeDown(n.name);
+  }
+
+  /**
    * Another node claimed a volume whose engine runs here (a newer epoch), or
    * removed it: this engine is fenced. The replicas refuse it already; it
    * also stops here at once, so that its clients get errors and reconnect
@@ -1061,6 +1111,8 @@ export class VolumeManager {
         leftovers = this.#retryLeftovers()
           .catch(() => undefined)
           .finally(() => (leftovers = undefined));
+      // Behind the node watch, a slow sweep: a failover missed while this node was busy or away.
+      if (this.#shared && ticks % 15 === 0) void this.#failoverSweep().catch(() => undefined);
       for (const name of this.#attached.keys()) {
         // A volume whose lane is taken (a repair still running, or a user's operation) is
         // looked at again next tick: the lane is also what keeps repairs one at a time.

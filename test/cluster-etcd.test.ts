@@ -203,6 +203,42 @@ describe('a cluster with its state in etcd', () => {
     assert.equal(v.node, 'n3');
     assert.equal(v.replicas.filter((r) => r.mode === 'RW').length, 3);
   });
+
+  it('fails a --failover auto volume over by itself when its engine node dies', async () => {
+    const [d1, , d3] = daemons as [DaemonProcess, DaemonProcess, DaemonProcess];
+    const created = await d1.cli([
+      'volume',
+      'create',
+      'auto',
+      '--size',
+      '32M',
+      '--replicas',
+      '2',
+      '--failover',
+      'auto',
+    ]);
+    assert.equal(created.code, 0, created.stderr);
+    const data = randomBytes(4 << 20);
+    const file = path.join(os.tmpdir(), `corral-auto-${process.pid}.bin`);
+    files.push(file);
+    await fs.promises.writeFile(file, data);
+    await mustRun('nbdcopy', [file, d1.uri('auto')]);
+    const killedAt = Date.now();
+    await d1.kill();
+    const heir = await waitFor(
+      'auto attached on another node',
+      async () => {
+        const v = await json<VolumeRow>(d3, ['volume', 'get', 'auto']);
+        return v.node !== 'n1' && v.state === 'attached' ? v.node : undefined;
+      },
+      30_000,
+    );
+    const serving = daemons.find((_, i) => `n${i + 1}` === heir)!;
+    assert.ok(Buffer.compare(await readVolume(serving, 'auto', data.length), data) === 0);
+    console.log(
+      `cluster figures: automatic failover ${Date.now() - killedAt} ms from SIGKILL to the data read on ${heir}`,
+    );
+  });
 });
 
 /**
