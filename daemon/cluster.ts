@@ -15,6 +15,8 @@ export interface NodeInfo {
   version?: string;
   /** In a cluster: takes no new replicas or engines. */
   cordoned?: boolean;
+  /** In a cluster, this node only: requests it made to etcd since it started (watches count once). */
+  etcdRequests?: number;
   error?: string;
 }
 
@@ -30,6 +32,8 @@ export interface ClusterOptions {
   replicaCount: () => Promise<number>;
   /** In a cluster (`--etcd`): the nodes come from etcd, not from `--peer`. */
   registry?: NodeRegistry;
+  /** In a cluster: how many requests this node made to etcd. */
+  etcdRequests?: () => number;
 }
 
 /** Peer calls give up after this long: a node that does not answer is down. */
@@ -92,6 +96,7 @@ export class Cluster {
       freeBytes: st.bavail * st.bsize,
       replicas: await this.#o.replicaCount(),
       version: this.#o.version,
+      ...(this.#o.etcdRequests ? { etcdRequests: this.#o.etcdRequests() } : {}),
     };
   }
 
@@ -134,13 +139,13 @@ export class Cluster {
 
   /**
    * This node first, then every other: in a cluster as etcd has them (down
-   * when their lease expired), else every peer, those that do not answer
-   * as down.
+   * when their lease expired; `cached`: as the watches last told, no
+   * request), else every peer, those that do not answer as down.
    */
-  async nodes(): Promise<NodeInfo[]> {
+  async nodes(options: { cached?: boolean } = {}): Promise<NodeInfo[]> {
     const registry = this.#o.registry;
     if (registry) {
-      const all = await registry.nodes();
+      const all = options.cached ? await registry.cachedNodes() : await registry.nodes();
       const self = all.find((n) => n.name === registry.name);
       return [
         ...(self ? [{ ...self, ...(await this.self()), cordoned: self.cordoned ?? false }] : []),

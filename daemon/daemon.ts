@@ -119,6 +119,7 @@ export async function startDaemon(
   // The URL is known once the API listens (the port may be 0): filled in below.
   const cluster = new Cluster({
     ...(registry ? { registry } : {}),
+    ...(etcd ? { etcdRequests: () => etcd.requests } : {}),
     selfUrl: config.advertise ?? '',
     nodeId: node.id,
     peers: config.peers,
@@ -223,7 +224,7 @@ export async function startDaemon(
   await etcdRecords?.start((err) =>
     events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
   );
-  await registry?.watchNodes(
+  await registry?.follow(
     (name) => {
       events.add({ type: 'node-down', message: `node ${name}: its lease ended` });
       void volumes

@@ -54,6 +54,8 @@ export class NodeRegistry {
   #timer: ReturnType<typeof setInterval> | undefined;
   #renewing = false;
   readonly #watching = new AbortController();
+  /** The registry as the watches last told it (`follow`): placement reads it without a request. */
+  #cache: { records: Map<string, NodeRecord>; alive: Map<string, AliveRecord> } | undefined;
 
   constructor(options: NodeRegistryOptions) {
     this.#o = options;
@@ -123,7 +125,7 @@ export class NodeRegistry {
     }
   }
 
-  /** Every node ever registered, up or down, sorted by name. */
+  /** Every node ever registered, up or down, sorted by name, read from etcd now. */
   async nodes(): Promise<NodeInfo[]> {
     const [records, alive] = await Promise.all([
       this.#o.etcd.range(NODES_PREFIX),
@@ -132,8 +134,28 @@ export class NodeRegistry {
     const up = new Map<string, AliveRecord>();
     for (const kv of alive)
       up.set(kv.key.slice(ALIVE_PREFIX.length), JSON.parse(kv.value.toString()) as AliveRecord);
-    return records.map((kv) => {
-      const r = JSON.parse(kv.value.toString()) as NodeRecord;
+    return NodeRegistry.#join(
+      records.map((kv) => JSON.parse(kv.value.toString()) as NodeRecord),
+      up,
+    );
+  }
+
+  /**
+   * The nodes as this node's watches have them (after `follow`): what
+   * placement and forwarding read, so that neither costs etcd a request.
+   * Falls back to `nodes()` before `follow`.
+   */
+  async cachedNodes(): Promise<NodeInfo[]> {
+    const cache = this.#cache;
+    if (!cache) return this.nodes();
+    return NodeRegistry.#join(
+      [...cache.records.values()].sort((a, b) => (a.name < b.name ? -1 : 1)),
+      cache.alive,
+    );
+  }
+
+  static #join(records: NodeRecord[], up: Map<string, AliveRecord>): NodeInfo[] {
+    return records.map((r) => {
       const a = up.get(r.name);
       return {
         id: r.name,
@@ -168,17 +190,55 @@ export class NodeRegistry {
   }
 
   /**
-   * Tells `onDown` of every node whose alive key goes (its lease expired,
-   * or it stopped and gave its lease back), as etcd sees it happen: no node
-   * polls another.
+   * Follows the registry: keeps the nodes and their alive keys from two
+   * watches (`cachedNodes`), and tells `onDown` of every node whose alive
+   * key goes (its lease expired, or it stopped and gave its lease back) as
+   * etcd sees it happen: no node polls another.
    */
-  async watchNodes(onDown: (name: string) => void, onError: (err: Error) => void): Promise<void> {
-    const { revision } = await this.#o.etcd.snapshot(ALIVE_PREFIX, { keysOnly: true });
+  async follow(onDown: (name: string) => void, onError: (err: Error) => void): Promise<void> {
+    const [records, alive] = await Promise.all([
+      this.#o.etcd.snapshot(NODES_PREFIX),
+      this.#o.etcd.snapshot(ALIVE_PREFIX),
+    ]);
+    const cache = { records: new Map<string, NodeRecord>(), alive: new Map<string, AliveRecord>() };
+    const parse = <T>(value: Buffer): T | undefined => {
+      try {
+        return JSON.parse(value.toString()) as T;
+      } catch {
+        return undefined;
+      }
+    };
+    for (const kv of records.kvs) {
+      const r = parse<NodeRecord>(kv.value);
+      if (r) cache.records.set(r.name, r);
+    }
+    for (const kv of alive.kvs) {
+      const a = parse<AliveRecord>(kv.value);
+      if (a) cache.alive.set(kv.key.slice(ALIVE_PREFIX.length), a);
+    }
+    this.#cache = cache;
+    this.#o.etcd.watch(
+      NODES_PREFIX,
+      records.revision + 1,
+      (e) => {
+        const r = e.type === 'put' ? parse<NodeRecord>(e.value) : undefined;
+        if (r) cache.records.set(r.name, r);
+        else cache.records.delete(e.key.slice(NODES_PREFIX.length));
+      },
+      this.#watching.signal,
+      onError,
+    );
     this.#o.etcd.watch(
       ALIVE_PREFIX,
-      revision + 1,
+      alive.revision + 1,
       (e) => {
-        if (e.type === 'delete') onDown(e.key.slice(ALIVE_PREFIX.length));
+        const name = e.key.slice(ALIVE_PREFIX.length);
+        const a = e.type === 'put' ? parse<AliveRecord>(e.value) : undefined;
+        if (a) cache.alive.set(name, a);
+        else {
+          cache.alive.delete(name);
+          onDown(name);
+        }
       },
       this.#watching.signal,
       onError,

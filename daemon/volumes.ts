@@ -139,7 +139,7 @@ export class VolumeManager {
       ([, r]) => r.failover === 'auto' && r.attached && r.engineNode === node,
     );
     if (candidates.length === 0) return;
-    const nodes = await this.#o.cluster!.nodes();
+    const nodes = await this.#o.cluster!.nodes({ cached: true });
     const up = new Set(
       nodes.filter((n) => n.state === 'up' && !n.cordoned && n.name !== node).map((n) => n.name),
     );
@@ -171,7 +171,7 @@ export class VolumeManager {
         .map(([, r]) => r.engineNode),
     );
     if (owners.size === 0) return;
-    for (const n of await this.#o.cluster!.nodes())
+    for (const n of await this.#o.cluster!.nodes({ cached: true }))
       if (n.state === 'down' && n.name !== undefined && owners.has(n.name))
         await this.nodeDown(n.name);
   }
@@ -721,7 +721,9 @@ export class VolumeManager {
     const record = await this.#o.records.get(name);
     if (!record?.attached || !record.engineNode || record.engineNode === this.#nodeName)
       return undefined;
-    const owner = (await this.#o.cluster!.nodes()).find((n) => n.name === record.engineNode);
+    const owner = (await this.#o.cluster!.nodes({ cached: true })).find(
+      (n) => n.name === record.engineNode,
+    );
     return owner?.state === 'up' ? owner.url : undefined;
   }
 
@@ -811,7 +813,7 @@ export class VolumeManager {
       volume: name,
       sizeBytes,
       count,
-      nodes: await this.#o.cluster!.nodes(),
+      nodes: await this.#o.cluster!.nodes({ cached: true }),
       selfRequired: false,
     });
   }
@@ -1209,7 +1211,7 @@ export class VolumeManager {
     connect: (id: string, url: string) => Promise<RemoteReplica>,
   ): Promise<boolean> {
     const cluster = this.#o.cluster!;
-    const nodes = await cluster.nodes();
+    const nodes = await cluster.nodes({ cached: true });
     // Nodes holding a replica already (by name in a cluster, where addresses may change); with
     // --peer this host too, whose replica is local.
     const holders = new Set((record.remoteReplicas ?? []).map((r) => r.node ?? r.url));
@@ -1269,7 +1271,7 @@ export class VolumeManager {
   async #replicaUrls(rec: VolumeRecord): Promise<string[]> {
     const remote = rec.remoteReplicas ?? [];
     if (!this.#shared || !remote.some((r) => r.node)) return remote.map((r) => r.url);
-    const nodes = await this.#o.cluster!.nodes().catch(() => [] as NodeInfo[]);
+    const nodes = await this.#o.cluster!.nodes({ cached: true }).catch(() => [] as NodeInfo[]);
     const at = new Map(nodes.map((n) => [n.name, n.url]));
     return remote.map((r) => (r.node !== undefined ? at.get(r.node) : undefined) ?? r.url);
   }
