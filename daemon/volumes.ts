@@ -823,7 +823,10 @@ export class VolumeManager {
    * down and deleted later (`#retryLeftovers`), so that its space comes back
    * when the host does.
    */
-  async #removeRemote(volume: string, remote: Array<{ id: string; url: string }>): Promise<void> {
+  async #removeRemote(
+    volume: string,
+    remote: Array<{ id: string; url: string; node?: string }>,
+  ): Promise<void> {
     for (const r of remote) {
       try {
         await this.#deleteRemote(r);
@@ -842,9 +845,15 @@ export class VolumeManager {
     }
   }
 
-  async #deleteRemote(r: { id: string; url: string }): Promise<void> {
+  async #deleteRemote(r: { id: string; url: string; node?: string }): Promise<void> {
+    // In a cluster a node may come back at another address: the registry knows where.
+    const url =
+      r.node !== undefined && this.#shared
+        ? ((await this.#o.cluster!.nodes({ cached: true })).find((n) => n.name === r.node)?.url ??
+          r.url)
+        : r.url;
     try {
-      await this.#o.cluster?.call(r.url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
+      await this.#o.cluster?.call(url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
     } catch (err) {
       if (!(err instanceof CorralError && err.code === 'NOT_FOUND')) throw err;
     }

@@ -194,7 +194,8 @@ export interface Spaces {
   /** Replicas kept here for engines on other hosts: key `<replicaId>`. */
   hosted: KeySpace<HostedRecord>;
   /** Replicas on peers that a volume removal could not delete yet: key `<replicaId>`; retried. */
-  leftovers: KeySpace<{ id: string; url: string; volume: string; since: string }>;
+  /** Replicas on other hosts to delete when they answer (`node`: in a cluster, found by name). */
+  leftovers: KeySpace<{ id: string; url: string; node?: string; volume: string; since: string }>;
   /** This node: key `self`. */
   node: KeySpace<{ id: string; secret: string; createdAt: string }>;
   /** Recurring jobs: key `<jobId>`. */
@@ -218,6 +219,7 @@ export function openSpaces(kv: Kv): Spaces {
       jsonCodec('left-behind replica', 1, (r, key) => ({
         id: field<string>(r, key, 'id', 'string'),
         url: field<string>(r, key, 'url', 'string'),
+        ...(typeof r.node === 'string' ? { node: r.node } : {}),
         volume: field<string>(r, key, 'volume', 'string'),
         since: field<string>(r, key, 'since', 'string'),
       })),

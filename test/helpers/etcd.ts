@@ -2,26 +2,41 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { freePort, waitFor } from './run.ts';
+import { freePorts, waitFor } from './run.ts';
 
 /**
- * A real etcd (Debian's `etcd-server`) for one test: a single member on
- * loopback with its own data dir, stopped and started again on the same
- * data (an etcd outage), killed for good at cleanup.
+ * A real etcd (Debian's `etcd-server`) for one test: a member on loopback
+ * with its own data dir — alone, or one of a cluster (`startMembers`) —
+ * killed and started again on the same data (an outage), killed for good
+ * at cleanup.
  */
 export class EtcdProcess {
+  readonly name: string;
   readonly host: string;
   readonly clientPort: number;
   readonly peerPort: number;
   readonly dataDir: string;
+  /** `name=peer-url,...` of every member. */
+  initialCluster = '';
   #child: ChildProcess | undefined;
   log = '';
 
-  private constructor(host: string, clientPort: number, peerPort: number, dataDir: string) {
+  private constructor(
+    name: string,
+    host: string,
+    clientPort: number,
+    peerPort: number,
+    dataDir: string,
+  ) {
+    this.name = name;
     this.host = host;
     this.clientPort = clientPort;
     this.peerPort = peerPort;
     this.dataDir = dataDir;
+  }
+
+  get peerUrl(): string {
+    return `http://${this.host}:${this.peerPort}`;
   }
 
   get url(): string {
@@ -29,21 +44,32 @@ export class EtcdProcess {
   }
 
   static async start(host = '127.0.0.1'): Promise<EtcdProcess> {
-    const dataDir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-etcd-'));
-    const etcd = new EtcdProcess(host, await freePort(), await freePort(), dataDir);
-    await etcd.resume();
-    return etcd;
+    return (await EtcdProcess.startMembers(1, host))[0]!;
+  }
+
+  /** An etcd cluster of `n` members, started together (they need a quorum to serve). */
+  static async startMembers(n: number, host = '127.0.0.1'): Promise<EtcdProcess[]> {
+    const members: EtcdProcess[] = [];
+    const ports = await freePorts(2 * n);
+    for (let i = 0; i < n; i++) {
+      const dataDir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-etcd-'));
+      members.push(new EtcdProcess(`m${i}`, host, ports[2 * i]!, ports[2 * i + 1]!, dataDir));
+    }
+    const initial = members.map((m) => `${m.name}=${m.peerUrl}`).join(',');
+    for (const m of members) m.initialCluster = initial;
+    await Promise.all(members.map((m) => m.resume()));
+    return members;
   }
 
   /** Starts the member (again, on the same data) and waits until it serves. */
   async resume(): Promise<void> {
     const client = this.url;
-    const peer = `http://${this.host}:${this.peerPort}`;
+    const peer = this.peerUrl;
     const child = spawn(
       'etcd',
       [
         '--name',
-        'test',
+        this.name,
         '--data-dir',
         this.dataDir,
         '--listen-client-urls',
@@ -55,7 +81,7 @@ export class EtcdProcess {
         '--initial-advertise-peer-urls',
         peer,
         '--initial-cluster',
-        `test=${peer}`,
+        this.initialCluster,
       ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );

@@ -1,0 +1,163 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { CLUSTER_SECRET } from './helpers/cluster.ts';
+import { DaemonProcess } from './helpers/daemon.ts';
+import { EtcdProcess } from './helpers/etcd.ts';
+import { mustRun, waitFor } from './helpers/run.ts';
+
+interface NodeRow {
+  name: string;
+  url: string;
+  state: string;
+  cordoned?: boolean;
+  replicas: number;
+}
+interface VolumeRow {
+  node?: string;
+  replicas: Array<{ id: string; mode: string; location: string }>;
+}
+
+function startNode(etcdUrls: string, i: number, host: string): Promise<DaemonProcess> {
+  return DaemonProcess.start({
+    args: [
+      '--listen',
+      `${host}:0`,
+      '--nbd',
+      `${host}:0`,
+      '--etcd',
+      etcdUrls,
+      '--node-name',
+      `n${i + 1}`,
+      '--node-ttl',
+      '2000',
+      '--rebuild-delay',
+      '1000',
+      '--replica-timeout',
+      '1500',
+    ],
+    env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
+  });
+}
+
+async function json<T>(d: DaemonProcess, args: string[]): Promise<T> {
+  const r = await d.cli([...args, '--json']);
+  assert.equal(r.code, 0, `corral ${args.join(' ')}: ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
+}
+
+async function readBack(d: DaemonProcess, volume: string, length: number): Promise<Buffer> {
+  const out = path.join(os.tmpdir(), `corral-repair-${process.pid}-${Date.now()}`);
+  try {
+    await mustRun('nbdcopy', [d.uri(volume), out]);
+    return (await fs.promises.readFile(out)).subarray(0, length);
+  } finally {
+    await fs.promises.rm(out, { force: true });
+  }
+}
+
+describe('repair across a cluster', () => {
+  const etcds: EtcdProcess[] = [];
+  const nodes: DaemonProcess[] = [];
+  const files: string[] = [];
+  after(async () => {
+    for (const d of nodes) await d.cleanup();
+    for (const e of etcds) await e.cleanup();
+    for (const f of files) await fs.promises.rm(f, { force: true });
+  });
+
+  it('keeps cordoned nodes out, rebuilds a dead node’s replica elsewhere, and cleans it up when the node returns', async () => {
+    const etcd = await EtcdProcess.start();
+    etcds.push(etcd);
+    nodes.push(
+      ...(await Promise.all([0, 1, 2, 3].map((i) => startNode(etcd.url, i, `127.0.0.${31 + i}`)))),
+    );
+    const [n1, , n3] = nodes as [DaemonProcess, DaemonProcess, DaemonProcess];
+    assert.equal((await n1.cli(['node', 'cordon', 'n4'])).code, 0);
+    const listed = await json<NodeRow[]>(n3, ['node', 'ls']);
+    assert.equal(listed.find((n) => n.name === 'n4')?.cordoned, true);
+    const unknown = await n1.cli(['node', 'cordon', 'n9']);
+    assert.notEqual(unknown.code, 0);
+    assert.match(unknown.stderr, /No node named n9/);
+
+    const created = await n1.cli(['volume', 'create', 'r', '--size', '32M', '--replicas', '3']);
+    assert.equal(created.code, 0, created.stderr);
+    const n4Url = listed.find((n) => n.name === 'n4')!.url;
+    const before = await json<VolumeRow>(n1, ['volume', 'get', 'r']);
+    assert.ok(
+      before.replicas.every((r) => r.location !== n4Url),
+      'a cordoned node takes no replica',
+    );
+    // Four replicas cannot be placed with one node of four cordoned.
+    const four = await n1.cli(['volume', 'create', 'r4', '--size', '32M', '--replicas', '4']);
+    assert.notEqual(four.code, 0);
+    assert.match(four.stderr, /n4 is cordoned/);
+    assert.equal((await n1.cli(['node', 'uncordon', 'n4'])).code, 0);
+
+    const data = randomBytes(4 << 20);
+    const file = path.join(os.tmpdir(), `corral-repair-${process.pid}.bin`);
+    files.push(file);
+    await fs.promises.writeFile(file, data);
+    await mustRun('nbdcopy', [file, n1.uri('r')]);
+
+    // n3 dies and stays away: after twice the rebuild delay its replica is rebuilt on n4.
+    await n3.kill();
+    const moved = await waitFor(
+      'a replica rebuilt on n4',
+      async () => {
+        const v = await json<VolumeRow>(n1, ['volume', 'get', 'r']);
+        const rw = v.replicas.filter((r) => r.mode === 'RW');
+        return rw.length === 3 && rw.some((r) => r.location === n4Url) ? v : undefined;
+      },
+      40_000,
+    );
+    assert.equal(moved.replicas.length, 3);
+    assert.ok(Buffer.compare(await readBack(n1, 'r', data.length), data) === 0);
+
+    // n3 comes back: the replica it kept for r is no one's now, and goes.
+    const back = await n3.restart();
+    nodes[2] = back;
+    await waitFor(
+      'n3 holds no replica',
+      async () =>
+        (await json<NodeRow[]>(back, ['node', 'ls'])).find(
+          (n) => n.name === 'n3' && n.state === 'up' && n.replicas === 0,
+        ),
+      30_000,
+    );
+  });
+
+  it('with three etcd members, loses nothing a user sees when one is killed', async () => {
+    const members = await EtcdProcess.startMembers(3);
+    etcds.push(...members);
+    const urls = members.map((m) => m.url).join(',');
+    const pair = await Promise.all([0, 1].map((i) => startNode(urls, i, `127.0.0.${41 + i}`)));
+    nodes.push(...pair);
+    const [a, b] = pair as [DaemonProcess, DaemonProcess];
+    const created = await a.cli(['volume', 'create', 'm', '--size', '16M', '--replicas', '2']);
+    assert.equal(created.code, 0, created.stderr);
+    // The member every daemon asks first goes.
+    await members[0]!.kill();
+    const again = await b.cli(['volume', 'create', 'm2', '--size', '16M', '--replicas', '2']);
+    assert.equal(again.code, 0, again.stderr);
+    const vols = await json<Array<{ name: string }>>(a, ['volume', 'ls']);
+    assert.deepEqual(vols.map((v) => v.name).sort(), ['m', 'm2']);
+    const nodesUp = await json<NodeRow[]>(b, ['node', 'ls']);
+    assert.deepEqual(
+      nodesUp.filter((n) => n.name === 'n1' || n.name === 'n2').map((n) => n.state),
+      ['up', 'up'],
+    );
+    // Leases keep being renewed through the other members: nobody goes down.
+    await new Promise((r) => setTimeout(r, 3000));
+    const later = await json<NodeRow[]>(a, ['node', 'ls']);
+    assert.deepEqual(
+      later.filter((n) => n.name === 'n1' || n.name === 'n2').map((n) => n.state),
+      ['up', 'up'],
+    );
+    const moved = await b.cli(['volume', 'attach', 'm', '--node', 'n2']);
+    assert.equal(moved.code, 0, moved.stderr);
+  });
+});
