@@ -10,7 +10,7 @@ import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeInfo } from './volumes.ts';
-import type { NodeInfo } from './cluster.ts';
+import type { NodeInfo } from './node-info.ts';
 import type { SnapshotInfo } from '../replication/replica.ts';
 
 const USAGE = `corral ${VERSION} — distributed block storage

@@ -1,24 +1,8 @@
 import { timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
 import { CorralError } from '../common/errors.ts';
+import type { NodeInfo } from './node-info.ts';
 import type { NodeRegistry } from './node-registry.ts';
-
-export interface NodeInfo {
-  id: string;
-  /** In a cluster: the node's name (`--node-name`). */
-  name?: string;
-  url: string;
-  state: 'up' | 'down';
-  totalBytes: number;
-  freeBytes: number;
-  replicas: number;
-  version?: string;
-  /** In a cluster: takes no new replicas or engines. */
-  cordoned?: boolean;
-  /** In a cluster, this node only: requests it made to etcd since it started (watches count once). */
-  etcdRequests?: number;
-  error?: string;
-}
 
 export interface ClusterOptions {
   /** This daemon's API URL as its peers reach it. */

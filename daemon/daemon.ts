@@ -11,7 +11,8 @@ import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
-import { Cluster, type NodeInfo } from './cluster.ts';
+import { Cluster } from './cluster.ts';
+import type { NodeInfo } from './node-info.ts';
 import { HostedReplicas } from './hosted.ts';
 import { replicaUpgrades } from './replica-io.ts';
 import { EventLog } from './events.ts';
@@ -227,8 +228,8 @@ export async function startDaemon(
   await registry?.follow(
     (name) => {
       events.add({ type: 'node-down', message: `node ${name}: its lease ended` });
-      void volumes
-        .nodeDown(name)
+      void volumes.failover
+        ?.nodeDown(name)
         .catch((err: unknown) => events.add({ type: 'failover-failed', message: String(err) }));
     },
     (err) => events.add({ type: 'cluster-store-error', message: `node watch: ${err.message}` }),

@@ -57,3 +57,9 @@ export function validateVolumeSize(input: unknown): number {
   }
   return bytes;
 }
+
+/** The name of a snapshot taken without one: `snap-YYYYMMDD-HHMMSS-xxxx`. */
+export function autoSnapshotName(now: Date): string {
+  const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  return `snap-${stamp}-${Math.random().toString(36).slice(2, 6)}`;
+}

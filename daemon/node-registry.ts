@@ -1,6 +1,6 @@
 import { CorralError } from '../common/errors.ts';
 import type { EtcdClient } from '../kv/etcd.ts';
-import type { NodeInfo } from './cluster.ts';
+import type { NodeInfo } from './node-info.ts';
 
 /** A node's lasting record: where it is, whether it takes new work. */
 interface NodeRecord {

@@ -1,5 +1,5 @@
 import { CorralError } from '../common/errors.ts';
-import type { NodeInfo } from './cluster.ts';
+import type { NodeInfo } from './node-info.ts';
 
 /**
  * Where a volume's replicas go: one per node, on nodes that are up, not

@@ -5,20 +5,23 @@ import { CorralError, quoted } from '../common/errors.ts';
 import { Lanes } from '../common/lanes.ts';
 import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
-import { Engine } from '../replication/engine.ts';
-import { FaultFilter, type FaultMode } from '../replication/fault-filter.ts';
+import type { FaultFilter, FaultMode } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
-import { RemoteReplica } from '../replication/remote-replica.ts';
-import type { Replica } from '../replication/replica.ts';
-import type { Cluster, NodeInfo } from './cluster.ts';
+import type { Cluster } from './cluster.ts';
+import type { NodeInfo } from './node-info.ts';
+import { EngineFactory } from './engine-factory.ts';
+import { Failover } from './failover.ts';
+import { PeerReplicas } from './peer-replicas.ts';
 import { placeReplicas } from './placement.ts';
+import { Repairs } from './repair.ts';
 import type { VolumeRecords } from './volume-records.ts';
 import type { Operation, Operations } from './operations.ts';
 import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
-import { Supervisor, type SupervisedEngine } from '../replication/supervisor.ts';
+import { Supervisor } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
 import {
+  autoSnapshotName,
   parseSnapshotRef,
   validateSnapshotName,
   validateVolumeName,
@@ -114,66 +117,77 @@ export class VolumeManager {
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
   readonly #restoring = new Set<string>();
-  /** When each `volume/replica` was first seen in ERR. */
-  readonly #failedSince = new Map<string, number>();
-  #repairTimer: { cancel(): void } | undefined;
-  /** Rebuilds under way, to stop them at detach and shutdown. */
-  readonly #rebuilds = new Map<string, AbortController>();
+  /** Replicas on other nodes: made, removed, or left to remove when their node answers. */
+  readonly #peers: PeerReplicas;
+  /** The repair loop (repair.ts). */
+  readonly #repairs: Repairs;
+  /** How engines are made (engine-factory.ts). */
+  readonly #engines: EngineFactory;
+  /** In a cluster: what this node does when another dies (failover.ts). */
+  readonly failover: Failover | undefined;
 
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
     this.#lanes = new Lanes({ clock: options.clock, waitMs: options.laneWaitMs ?? 30_000 });
     options.records.onChange = (name, record) => this.#recordChanged(name, record);
+    this.#engines = new EngineFactory({
+      spaces: options.spaces,
+      replicaRoot: options.replicaRoot,
+      records: options.records,
+      cluster: options.cluster,
+      clock: options.clock,
+      events: options.events,
+      replicaTimeoutMs: options.replicaTimeoutMs,
+      mergeBytesPerSecond: options.mergeBytesPerSecond,
+      faultInjection: options.faultInjection,
+    });
+    this.#peers = new PeerReplicas({
+      spaces: options.spaces,
+      cluster: options.cluster,
+      clock: options.clock,
+      events: options.events,
+    });
+    const nodeName = options.cluster?.nodeName;
+    this.failover =
+      options.records.shared && options.cluster && nodeName !== undefined
+        ? new Failover({
+            nodeName,
+            cluster: options.cluster,
+            records: options.records,
+            events: options.events,
+            attach: (volume) => this.attach(volume),
+          })
+        : undefined;
+    this.#repairs = new Repairs({
+      host: {
+        volumes: () => [...this.#attached.keys()].filter((n) => !this.#restoring.has(n)),
+        supervisor: (name) => this.#attached.get(name)?.supervisor,
+        lanes: this.#lanes,
+        records: options.records,
+        replicaUrls: (record) => this.#engines.replicaUrls(record),
+        openLocal: (id) => this.#engines.openLocal(id),
+      },
+      cluster: options.cluster,
+      peers: this.#peers,
+      ...(this.failover ? { failover: this.failover } : {}),
+      spaces: options.spaces,
+      replicaRoot: options.replicaRoot,
+      clock: options.clock,
+      events: options.events,
+      ...(options.operations ? { operations: options.operations } : {}),
+      ...(options.rebuildDelayMs !== undefined ? { rebuildDelayMs: options.rebuildDelayMs } : {}),
+      ...(options.rebuildBytesPerSecond !== undefined
+        ? { rebuildBytesPerSecond: options.rebuildBytesPerSecond }
+        : {}),
+      ...(options.replicaTimeoutMs !== undefined
+        ? { replicaTimeoutMs: options.replicaTimeoutMs }
+        : {}),
+    });
   }
 
-  /**
-   * A node went down (its lease expired): the volumes with `--failover auto`
-   * whose engine it ran are attached on a surviving node that holds a
-   * replica — the first such node by name, so that exactly one tries (and
-   * the claim's compare-and-swap settles any race). Looks at the records
-   * this node keeps from its watch: no request per volume.
-   */
-  async nodeDown(node: string): Promise<void> {
-    if (!this.#shared || node === this.#nodeName) return;
-    const candidates = (await this.#o.records.cachedEntries()).filter(
-      ([, r]) => r.failover === 'auto' && r.attached && r.engineNode === node,
-    );
-    if (candidates.length === 0) return;
-    const nodes = await this.#o.cluster!.nodes({ cached: true });
-    const up = new Set(
-      nodes.filter((n) => n.state === 'up' && !n.cordoned && n.name !== node).map((n) => n.name),
-    );
-    for (const [name, record] of candidates) {
-      const heir = (record.remoteReplicas ?? [])
-        .map((r) => r.node)
-        .filter((n): n is string => n !== undefined && up.has(n))
-        .sort()[0];
-      if (heir !== this.#nodeName) continue;
-      this.#o.events.add({
-        type: 'failover-started',
-        volume: name,
-        message: `node ${node} is down: ${heir} takes the volume over`,
-      });
-      await this.attach(name).catch((err: unknown) =>
-        this.#o.events.add({
-          type: 'failover-failed',
-          volume: name,
-          message: err instanceof Error ? err.message : String(err),
-        }),
-      );
-    }
-  }
-
-  async #failoverSweep(): Promise<void> {
-    const owners = new Set(
-      (await this.#o.records.cachedEntries())
-        .filter(([, r]) => r.failover === 'auto' && r.attached && r.engineNode !== this.#nodeName)
-        .map(([, r]) => r.engineNode),
-    );
-    if (owners.size === 0) return;
-    for (const n of await this.#o.cluster!.nodes({ cached: true }))
-      if (n.state === 'down' && n.name !== undefined && owners.has(n.name))
-        await this.nodeDown(n.name);
+  /** Looks for replicas to rebuild every `intervalMs` (repair.ts). */
+  startRepairs(intervalMs = 1000): void {
+    this.#repairs.start(intervalMs);
   }
 
   /**
@@ -187,7 +201,7 @@ export class VolumeManager {
     if (!entry || (record && (record.epoch ?? 0) <= entry.epoch)) return;
     this.#attached.delete(name);
     this.#frontends.delete(name);
-    this.#rebuilds.get(name)?.abort();
+    this.#repairs.abort(name);
     this.#o.disconnect(name);
     this.#o.events.add({
       type: 'engine-fenced',
@@ -423,16 +437,11 @@ export class VolumeManager {
       const remoteReplicas: Array<{ id: string; url: string; node?: string }> = [];
       try {
         for (const peer of peers) {
-          const { id } = await this.#o.cluster!.call<{ id: string }>(
-            peer.url,
-            'POST',
-            '/v1/replicas',
-            { volume: name, sizeBytes, engine: this.#o.cluster!.selfUrl, epoch: 1 },
-          );
+          const id = await this.#peers.create(peer.url, name, sizeBytes, 1);
           remoteReplicas.push({ id, url: peer.url, ...(peer.name ? { node: peer.name } : {}) });
         }
       } catch (err) {
-        await this.#removeRemote(name, remoteReplicas);
+        await this.#peers.remove(name, remoteReplicas);
         throw err;
       }
       // Replica first, then the volume record that owns it: a crash in between leaves
@@ -453,7 +462,7 @@ export class VolumeManager {
           replica.abandon();
           for (const id of localIds)
             await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
-          await this.#removeRemote(name, remoteReplicas);
+          await this.#peers.remove(name, remoteReplicas);
           throw err;
         }
         await replica.close();
@@ -479,7 +488,7 @@ export class VolumeManager {
         // Another node created the name first (or etcd is away): the replicas made here go.
         for (const id of localIds)
           await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
-        await this.#removeRemote(name, remoteReplicas);
+        await this.#peers.remove(name, remoteReplicas);
         throw err;
       }
       this.#o.events.add({ type: 'volume-created', volume: name, message: `${sizeBytes} bytes` });
@@ -525,74 +534,16 @@ export class VolumeManager {
           )
         : undefined;
     let fault: FaultFilter | undefined;
-    const start = async (): Promise<SupervisedEngine> => {
-      // Read afresh: a restarted engine must see replicas replaced since the attach.
-      const rec = (await this.#o.records.get(record.name)) ?? record;
-      const stale = fenced(rec);
-      if (stale) throw stale;
-      const replicas: Replica[] = [];
-      const failed = new Map<Replica, string>();
-      try {
-        for (const id of rec.replicaIds) replicas.push(await this.#openLocal(id));
-      } catch (err) {
-        for (const r of replicas) r.abandon();
-        throw err;
-      }
-      const cluster = this.#o.cluster;
-      if (cluster) {
-        const urls = await this.#replicaUrls(rec);
-        const remote = await Promise.all(
-          (rec.remoteReplicas ?? []).map((r, i) =>
-            RemoteReplica.connect({
-              url: urls[i]!,
-              id: r.id,
-              secret: cluster.secret,
-              epoch,
-              timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
-            }),
-          ),
-        );
-        for (const r of remote) {
-          replicas.push(r);
-          if (r.failure !== undefined) failed.set(r, r.failure);
-        }
-      }
-      for (const r of replicas) {
-        if (rec.failedReplicas?.includes(r.id) && !failed.has(r))
-          failed.set(r, 'it failed before and has not been rebuilt since');
-      }
-      // A stale engine must not write its view into the record: the claim's epoch is checked.
-      const markFailed = (id: string, isFailed: boolean) =>
-        this.#updateRecord(record.name, (rec) => {
-          const stale = fenced(rec);
-          if (stale) throw stale;
-          const set = new Set(rec.failedReplicas ?? []);
-          if (isFailed) set.add(id);
-          else set.delete(id);
-          rec.failedReplicas = [...set];
-        });
-      const engine = new Engine({
-        volume: record.name,
-        sizeBytes: record.sizeBytes,
-        replicas,
-        failed,
-        markFailed,
-        onEvent: (e) =>
-          this.#o.events.add({
-            type: e.type,
-            volume: e.volume,
-            message: `replica ${e.replica}: ${e.message}`,
-          }),
-      });
-      // Replicas that start in ERR (unreachable, behind, another chain) missed or will miss
-      // writes: recorded before any I/O.
-      for (const m of engine.replicaModes()) if (m.mode === 'ERR') await markFailed(m.id, true);
-      if (!this.#o.faultInjection) return engine;
-      fault = new FaultFilter(engine);
-      const entry = this.#attached.get(record.name);
-      if (entry) entry.fault = fault;
-      return fault;
-    };
+    const start = this.#engines.starter({
+      record,
+      epoch,
+      fenced,
+      onFault: (f) => {
+        fault = f;
+        const entry = this.#attached.get(record.name);
+        if (entry) entry.fault = f;
+      },
+    });
     const supervisor = await Supervisor.start({
       volume: record.name,
       sizeBytes: record.sizeBytes,
@@ -744,7 +695,7 @@ export class VolumeManager {
     const entry = this.#attached.get(record.name);
     if (!entry) return;
     this.#checkNotHeld(record.name, undefined, 'detach it');
-    this.#rebuilds.get(record.name)?.abort();
+    this.#repairs.abort(record.name);
     const clients = this.#o.connections(record.name);
     if (clients > 0 && !force) {
       throw new CorralError(
@@ -777,7 +728,7 @@ export class VolumeManager {
       for (const id of record.replicaIds) {
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
       }
-      await this.#removeRemote(name, record.remoteReplicas ?? []);
+      await this.#peers.remove(name, record.remoteReplicas ?? []);
       this.#o.events.add({ type: 'volume-removed', volume: name, message: 'removed' });
     });
   }
@@ -816,63 +767,6 @@ export class VolumeManager {
       nodes: await this.#o.cluster!.nodes({ cached: true }),
       selfRequired: false,
     });
-  }
-
-  /**
-   * Deletes replicas on peers. One whose host does not answer is written
-   * down and deleted later (`#retryLeftovers`), so that its space comes back
-   * when the host does.
-   */
-  async #removeRemote(
-    volume: string,
-    remote: Array<{ id: string; url: string; node?: string }>,
-  ): Promise<void> {
-    for (const r of remote) {
-      try {
-        await this.#deleteRemote(r);
-      } catch (err) {
-        await this.#o.spaces.leftovers.put(r.id, {
-          ...r,
-          volume,
-          since: new Date(this.#o.clock.nowMs()).toISOString(),
-        });
-        this.#o.events.add({
-          type: 'replica-left-behind',
-          volume,
-          message: `replica ${r.id} on ${r.url} could not be removed yet (it will be when its host answers): ${err instanceof Error ? err.message : String(err)}`,
-        });
-      }
-    }
-  }
-
-  async #deleteRemote(r: { id: string; url: string; node?: string }): Promise<void> {
-    // In a cluster a node may come back at another address: the registry knows where.
-    const url =
-      r.node !== undefined && this.#shared
-        ? ((await this.#o.cluster!.nodes({ cached: true })).find((n) => n.name === r.node)?.url ??
-          r.url)
-        : r.url;
-    try {
-      await this.#o.cluster?.call(url, 'DELETE', `/v1/replicas/${encodeURIComponent(r.id)}`);
-    } catch (err) {
-      if (!(err instanceof CorralError && err.code === 'NOT_FOUND')) throw err;
-    }
-  }
-
-  async #retryLeftovers(): Promise<void> {
-    for (const [id, r] of await this.#o.spaces.leftovers.entries()) {
-      try {
-        await this.#deleteRemote(r);
-      } catch {
-        continue; // still away
-      }
-      await this.#o.spaces.leftovers.del(id);
-      this.#o.events.add({
-        type: 'replica-removed',
-        volume: r.volume,
-        message: `replica ${id} on ${r.url}, left behind since ${r.since}`,
-      });
-    }
   }
 
   async list(): Promise<VolumeInfo[]> {
@@ -1112,233 +1006,6 @@ export class VolumeManager {
     await this.#o.records.update(name, change);
   }
 
-  /** Looks for replicas to rebuild every `intervalMs`. */
-  startRepairs(intervalMs = 1000): void {
-    let leftovers: Promise<void> | undefined;
-    let ticks = 0;
-    this.#repairTimer = this.#o.clock.setInterval(() => {
-      // Replicas left behind on peers: retried every few seconds, one pass at a time.
-      if (ticks++ % 5 === 0 && !leftovers)
-        leftovers = this.#retryLeftovers()
-          .catch(() => undefined)
-          .finally(() => (leftovers = undefined));
-      // Behind the node watch, a slow sweep: a failover missed while this node was busy or away.
-      if (this.#shared && ticks % 15 === 0) void this.#failoverSweep().catch(() => undefined);
-      for (const name of this.#attached.keys()) {
-        // A volume whose lane is taken (a repair still running, or a user's operation) is
-        // looked at again next tick: the lane is also what keeps repairs one at a time.
-        if (this.#restoring.has(name) || this.#lanes.holder(name) !== undefined) continue;
-        this.#lanes
-          .run(name, 'repair replicas', () => this.#repair(name), { waitMs: 0 })
-          .catch((err: unknown) =>
-            this.#o.events.add({
-              type: 'repair-failed',
-              volume: name,
-              message: err instanceof Error ? err.message : String(err),
-            }),
-          );
-      }
-    }, intervalMs);
-  }
-
-  /**
-   * One look at a volume's replicas: a replica in ERR for `rebuildDelayMs`
-   * is rebuilt in place if its host answers again (it keeps what it has and
-   * copies what changed), else replaced by a new replica on another host;
-   * a volume with fewer replicas than it should have gets a new one.
-   */
-  async #repair(name: string): Promise<void> {
-    const entry = this.#attached.get(name);
-    const engine = entry?.supervisor.engine;
-    const cluster = this.#o.cluster;
-    if (!entry || !engine || !cluster) return;
-    const record = await this.#o.records.cached(name);
-    if (!record) return;
-    const now = this.#o.clock.nowMs();
-    const modes = engine.replicaModes();
-    for (const m of modes) {
-      const key = `${name}/${m.id}`;
-      if (m.mode === 'ERR') {
-        if (!this.#failedSince.has(key)) this.#failedSince.set(key, now);
-      } else this.#failedSince.delete(key);
-    }
-    // Nothing to copy from: the volume waits for a replica to come back (engine start salvages).
-    if (!modes.some((m) => m.mode === 'RW')) return;
-    const delay = this.#o.rebuildDelayMs ?? 10_000;
-    const failed = modes.find(
-      (m) => m.mode === 'ERR' && now - (this.#failedSince.get(`${name}/${m.id}`) ?? now) >= delay,
-    );
-    const connect = (id: string, url: string) =>
-      RemoteReplica.connect({
-        url,
-        id,
-        secret: cluster.secret,
-        epoch: record.epoch ?? 1,
-        timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
-      });
-    // A local replica that failed (a disk error, a full disk) is replaced by a new replica on
-    // another host if one is free (its files go once that one is rebuilt); else it is rebuilt
-    // in place, like a remote one back from an absence: the rebuild compares every granule by
-    // digest and checks what it copied, so it trusts nothing the replica held. (After the
-    // engine's host crashed, its replica starts behind and every other host has one already.)
-    if (failed?.location === 'local') {
-      const key = `${name}/${failed.id}`;
-      try {
-        if (!(await this.#replace(record, failed.id, connect)))
-          await this.#rebuild(name, await this.#openLocal(failed.id), failed.id);
-        this.#failedSince.delete(key);
-      } catch (err) {
-        // Not again at once: each attempt takes a snapshot on every replica.
-        this.#failedSince.set(key, now);
-        throw err;
-      }
-      return;
-    }
-    if (failed) {
-      // In a cluster the node may be back at another address: ask the registry.
-      const urls = await this.#replicaUrls(record);
-      const at = (record.remoteReplicas ?? []).findIndex((r) => r.id === failed.id);
-      const back = await connect(failed.id, at >= 0 ? urls[at]! : failed.location);
-      if (back.failure === undefined) {
-        await this.#rebuild(name, back, failed.id);
-        this.#failedSince.delete(`${name}/${failed.id}`);
-        return;
-      }
-      back.abandon();
-      // Its host is still away: a new replica elsewhere, after as long again.
-      if (now - (this.#failedSince.get(`${name}/${failed.id}`) ?? now) < 2 * delay) return;
-      await this.#replace(record, failed.id, connect);
-      return;
-    }
-    if (modes.length < record.replicaCount) await this.#replace(record, undefined, connect);
-  }
-
-  /** Placed a new replica on another host and rebuilt it: true; no host free: false. */
-  async #replace(
-    record: VolumeRecord,
-    replaces: string | undefined,
-    connect: (id: string, url: string) => Promise<RemoteReplica>,
-  ): Promise<boolean> {
-    const cluster = this.#o.cluster!;
-    const nodes = await cluster.nodes({ cached: true });
-    // Nodes holding a replica already (by name in a cluster, where addresses may change); with
-    // --peer this host too, whose replica is local.
-    const holders = new Set((record.remoteReplicas ?? []).map((r) => r.node ?? r.url));
-    const used = new Set(
-      nodes.filter((n) => holders.has(n.name ?? n.url) || holders.has(n.url)).map((n) => n.url),
-    );
-    if (!this.#shared) used.add(cluster.selfUrl);
-    let target: NodeInfo | undefined;
-    try {
-      [target] = placeReplicas({
-        volume: record.name,
-        sizeBytes: record.sizeBytes,
-        count: 1,
-        nodes,
-        exclude: used,
-        selfRequired: false,
-      });
-    } catch {
-      return false; // no host with room: stay degraded, try again later
-    }
-    if (!target) return false;
-    const { id } = await cluster.call<{ id: string }>(target.url, 'POST', '/v1/replicas', {
-      volume: record.name,
-      sizeBytes: record.sizeBytes,
-      engine: cluster.selfUrl,
-      epoch: record.epoch ?? 1,
-    });
-    const replica = await connect(id, target.url);
-    if (replica.failure !== undefined) {
-      await this.#removeRemote(record.name, [{ id, url: target.url }]);
-      return false;
-    }
-    // Recorded before the copy: a crash mid-rebuild leaves a replica that is behind
-    // (its revision says so) rather than one nobody knows about.
-    const old = (record.remoteReplicas ?? []).find((r) => r.id === replaces);
-    // The new replica is recorded as failed until its rebuild completes.
-    await this.#updateRecord(record.name, (rec) => {
-      rec.remoteReplicas = [
-        ...(rec.remoteReplicas ?? []).filter((r) => r.id !== replaces),
-        { id, url: target.url, ...(target.name ? { node: target.name } : {}) },
-      ];
-      rec.replicaIds = rec.replicaIds.filter((r) => r !== replaces);
-      rec.failedReplicas = [...(rec.failedReplicas ?? []).filter((r) => r !== replaces), id];
-    });
-    await this.#rebuild(record.name, replica, replaces);
-    if (old) await this.#removeRemote(record.name, [old]);
-    else if (replaces !== undefined && record.replicaIds.includes(replaces))
-      await LocalReplica.destroy({
-        spaces: this.#o.spaces,
-        root: this.#o.replicaRoot,
-        id: replaces,
-      });
-    return true;
-  }
-
-  /** Where each remote replica of a record is now: in a cluster, at its node's registered address. */
-  async #replicaUrls(rec: VolumeRecord): Promise<string[]> {
-    const remote = rec.remoteReplicas ?? [];
-    if (!this.#shared || !remote.some((r) => r.node)) return remote.map((r) => r.url);
-    const nodes = await this.#o.cluster!.nodes({ cached: true }).catch(() => [] as NodeInfo[]);
-    const at = new Map(nodes.map((n) => [n.name, n.url]));
-    return remote.map((r) => (r.node !== undefined ? at.get(r.node) : undefined) ?? r.url);
-  }
-
-  #openLocal(id: string): Promise<LocalReplica> {
-    return LocalReplica.open({
-      spaces: this.#o.spaces,
-      root: this.#o.replicaRoot,
-      id,
-      ...(this.#o.mergeBytesPerSecond
-        ? { mergeLimit: { bytesPerSecond: this.#o.mergeBytesPerSecond, clock: this.#o.clock } }
-        : {}),
-    });
-  }
-
-  async #rebuild(name: string, target: Replica, replaces: string | undefined) {
-    const entry = this.#attached.get(name);
-    if (!entry) return;
-    const abort = new AbortController();
-    this.#rebuilds.set(name, abort);
-    const now = new Date(this.#o.clock.nowMs());
-    const work = (
-      update?: (p: { phase: string; done: number; total: number; bytes: number }) => void,
-    ) =>
-      entry.supervisor.control(`rebuild replica ${target.id}`, (e) =>
-        e.rebuild(target, {
-          clock: this.#o.clock,
-          signal: abort.signal,
-          now,
-          snapshotName: `rebuild-${autoSnapshotName(now).slice(5)}`,
-          ...(replaces !== undefined ? { replaces } : {}),
-          ...(this.#o.rebuildBytesPerSecond
-            ? { bytesPerSecond: this.#o.rebuildBytesPerSecond }
-            : {}),
-          onProgress: (p) =>
-            update?.({ phase: 'rebuild', done: p.done, total: p.total, bytes: p.bytesCopied }),
-        }),
-      );
-    try {
-      const ops = this.#o.operations;
-      if (!ops) await work();
-      else
-        await ops.start(
-          'rebuild',
-          `replica ${target.id} at ${target.location}`,
-          name,
-          work,
-          (p: RebuildProgress) =>
-            `${p.bytesCopied} bytes copied; ${p.layersSkipped} of ${p.layers} layers already held`,
-        ).done;
-    } catch (err) {
-      target.abandon();
-      throw err;
-    } finally {
-      this.#rebuilds.delete(name);
-    }
-  }
-
   /** Takes a replica out of a volume; the repair loop then places a new one. */
   async removeReplica(name: string, id: string): Promise<void> {
     validateVolumeName(name);
@@ -1358,7 +1025,7 @@ export class VolumeManager {
     });
     if (local)
       await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
-    await this.#removeRemote(name, remote);
+    await this.#peers.remove(name, remote);
   }
 
   /** Compares all healthy replicas of a volume, as an operation. */
@@ -1447,8 +1114,7 @@ export class VolumeManager {
 
   /** Flushes and closes every engine (graceful stop). */
   async stop(): Promise<void> {
-    this.#repairTimer?.cancel();
-    for (const abort of this.#rebuilds.values()) abort.abort();
+    this.#repairs.stop();
     const entries = [...this.#attached.values()];
     this.#attached.clear();
     const results = await Promise.allSettled(entries.map((e) => e.supervisor.stop()));
@@ -1457,9 +1123,4 @@ export class VolumeManager {
         this.#o.events.add({ type: 'stop-failed', message: String(r.reason) });
     }
   }
-}
-
-function autoSnapshotName(now: Date): string {
-  const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
-  return `snap-${stamp}-${Math.random().toString(36).slice(2, 6)}`;
 }

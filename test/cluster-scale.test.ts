@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
 import { EtcdClient } from '../kv/etcd.ts';
 import { volumeCodec, type VolumeRecord } from '../kv/spaces.ts';
-import type { NodeInfo } from '../daemon/cluster.ts';
+import type { NodeInfo } from '../daemon/node-info.ts';
 import { ALIVE_PREFIX, NODES_PREFIX, NodeRegistry } from '../daemon/node-registry.ts';
 import { placeReplicas } from '../daemon/placement.ts';
 import { VOLUMES_PREFIX } from '../daemon/volume-records.ts';
