@@ -2,9 +2,13 @@
  * 3 replicas against 1, for `npm run bench`: three daemons on this machine
  * (so every write crosses loopback twice and three processes share 2 cores),
  * the same fio jobs on a 1-replica and a 3-replica volume of daemon 1, then
- * the rebuild of a whole replica (MB/s).
+ * the rebuild of a whole replica (MB/s); then the 3-replica volume again in
+ * a cluster (etcd), where the engine reaches its own node's replica through
+ * the replica connection too.
  */
-import { TestCluster } from '../test/helpers/cluster.ts';
+import { CLUSTER_SECRET, TestCluster } from '../test/helpers/cluster.ts';
+import { DaemonProcess } from '../test/helpers/daemon.ts';
+import { EtcdProcess } from '../test/helpers/etcd.ts';
 import { waitFor } from '../test/helpers/run.ts';
 
 export interface BenchJob {
@@ -36,15 +40,12 @@ export async function replicationBench<J extends BenchJob>(
       if (r.status !== 201) throw new Error(`create ${name}: ${JSON.stringify(r.json)}`);
       await prefill(d1.uri(name));
     }
-    const rows = ['| job | 1 replica | 3 replicas | 3 / 1 |', '| --- | ---: | ---: | ---: |'];
+    const measured: Array<{ job: J; one: number; three: number }> = [];
     for (const job of jobs) {
       const one = await fio(d1.uri('one'), job);
       const three = await fio(d1.uri('three'), job);
-      const unit = job.metric === 'iops' ? ' IOPS' : ' MB/s';
-      rows.push(
-        `| ${job.name} | ${one.toFixed(0)}${unit} | ${three.toFixed(0)}${unit} | ${(three / one).toFixed(2)} |`,
-      );
-      console.error(rows.at(-1));
+      measured.push({ job, one, three });
+      console.error(`${job.name}: 1 replica ${one.toFixed(0)}, 3 replicas ${three.toFixed(0)}`);
     }
     // A whole replica rebuilt: take one out, the repair loop builds a new one.
     const { replicas } = (
@@ -66,6 +67,19 @@ export async function replicationBench<J extends BenchJob>(
     if (op.state !== 'succeeded') throw new Error(`rebuild ${op.state}`);
     const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
     const mb = op.result!.bytesCopied / 1e6;
+    await cluster.cleanup();
+    const inCluster = await clusterRun(jobs, fio, prefill);
+    const rows = [
+      '| job | 1 replica | 3 replicas | 3 / 1 | 3 replicas, cluster (etcd) | cluster / 3 |',
+      '| --- | ---: | ---: | ---: | ---: | ---: |',
+    ];
+    measured.forEach(({ job, one, three }, i) => {
+      const unit = job.metric === 'iops' ? ' IOPS' : ' MB/s';
+      const c = inCluster[i]!;
+      rows.push(
+        `| ${job.name} | ${one.toFixed(0)}${unit} | ${three.toFixed(0)}${unit} | ${(three / one).toFixed(2)} | ${c.toFixed(0)}${unit} | ${(c / three).toFixed(2)} |`,
+      );
+    });
     rows.push(
       '',
       `Rebuild of a whole replica of the 1 GiB volume (every block written): ${mb.toFixed(0)} MB copied in ${seconds.toFixed(1)} s, ${(mb / seconds).toFixed(0)} MB/s.`,
@@ -73,5 +87,34 @@ export async function replicationBench<J extends BenchJob>(
     return rows.join('\n');
   } finally {
     await cluster.cleanup();
+  }
+}
+
+/** The 3-replica jobs again on three daemons that keep their state in etcd. */
+async function clusterRun<J extends BenchJob>(
+  jobs: J[],
+  fio: (uri: string, job: J) => Promise<number>,
+  prefill: (uri: string) => Promise<void>,
+): Promise<number[]> {
+  const etcd = await EtcdProcess.start();
+  const daemons: DaemonProcess[] = [];
+  try {
+    for (let i = 0; i < 3; i++)
+      daemons.push(
+        await DaemonProcess.start({
+          args: ['--etcd', etcd.url, '--node-name', `b${i + 1}`],
+          env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
+        }),
+      );
+    const d1 = daemons[0]!;
+    const r = await d1.api_('POST', '/v1/volumes', { name: 'three', size: '1G', replicas: 3 });
+    if (r.status !== 201) throw new Error(`create three: ${JSON.stringify(r.json)}`);
+    await prefill(d1.uri('three'));
+    const out: number[] = [];
+    for (const job of jobs) out.push(await fio(d1.uri('three'), job));
+    return out;
+  } finally {
+    for (const d of daemons) await d.cleanup();
+    await etcd.cleanup();
   }
 }

@@ -3,6 +3,7 @@ import { bodyLimit } from 'hono/body-limit';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
+import type { Drainer } from './drain.ts';
 import type { EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
@@ -40,6 +41,8 @@ export interface ApiOptions {
   events: EventLog;
   version: string;
   faultInjection: boolean;
+  /** In a cluster: `node drain`. */
+  drainer?: Drainer;
 }
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
@@ -224,6 +227,14 @@ export function createApi(options: ApiOptions): Hono {
   app.post('/v1/nodes/:name/cordon', async (c) => {
     await clusterRegistry().setCordoned(c.req.param('name'), true);
     return c.body(null, 204);
+  });
+  app.post('/v1/nodes/:name/drain', async (c) => {
+    if (!options.drainer)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        'Nodes are drained in a cluster: start the daemons with --etcd',
+      );
+    return started(c, options.drainer.start(c.req.param('name')));
   });
   app.post('/v1/nodes/:name/uncordon', async (c) => {
     await clusterRegistry().setCordoned(c.req.param('name'), false);

@@ -31,7 +31,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
-  corral node ls | node cordon N | node uncordon N
+  corral node ls | node cordon N | node uncordon N | node drain N
   corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--json]
 
@@ -323,6 +323,28 @@ async function runClient(args: string[]): Promise<void> {
         return;
       }
     }
+  } else if (noun === 'node' && verb === 'drain') {
+    const { values, positionals } = parse();
+    const node = need(positionals, 'node name');
+    const { operation } = await call<{ operation: Operation }>(
+      api,
+      'POST',
+      `/v1/nodes/${encodeURIComponent(node)}/drain`,
+      {},
+    );
+    const done = await follow(api, operation, values.json === true);
+    const r = done.result as {
+      enginesMoved: string[];
+      replicasMoved: string[];
+      left: Array<{ volume: string; why: string }>;
+    };
+    print(values.json === true, r, () =>
+      [
+        `drained ${node}: ${r.enginesMoved.length} engines and ${r.replicasMoved.length} replicas moved`,
+        ...r.left.map((l) => `  left: a replica of ${l.volume} (${l.why})`),
+      ].join('\n'),
+    );
+    return;
   } else if (noun === 'node' && (verb === 'cordon' || verb === 'uncordon')) {
     const { values, positionals } = parse();
     const node = need(positionals, 'node name');

@@ -19,6 +19,7 @@ import { EventLog } from './events.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
+import { Drainer } from './drain.ts';
 import { NodeRegistry } from './node-registry.ts';
 import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
 import { VolumeManager } from './volumes.ts';
@@ -201,7 +202,17 @@ export async function startDaemon(
   });
   const jobs = new JobScheduler({ spaces, volumes, backups, operations, clock: systemClock });
   jobs.start();
+  const drainer = etcdRecords
+    ? new Drainer({
+        cluster,
+        records: etcdRecords,
+        operations,
+        clock: systemClock,
+        attach: (volume, node) => volumes.attach(volume, { node }),
+      })
+    : undefined;
   const app = createApi({
+    ...(drainer ? { drainer } : {}),
     volumes,
     backups,
     jobs,

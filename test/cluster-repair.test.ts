@@ -128,6 +128,24 @@ describe('repair across a cluster', () => {
         ),
       30_000,
     );
+
+    // n1 is drained (asked on n2): its engine moves to a node holding a replica, its replica is
+    // rebuilt on a node without one, and it keeps nothing.
+    const n2 = nodes[1]!;
+    const drained = await n2.cli(['node', 'drain', 'n1']);
+    assert.equal(drained.code, 0, drained.stderr);
+    assert.match(drained.stdout, /1 engines and 1 replicas moved/);
+    const n1Url = listed.find((n) => n.name === 'n1')!.url;
+    const after = await json<VolumeRow>(n2, ['volume', 'get', 'r']);
+    assert.equal(after.node, 'n2');
+    assert.deepEqual(
+      after.replicas.map((r) => r.mode),
+      ['RW', 'RW', 'RW'],
+    );
+    assert.ok(after.replicas.every((r) => r.location !== n1Url));
+    assert.ok(Buffer.compare(await readBack(n2, 'r', data.length), data) === 0);
+    const n1Row = (await json<NodeRow[]>(n2, ['node', 'ls'])).find((n) => n.name === 'n1')!;
+    assert.equal(n1Row.cordoned, true);
   });
 
   it('with three etcd members, loses nothing a user sees when one is killed', async () => {
