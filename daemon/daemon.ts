@@ -137,6 +137,7 @@ export async function startDaemon(
   const etcdRecords = etcd ? new EtcdVolumeRecords(etcd) : undefined;
   const volumes = new VolumeManager({
     spaces,
+    ...(etcd ? { hosted } : {}),
     records: etcdRecords ?? new LocalVolumeRecords(spaces.volumes),
     replicaRoot,
     cluster,

@@ -9,6 +9,7 @@ import type { Replica } from '../replication/replica.ts';
 import type { SupervisedEngine } from '../replication/supervisor.ts';
 import type { Cluster } from './cluster.ts';
 import type { EventLog } from './events.ts';
+import type { HostedReplicas } from './hosted.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { VolumeRecords } from './volume-records.ts';
 
@@ -24,6 +25,9 @@ export interface EngineFactoryOptions {
   /** Bytes per second a snapshot delete may copy; undefined for no limit. */
   mergeBytesPerSecond: number | undefined;
   faultInjection: boolean;
+  /** In a cluster: this node's hosted replicas, which its own engines open in place. */
+  hosted?: HostedReplicas;
+  nodeName?: string;
 }
 
 /**
@@ -72,20 +76,29 @@ export class EngineFactory {
       const cluster = this.#o.cluster;
       if (cluster) {
         const urls = await this.replicaUrls(rec);
+        const connect = (id: string, url: string) =>
+          RemoteReplica.connect({
+            url,
+            id,
+            secret: cluster.secret,
+            epoch,
+            timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+          });
         const remote = await Promise.all(
-          (rec.remoteReplicas ?? []).map((r, i) =>
-            RemoteReplica.connect({
-              url: urls[i]!,
-              id: r.id,
-              secret: cluster.secret,
-              epoch,
-              timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
-            }),
-          ),
+          (rec.remoteReplicas ?? []).map(async (r, i): Promise<Replica> => {
+            // This node's own replica: opened in place (reads stay local), under the epoch.
+            if (r.node !== undefined && r.node === this.#o.nodeName)
+              try {
+                return await this.openOwn(r.id, epoch);
+              } catch {
+                // Refused or damaged: the connection says why, as for any replica.
+              }
+            return connect(r.id, urls[i]!);
+          }),
         );
         for (const r of remote) {
           replicas.push(r);
-          if (r.failure !== undefined) failed.set(r, r.failure);
+          if (r instanceof RemoteReplica && r.failure !== undefined) failed.set(r, r.failure);
         }
       }
       for (const r of replicas) {
@@ -133,6 +146,16 @@ export class EngineFactory {
     const nodes = await this.#o.cluster!.nodes({ cached: true }).catch(() => [] as NodeInfo[]);
     const at = new Map(nodes.map((n) => [n.name, n.url]));
     return remote.map((r) => (r.node !== undefined ? at.get(r.node) : undefined) ?? r.url);
+  }
+
+  /**
+   * In a cluster, a replica this node hosts, for an engine of this node with
+   * `epoch` (refused when a newer engine holds it; see HostedReplicas).
+   */
+  openOwn(id: string, epoch: number): Promise<LocalReplica> {
+    const hosted = this.#o.hosted;
+    if (!hosted) return this.openLocal(id);
+    return hosted.openForEngine(id, epoch, (i) => this.openLocal(i));
   }
 
   openLocal(id: string): Promise<LocalReplica> {

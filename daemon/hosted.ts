@@ -7,7 +7,7 @@ import type { EventLog } from './events.ts';
 
 interface Live {
   replica: LocalReplica;
-  session: ReplicaSession;
+  /** Ends the holder's use: a stream is closed; an engine of this node is closed under by `replica.close()`. */
   end: () => void;
 }
 
@@ -125,7 +125,7 @@ export class HostedReplicas {
       });
       end();
     });
-    const live: Live = { replica, session, end };
+    const live: Live = { replica, end };
     this.#live.set(id, live);
     return {
       push: (chunk) => session.push(chunk),
@@ -139,6 +139,38 @@ export class HostedReplicas {
         await replica.close().catch(() => undefined);
       },
     };
+  }
+
+  /**
+   * Replica `id` for the engine of this node, opened in place (no stream:
+   * reads and writes go to its files, as a single host's replicas do),
+   * under the rule a stream follows: an older epoch is refused, a newer one
+   * is kept, and the current holder is let go first — its handle closed,
+   * in-flight operations drained — so that an engine fenced by a newer one
+   * gets errors from here on.
+   */
+  async openForEngine(
+    id: string,
+    epoch: number,
+    open: (id: string) => Promise<LocalReplica>,
+  ): Promise<LocalReplica> {
+    const record = await this.#spaces.hosted.get(id);
+    if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
+    if (epoch < record.epoch)
+      throw new CorralError(
+        'BUSY',
+        `Replica ${id} belongs to a newer engine (epoch ${record.epoch}); this engine's epoch ${epoch} is stale`,
+      );
+    const previous = this.#live.get(id);
+    if (previous) {
+      previous.end();
+      this.#live.delete(id);
+      await previous.replica.close().catch(() => undefined);
+    }
+    if (epoch > record.epoch) await this.#spaces.hosted.put(id, { ...record, epoch });
+    const replica = await open(id);
+    this.#live.set(id, { replica, end: () => undefined });
+    return replica;
   }
 
   async stop(): Promise<void> {

@@ -26,7 +26,8 @@ export interface RepairHost {
   records: VolumeRecords;
   /** Where each remote replica of a record is now (in a cluster, its node's address). */
   replicaUrls(record: VolumeRecord): Promise<string[]>;
-  openLocal(id: string): Promise<LocalReplica>;
+  /** A replica on this host; in a cluster under the engine's `epoch`. */
+  openLocal(id: string, epoch: number): Promise<LocalReplica>;
 }
 
 export interface RepairOptions {
@@ -119,6 +120,7 @@ export class Repairs {
     if (!engine || !cluster) return;
     const record = await this.#o.host.records.cached(name);
     if (!record) return;
+    await engine.noticeFailures();
     const now = this.#o.clock.nowMs();
     const modes = engine.replicaModes();
     for (const m of modes) {
@@ -150,7 +152,11 @@ export class Repairs {
       const key = `${name}/${failed.id}`;
       try {
         if (!(await this.#replace(record, failed.id, connect)))
-          await this.#rebuild(name, await this.#o.host.openLocal(failed.id), failed.id);
+          await this.#rebuild(
+            name,
+            await this.#o.host.openLocal(failed.id, record.epoch ?? 1),
+            failed.id,
+          );
         this.#failedSince.delete(key);
       } catch (err) {
         // Not again at once: each attempt takes a snapshot on every replica.

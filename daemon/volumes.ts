@@ -10,6 +10,7 @@ import { LocalReplica } from '../replication/local-replica.ts';
 import type { Cluster } from './cluster.ts';
 import type { NodeInfo } from './node-info.ts';
 import { EngineFactory } from './engine-factory.ts';
+import type { HostedReplicas } from './hosted.ts';
 import { Failover } from './failover.ts';
 import { PeerReplicas } from './peer-replicas.ts';
 import { placeReplicas } from './placement.ts';
@@ -92,6 +93,8 @@ export interface VolumeManagerOptions {
   quarantineRoot?: string;
   /** True while the data disk is full (new volumes are refused with NO_SPACE). */
   diskFull?: () => Promise<boolean>;
+  /** In a cluster: this node's hosted replicas (its engines open their own in place). */
+  hosted?: HostedReplicas;
 }
 
 /** A call forwarded to another node may start an engine there: replicas take a while to answer. */
@@ -140,6 +143,8 @@ export class VolumeManager {
       replicaTimeoutMs: options.replicaTimeoutMs,
       mergeBytesPerSecond: options.mergeBytesPerSecond,
       faultInjection: options.faultInjection,
+      ...(options.hosted ? { hosted: options.hosted } : {}),
+      ...(options.cluster?.nodeName !== undefined ? { nodeName: options.cluster.nodeName } : {}),
     });
     this.#peers = new PeerReplicas({
       spaces: options.spaces,
@@ -165,7 +170,8 @@ export class VolumeManager {
         lanes: this.#lanes,
         records: options.records,
         replicaUrls: (record) => this.#engines.replicaUrls(record),
-        openLocal: (id) => this.#engines.openLocal(id),
+        openLocal: (id, epoch) =>
+          this.#shared ? this.#engines.openOwn(id, epoch) : this.#engines.openLocal(id),
       },
       cluster: options.cluster,
       peers: this.#peers,

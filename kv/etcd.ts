@@ -42,6 +42,8 @@ export interface WatchEvent {
 
 /** A request to etcd gives up after this long. */
 const REQUEST_TIMEOUT_MS = 5000;
+/** While no endpoint answers, calls are tried again for this long (an election, a restart). */
+const RETRY_WINDOW_MS = 3000;
 
 const b64 = (s: Buffer | string): string => Buffer.from(s).toString('base64');
 const unb64 = (s: string | undefined): Buffer => Buffer.from(s ?? '', 'base64');
@@ -92,45 +94,62 @@ export class EtcdClient {
     return this.#endpoints;
   }
 
-  /** One gateway call, trying each endpoint once from the last one that answered. */
+  /**
+   * One gateway call: each endpoint in turn from the last one that answered,
+   * and again for a few seconds while none does — an election after a
+   * member died takes about a second, and a user must not see it.
+   */
   async #call<T>(route: string, body: unknown, signal?: AbortSignal): Promise<T> {
-    let lastError = '';
-    for (let i = 0; i < this.#endpoints.length; i++) {
-      const at = (this.#current + i) % this.#endpoints.length;
-      const endpoint = this.#endpoints[at]!;
-      this.requests++;
-      let response: Response;
-      try {
-        response = await fetch(endpoint + route, {
-          method: 'POST',
-          headers: { 'content-type': 'application/json' },
-          body: JSON.stringify(body),
-          signal: signal ?? AbortSignal.timeout(REQUEST_TIMEOUT_MS),
-        });
-      } catch (err) {
-        lastError = `${endpoint}: ${err instanceof Error ? (err.cause instanceof Error ? err.cause.message : err.message) : String(err)}`;
-        continue;
+    const errors: string[] = [];
+    const n = this.#endpoints.length;
+    const until = Date.now() + RETRY_WINDOW_MS;
+    for (let round = 0; ; round++) {
+      // The order is fixed for the round: other calls move #current meanwhile.
+      const first = this.#current;
+      for (let i = 0; i < n; i++) {
+        const at = (first + i) % n;
+        const endpoint = this.#endpoints[at]!;
+        this.requests++;
+        let response: Response;
+        try {
+          response = await fetch(endpoint + route, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify(body),
+            signal: signal ?? AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+          });
+        } catch (err) {
+          errors.push(
+            `${endpoint}: ${err instanceof Error ? (err.cause instanceof Error ? err.cause.message : err.message) : String(err)}`,
+          );
+          continue;
+        }
+        const json = (await response.json().catch(() => ({}))) as T & {
+          error?: string;
+          message?: string;
+          code?: number;
+        };
+        // 14 UNAVAILABLE (no leader, leader changed, a member cut off): another may answer.
+        if (json.code === 14 || response.status === 503) {
+          errors.push(`${endpoint}: ${json.message ?? `HTTP ${response.status}`}`);
+          continue;
+        }
+        this.#current = at;
+        if (!response.ok || json.error !== undefined) {
+          throw new CorralError(
+            'UNAVAILABLE',
+            `etcd ${endpoint}${route}: ${json.message ?? json.error ?? `HTTP ${response.status}`}`,
+          );
+        }
+        return json;
       }
-      const json = (await response.json().catch(() => ({}))) as T & {
-        error?: string;
-        message?: string;
-        code?: number;
-      };
-      // 14 UNAVAILABLE (no leader, a member cut off): another member may answer.
-      if (json.code === 14 || response.status === 503) {
-        lastError = `${endpoint}: ${json.message ?? `HTTP ${response.status}`}`;
-        continue;
-      }
-      this.#current = at;
-      if (!response.ok || json.error !== undefined) {
-        throw new CorralError(
-          'UNAVAILABLE',
-          `etcd ${endpoint}${route}: ${json.message ?? json.error ?? `HTTP ${response.status}`}`,
-        );
-      }
-      return json;
+      if (Date.now() >= until || signal?.aborted) break;
+      await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** round, 800)));
     }
-    throw new CorralError('UNAVAILABLE', `The cluster store (etcd) does not answer: ${lastError}`);
+    throw new CorralError(
+      'UNAVAILABLE',
+      `The cluster store (etcd) does not answer: ${errors.slice(-n).join('; ')}`,
+    );
   }
 
   async get(key: string): Promise<KeyValue | undefined> {

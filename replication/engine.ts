@@ -321,6 +321,18 @@ export class Engine implements SupervisedEngine {
     }
   }
 
+  /**
+   * Sets to ERR, as a request would have, the replicas whose connection died
+   * while no request went to them: an idle volume whose replica's node died
+   * must show it and get it rebuilt (the repair loop calls this).
+   */
+  async noticeFailures(): Promise<void> {
+    for (const m of this.#members) {
+      const why = m.mode === 'ERR' ? undefined : m.replica.failure;
+      if (why !== undefined) await this.#fail(m, new CorralError('IO_ERROR', why));
+    }
+  }
+
   /** Takes a replica out of the volume (the last healthy one cannot go). */
   removeReplica(id: string): Replica {
     const i = this.#members.findIndex((m) => m.replica.id === id);

@@ -65,6 +65,10 @@ export class FaultFilter implements SupervisedEngine {
   abandon(): void {
     this.#next.abandon();
   }
+  noticeFailures(): Promise<void> {
+    return this.#next.noticeFailures();
+  }
+
   replicaModes(): ReplicaStatus[] {
     return this.#next.replicaModes();
   }

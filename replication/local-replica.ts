@@ -165,6 +165,8 @@ export class LocalReplica implements Replica {
   readonly #inflight = new Set<InflightWrite>();
   /** File operations under way: fds are closed only at zero, so a number is never reused under one. */
   #pending = 0;
+  /** `close` waits here for the operations in flight: none may land after it returns. */
+  readonly #drainWaiters: Array<() => void> = [];
   #fdsClosed = false;
 
   private constructor(
@@ -346,6 +348,7 @@ export class LocalReplica implements Replica {
   #leave(): void {
     this.#pending--;
     if (this.#pending !== 0) return;
+    for (const w of this.#drainWaiters.splice(0)) w();
     // Checked first: this runs after every operation, and splice would allocate each time.
     if (this.#retired.length > 0) {
       for (const l of this.#retired.splice(0)) closeFd(l.fd).catch(() => undefined);
@@ -1448,6 +1451,12 @@ export class LocalReplica implements Replica {
    * Flushes and lets go of the files — the files always, even when the flush
    * fails (then it rejects: the caller must not take the data as durable).
    */
+  /**
+   * Flushes, refuses new operations and waits for those in flight: once it
+   * returns nothing of this handle touches the files again, so another
+   * handle (a newer engine's) can take the replica over without an older
+   * write landing after its own.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     try {
@@ -1455,6 +1464,7 @@ export class LocalReplica implements Replica {
     } finally {
       this.abandon();
     }
+    if (this.#pending > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
   }
 }
 

@@ -36,6 +36,8 @@ export interface Replica extends BlockOps {
   readonly sizeBytes: number;
   /** Grows with every write; persisted with each flush. */
   revision(): bigint;
+  /** Why it cannot serve any more (a replica across the network whose connection died), if so. */
+  readonly failure?: string | undefined;
   /** Flushes, then releases files and connections. */
   close(): Promise<void>;
   /** After an engine fault: persist nothing more; release resources once idle. */

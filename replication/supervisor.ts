@@ -26,6 +26,8 @@ export interface SupervisedEngine extends BlockDevice {
   /** After a fault: persist nothing more, release resources once idle. */
   abandon(): void;
   replicaModes(): ReplicaStatus[];
+  /** Sets replicas whose connection died while idle to ERR (see Engine). */
+  noticeFailures(): Promise<void>;
   snapshots(): SnapshotInfo[];
   snapshot(name: string, now: Date): Promise<SnapshotInfo>;
   deleteSnapshot(name: string): Promise<void>;
