@@ -3,6 +3,7 @@ import { bodyLimit } from 'hono/body-limit';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
+import type { ClusterEvents } from './cluster-events.ts';
 import type { Drainer } from './drain.ts';
 import type { EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
@@ -43,6 +44,8 @@ export interface ApiOptions {
   faultInjection: boolean;
   /** In a cluster: `node drain`. */
   drainer?: Drainer;
+  /** In a cluster: a volume's events from every node. */
+  clusterEvents?: ClusterEvents;
 }
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
@@ -325,9 +328,12 @@ export function createApi(options: ApiOptions): Hono {
     return c.body(null, 204);
   });
 
-  app.get('/v1/events', (c) => {
+  app.get('/v1/events', async (c) => {
     const since = c.req.query('since');
     const volume = c.req.query('volume');
+    // In a cluster a volume's events come from every node (etcd keeps them a day).
+    if (volume !== undefined && since === undefined && options.clusterEvents)
+      return c.json({ events: await options.clusterEvents.list(volume) });
     return c.json({
       events: events.list({
         ...(since !== undefined ? { sinceId: Number(since) } : {}),

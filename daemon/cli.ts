@@ -489,7 +489,12 @@ async function runClient(args: string[]): Promise<void> {
     print(values.json === true, events, () =>
       table([
         ['TIME', 'TYPE', 'VOLUME', 'MESSAGE'],
-        ...events.map((e) => [e.time, e.type, e.volume ?? '', e.message]),
+        ...events.map((e) => [
+          e.time,
+          e.type,
+          e.volume ?? '',
+          e.node !== undefined ? `${e.node}: ${e.message}` : e.message,
+        ]),
       ]),
     );
     return;

@@ -19,6 +19,7 @@ import { EventLog } from './events.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
+import { ClusterEvents } from './cluster-events.ts';
 import { Drainer } from './drain.ts';
 import { NodeRegistry } from './node-registry.ts';
 import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
@@ -107,6 +108,9 @@ export async function startDaemon(
   const replicaRoot = path.join(config.dataDir, 'replicas');
   const hosted = new HostedReplicas({ spaces, root: replicaRoot, clock: systemClock, events });
   const etcd = config.etcd ? new EtcdClient(config.etcd.endpoints) : undefined;
+  const clusterEvents =
+    etcd && config.etcd ? new ClusterEvents(etcd, config.etcd.nodeName) : undefined;
+  if (clusterEvents) events.onAdd = (e) => clusterEvents.publish(e);
   const registry: NodeRegistry | undefined =
     etcd && config.etcd
       ? new NodeRegistry({
@@ -214,6 +218,7 @@ export async function startDaemon(
     : undefined;
   const app = createApi({
     ...(drainer ? { drainer } : {}),
+    ...(clusterEvents ? { clusterEvents } : {}),
     volumes,
     backups,
     jobs,

@@ -4,6 +4,8 @@ export interface DaemonEvent {
   type: string;
   volume?: string;
   message: string;
+  /** In a cluster: the node that recorded it. */
+  node?: string;
 }
 
 /** Recent events, newest last; bounded so that a flapping replica cannot grow memory. */
@@ -11,6 +13,8 @@ export class EventLog {
   readonly #events: DaemonEvent[] = [];
   readonly #limit: number;
   #next = 1;
+  /** Hears of every event as it is added (a cluster also keeps a volume's events in etcd). */
+  onAdd?: (event: DaemonEvent) => void;
 
   constructor(limit = 1000) {
     this.#limit = limit;
@@ -20,6 +24,7 @@ export class EventLog {
     const full = { id: this.#next++, time: new Date().toISOString(), ...event };
     this.#events.push(full);
     if (this.#events.length > this.#limit) this.#events.shift();
+    this.onAdd?.(full);
     return full;
   }
 

@@ -1,6 +1,6 @@
 import type { Clock } from '../common/clock.ts';
 import { CorralError } from '../common/errors.ts';
-import type { Spaces } from '../kv/spaces.ts';
+import type { HostedRecord, Spaces } from '../kv/spaces.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import { ReplicaSession, type StreamOut } from '../replication/replica-server.ts';
 import type { EventLog } from './events.ts';
@@ -98,10 +98,11 @@ export class HostedReplicas {
   }
 
   /**
-   * Starts serving replica `id` to an engine stream. Returns the session to
-   * feed with the stream's bytes and a function to call when the stream ends.
+   * The epoch rule, for a stream and an engine of this node alike: an older
+   * epoch is refused, a newer one is kept, and the current holder is let go
+   * first (its handle closed once its in-flight operations are done).
    */
-  async attach(id: string, epoch: number, out: StreamOut, end: () => void): Promise<HostedSession> {
+  async #takeFor(id: string, epoch: number): Promise<HostedRecord> {
     const record = await this.#spaces.hosted.get(id);
     if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
     if (!Number.isSafeInteger(epoch) || epoch < record.epoch)
@@ -116,6 +117,15 @@ export class HostedReplicas {
       await previous.replica.close().catch(() => undefined);
     }
     if (epoch > record.epoch) await this.#spaces.hosted.put(id, { ...record, epoch });
+    return record;
+  }
+
+  /**
+   * Starts serving replica `id` to an engine stream. Returns the session to
+   * feed with the stream's bytes and a function to call when the stream ends.
+   */
+  async attach(id: string, epoch: number, out: StreamOut, end: () => void): Promise<HostedSession> {
+    const record = await this.#takeFor(id, epoch);
     const replica = await LocalReplica.open({ spaces: this.#spaces, root: this.#root, id });
     const session = new ReplicaSession(replica, out, (err) => {
       this.#events.add({
@@ -154,20 +164,7 @@ export class HostedReplicas {
     epoch: number,
     open: (id: string) => Promise<LocalReplica>,
   ): Promise<LocalReplica> {
-    const record = await this.#spaces.hosted.get(id);
-    if (!record) throw new CorralError('NOT_FOUND', `No replica ${id} hosted here`);
-    if (epoch < record.epoch)
-      throw new CorralError(
-        'BUSY',
-        `Replica ${id} belongs to a newer engine (epoch ${record.epoch}); this engine's epoch ${epoch} is stale`,
-      );
-    const previous = this.#live.get(id);
-    if (previous) {
-      previous.end();
-      this.#live.delete(id);
-      await previous.replica.close().catch(() => undefined);
-    }
-    if (epoch > record.epoch) await this.#spaces.hosted.put(id, { ...record, epoch });
+    await this.#takeFor(id, epoch);
     const replica = await open(id);
     this.#live.set(id, { replica, end: () => undefined });
     return replica;

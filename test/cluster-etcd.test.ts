@@ -4,8 +4,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { CLUSTER_SECRET } from './helpers/cluster.ts';
-import { DaemonProcess } from './helpers/daemon.ts';
+import { cliJson, readVolume, startClusterNode } from './helpers/cluster-node.ts';
+import type { DaemonProcess } from './helpers/daemon.ts';
 import { EtcdProcess } from './helpers/etcd.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
@@ -23,50 +23,13 @@ interface VolumeRow {
   replicas: Array<{ id: string; mode: string; location: string }>;
 }
 
-/** Node i of a test cluster: its own loopback address, so that a partition can cut it off. */
-function startNode(etcd: EtcdProcess, i: number, extra: string[] = []): Promise<DaemonProcess> {
-  const host = `127.0.0.${11 + i}`;
-  return DaemonProcess.start({
-    args: [
-      '--listen',
-      `${host}:0`,
-      '--nbd',
-      `${host}:0`,
-      '--etcd',
-      etcd.url,
-      '--node-name',
-      `n${i + 1}`,
-      '--node-ttl',
-      '2000',
-      '--rebuild-delay',
-      '1000',
-      '--replica-timeout',
-      '1500',
-      ...extra,
-    ],
-    env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
-  });
-}
-
-async function json<T>(d: DaemonProcess, args: string[]): Promise<T> {
-  const r = await d.cli([...args, '--json']);
-  assert.equal(r.code, 0, `corral ${args.join(' ')}: ${r.stderr}`);
-  return JSON.parse(r.stdout) as T;
+/** Node i of a test cluster: n1 at 127.0.0.11, n2 at .12... */
+function startNode(etcd: EtcdProcess, i: number): Promise<DaemonProcess> {
+  return startClusterNode({ etcd: etcd.url, name: `n${i + 1}`, host: `127.0.0.${11 + i}` });
 }
 
 async function nodeStates(d: DaemonProcess): Promise<string[]> {
-  return (await json<NodeRow[]>(d, ['node', 'ls'])).map((n) => `${n.name}:${n.state}`).sort();
-}
-
-/** Reads `length` bytes of a volume through a node's NBD export. */
-async function readVolume(d: DaemonProcess, volume: string, length: number): Promise<Buffer> {
-  const out = path.join(os.tmpdir(), `corral-read-${process.pid}-${Date.now()}`);
-  try {
-    await mustRun('nbdcopy', [d.uri(volume), out]);
-    return (await fs.promises.readFile(out)).subarray(0, length);
-  } finally {
-    await fs.promises.rm(out, { force: true });
-  }
+  return (await cliJson<NodeRow[]>(d, ['node', 'ls'])).map((n) => `${n.name}:${n.state}`).sort();
 }
 
 describe('a cluster with its state in etcd', () => {
@@ -88,7 +51,7 @@ describe('a cluster with its state in etcd', () => {
 
     const created = await d1.cli(['volume', 'create', 'pg', '--size', '64M', '--replicas', '3']);
     assert.equal(created.code, 0, created.stderr);
-    const seen = await json<VolumeRow[]>(d3, ['volume', 'ls']);
+    const seen = await cliJson<VolumeRow[]>(d3, ['volume', 'ls']);
     assert.deepEqual(
       seen.map((v) => [v.name, v.node, v.state]),
       [['pg', 'n1', 'attached']],
@@ -109,14 +72,34 @@ describe('a cluster with its state in etcd', () => {
     assert.notEqual(unknown.code, 0);
     assert.match(unknown.stderr, /No node named n9/);
 
+    // fio writes 32 MiB with checksums through n1; after the move a verify-only pass of the same
+    // job (the same seed makes the same blocks) reads all of it back through n2.
+    const fioJob = (uri: string) => [
+      '--name=move',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      '--bs=64k',
+      '--iodepth=8',
+      '--offset=16m',
+      '--size=32m',
+      '--verify=crc32c',
+      '--verify_fatal=1',
+      '--randrepeat=1',
+    ];
+    await mustRun('fio', [...fioJob(d1.uri('pg')), '--do_verify=0', '--end_fsync=1'], {
+      timeoutMs: 120_000,
+    });
+
     // A planned move, asked on a third node: n1's engine drains, n2's starts.
     const moveStart = Date.now();
     const moved = await d3.cli(['volume', 'attach', 'pg', '--node', 'n2']);
     assert.equal(moved.code, 0, moved.stderr);
     assert.ok(Buffer.compare(await readVolume(d2, 'pg', data.length), data) === 0);
     const moveMs = Date.now() - moveStart;
+    await mustRun('fio', [...fioJob(d2.uri('pg')), '--verify_only'], { timeoutMs: 120_000 });
     assert.notEqual((await run('nbdinfo', [d1.uri('pg')])).code, 0, 'n1 serves pg no more');
-    assert.equal((await json<VolumeRow>(d1, ['volume', 'get', 'pg'])).node, 'n2');
+    assert.equal((await cliJson<VolumeRow>(d1, ['volume', 'get', 'pg'])).node, 'n2');
 
     // The engine's node dies: once its lease expires, another node takes the volume over.
     const killedAt = Date.now();
@@ -125,11 +108,19 @@ describe('a cluster with its state in etcd', () => {
       (await nodeStates(d3)).includes('n2:down') ? true : undefined,
     );
     const downMs = Date.now() - killedAt;
-    assert.equal((await json<VolumeRow>(d3, ['volume', 'get', 'pg'])).state, 'failed');
+    assert.equal((await cliJson<VolumeRow>(d3, ['volume', 'get', 'pg'])).state, 'failed');
     const took = await d3.cli(['volume', 'attach', 'pg']);
     assert.equal(took.code, 0, took.stderr);
     assert.ok(Buffer.compare(await readVolume(d3, 'pg', data.length), data) === 0);
     const takeoverMs = Date.now() - killedAt;
+    // The volume's history is the cluster's: the takeover recorded on n3 shows on n1 too.
+    const history = await cliJson<Array<{ type: string; node?: string }>>(d1, [
+      'events',
+      '--volume',
+      'pg',
+    ]);
+    assert.ok(history.some((e) => e.type === 'volume-takeover' && e.node === 'n3'));
+    assert.ok(history.some((e) => e.type === 'volume-released' && e.node === 'n1'));
 
     // The dead node comes back: it serves nothing (its epoch is old) and its replica is
     // brought up to date by the new engine.
@@ -138,7 +129,7 @@ describe('a cluster with its state in etcd', () => {
     await waitFor(
       'pg at 3 healthy replicas again',
       async () => {
-        const v = await json<VolumeRow>(d1, ['volume', 'get', 'pg']);
+        const v = await cliJson<VolumeRow>(d1, ['volume', 'get', 'pg']);
         return v.node === 'n3' && v.replicas.filter((r) => r.mode === 'RW').length === 3
           ? true
           : undefined;
@@ -199,7 +190,7 @@ describe('a cluster with its state in etcd', () => {
       '2',
     ]);
     assert.equal(web.code, 0, web.stderr);
-    const v = await json<VolumeRow>(d3, ['volume', 'get', 'pg']);
+    const v = await cliJson<VolumeRow>(d3, ['volume', 'get', 'pg']);
     assert.equal(v.node, 'n3');
     assert.equal(v.replicas.filter((r) => r.mode === 'RW').length, 3);
   });
@@ -228,7 +219,7 @@ describe('a cluster with its state in etcd', () => {
     const heir = await waitFor(
       'auto attached on another node',
       async () => {
-        const v = await json<VolumeRow>(d3, ['volume', 'get', 'auto']);
+        const v = await cliJson<VolumeRow>(d3, ['volume', 'get', 'auto']);
         return v.node !== 'n1' && v.state === 'attached' ? v.node : undefined;
       },
       30_000,
@@ -277,25 +268,11 @@ describe('an engine cut off from the cluster', () => {
 
     etcd = await EtcdProcess.start(hostIp);
     const node = (i: number, host: string, netns?: string) =>
-      DaemonProcess.start({
-        args: [
-          '--listen',
-          `${host}:0`,
-          '--nbd',
-          `${host}:0`,
-          '--etcd',
-          etcd!.url,
-          '--node-name',
-          `n${i}`,
-          '--node-ttl',
-          '2000',
-          '--rebuild-delay',
-          '1000',
-          '--replica-timeout',
-          '1500',
-        ],
-        env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
-        ...(netns ? { netns } : {}),
+      startClusterNode({
+        etcd: etcd!.url,
+        name: `n${i}`,
+        host,
+        ...(netns !== undefined ? { netns } : {}),
       });
     const d1 = await node(1, nsIp, ns);
     daemons.push(d1);
@@ -344,7 +321,7 @@ describe('an engine cut off from the cluster', () => {
     await waitFor(
       'three healthy replicas',
       async () => {
-        const v = await json<VolumeRow>(d2, ['volume', 'get', 'fence']);
+        const v = await cliJson<VolumeRow>(d2, ['volume', 'get', 'fence']);
         return v.replicas.filter((r) => r.mode === 'RW').length === 3 ? v : undefined;
       },
       30_000,

@@ -4,8 +4,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { CLUSTER_SECRET } from './helpers/cluster.ts';
-import { DaemonProcess } from './helpers/daemon.ts';
+import { cliJson, readVolume, startClusterNode } from './helpers/cluster-node.ts';
+import type { DaemonProcess } from './helpers/daemon.ts';
 import { EtcdProcess } from './helpers/etcd.ts';
 import { mustRun, waitFor } from './helpers/run.ts';
 
@@ -21,42 +21,8 @@ interface VolumeRow {
   replicas: Array<{ id: string; mode: string; location: string }>;
 }
 
-function startNode(etcdUrls: string, i: number, host: string): Promise<DaemonProcess> {
-  return DaemonProcess.start({
-    args: [
-      '--listen',
-      `${host}:0`,
-      '--nbd',
-      `${host}:0`,
-      '--etcd',
-      etcdUrls,
-      '--node-name',
-      `n${i + 1}`,
-      '--node-ttl',
-      '2000',
-      '--rebuild-delay',
-      '1000',
-      '--replica-timeout',
-      '1500',
-    ],
-    env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
-  });
-}
-
-async function json<T>(d: DaemonProcess, args: string[]): Promise<T> {
-  const r = await d.cli([...args, '--json']);
-  assert.equal(r.code, 0, `corral ${args.join(' ')}: ${r.stderr}`);
-  return JSON.parse(r.stdout) as T;
-}
-
-async function readBack(d: DaemonProcess, volume: string, length: number): Promise<Buffer> {
-  const out = path.join(os.tmpdir(), `corral-repair-${process.pid}-${Date.now()}`);
-  try {
-    await mustRun('nbdcopy', [d.uri(volume), out]);
-    return (await fs.promises.readFile(out)).subarray(0, length);
-  } finally {
-    await fs.promises.rm(out, { force: true });
-  }
+function startNode(etcd: string, i: number, host: string): Promise<DaemonProcess> {
+  return startClusterNode({ etcd, name: `n${i + 1}`, host });
 }
 
 describe('repair across a cluster', () => {
@@ -77,7 +43,7 @@ describe('repair across a cluster', () => {
     );
     const [n1, , n3] = nodes as [DaemonProcess, DaemonProcess, DaemonProcess];
     assert.equal((await n1.cli(['node', 'cordon', 'n4'])).code, 0);
-    const listed = await json<NodeRow[]>(n3, ['node', 'ls']);
+    const listed = await cliJson<NodeRow[]>(n3, ['node', 'ls']);
     assert.equal(listed.find((n) => n.name === 'n4')?.cordoned, true);
     const unknown = await n1.cli(['node', 'cordon', 'n9']);
     assert.notEqual(unknown.code, 0);
@@ -86,7 +52,7 @@ describe('repair across a cluster', () => {
     const created = await n1.cli(['volume', 'create', 'r', '--size', '32M', '--replicas', '3']);
     assert.equal(created.code, 0, created.stderr);
     const n4Url = listed.find((n) => n.name === 'n4')!.url;
-    const before = await json<VolumeRow>(n1, ['volume', 'get', 'r']);
+    const before = await cliJson<VolumeRow>(n1, ['volume', 'get', 'r']);
     assert.ok(
       before.replicas.every((r) => r.location !== n4Url),
       'a cordoned node takes no replica',
@@ -108,14 +74,14 @@ describe('repair across a cluster', () => {
     const moved = await waitFor(
       'a replica rebuilt on n4',
       async () => {
-        const v = await json<VolumeRow>(n1, ['volume', 'get', 'r']);
+        const v = await cliJson<VolumeRow>(n1, ['volume', 'get', 'r']);
         const rw = v.replicas.filter((r) => r.mode === 'RW');
         return rw.length === 3 && rw.some((r) => r.location === n4Url) ? v : undefined;
       },
       40_000,
     );
     assert.equal(moved.replicas.length, 3);
-    assert.ok(Buffer.compare(await readBack(n1, 'r', data.length), data) === 0);
+    assert.ok(Buffer.compare(await readVolume(n1, 'r', data.length), data) === 0);
 
     // n3 comes back: the replica it kept for r is no one's now, and goes.
     const back = await n3.restart();
@@ -123,7 +89,7 @@ describe('repair across a cluster', () => {
     await waitFor(
       'n3 holds no replica',
       async () =>
-        (await json<NodeRow[]>(back, ['node', 'ls'])).find(
+        (await cliJson<NodeRow[]>(back, ['node', 'ls'])).find(
           (n) => n.name === 'n3' && n.state === 'up' && n.replicas === 0,
         ),
       30_000,
@@ -136,15 +102,15 @@ describe('repair across a cluster', () => {
     assert.equal(drained.code, 0, drained.stderr);
     assert.match(drained.stdout, /1 engines and 1 replicas moved/);
     const n1Url = listed.find((n) => n.name === 'n1')!.url;
-    const after = await json<VolumeRow>(n2, ['volume', 'get', 'r']);
+    const after = await cliJson<VolumeRow>(n2, ['volume', 'get', 'r']);
     assert.equal(after.node, 'n2');
     assert.deepEqual(
       after.replicas.map((r) => r.mode),
       ['RW', 'RW', 'RW'],
     );
     assert.ok(after.replicas.every((r) => r.location !== n1Url));
-    assert.ok(Buffer.compare(await readBack(n2, 'r', data.length), data) === 0);
-    const n1Row = (await json<NodeRow[]>(n2, ['node', 'ls'])).find((n) => n.name === 'n1')!;
+    assert.ok(Buffer.compare(await readVolume(n2, 'r', data.length), data) === 0);
+    const n1Row = (await cliJson<NodeRow[]>(n2, ['node', 'ls'])).find((n) => n.name === 'n1')!;
     assert.equal(n1Row.cordoned, true);
   });
 
@@ -161,16 +127,16 @@ describe('repair across a cluster', () => {
     await members[0]!.kill();
     const again = await b.cli(['volume', 'create', 'm2', '--size', '16M', '--replicas', '2']);
     assert.equal(again.code, 0, again.stderr);
-    const vols = await json<Array<{ name: string }>>(a, ['volume', 'ls']);
+    const vols = await cliJson<Array<{ name: string }>>(a, ['volume', 'ls']);
     assert.deepEqual(vols.map((v) => v.name).sort(), ['m', 'm2']);
-    const nodesUp = await json<NodeRow[]>(b, ['node', 'ls']);
+    const nodesUp = await cliJson<NodeRow[]>(b, ['node', 'ls']);
     assert.deepEqual(
       nodesUp.filter((n) => n.name === 'n1' || n.name === 'n2').map((n) => n.state),
       ['up', 'up'],
     );
     // Leases keep being renewed through the other members: nobody goes down.
     await new Promise((r) => setTimeout(r, 3000));
-    const later = await json<NodeRow[]>(a, ['node', 'ls']);
+    const later = await cliJson<NodeRow[]>(a, ['node', 'ls']);
     assert.deepEqual(
       later.filter((n) => n.name === 'n1' || n.name === 'n2').map((n) => n.state),
       ['up', 'up'],

@@ -49,6 +49,19 @@ async function freshReplica(): Promise<{ e: Env; root: string; replica: LocalRep
   return { e, root, replica };
 }
 
+/** A fresh environment with two empty replicas of one volume. */
+async function twoReplicas(): Promise<{ e: Env; replica: LocalReplica; b: LocalReplica }> {
+  const { e, root, replica } = await freshReplica();
+  const b = await LocalReplica.create({
+    spaces: e.spaces,
+    root,
+    volume: 'v',
+    sizeBytes: SIZE,
+    now: new Date(),
+  });
+  return { e, replica, b };
+}
+
 async function replicaSubject(): Promise<Subject> {
   const { e, root, replica } = await freshReplica();
   e.open.push(replica);
@@ -153,14 +166,7 @@ describe('replica crash semantics', () => {
 
 describe('a replica failure', () => {
   it('holds every write until it is recorded, and fences the engine when it cannot be', async () => {
-    const { e, root, replica: a } = await freshReplica();
-    const b = await LocalReplica.create({
-      spaces: e.spaces,
-      root,
-      volume: 'v',
-      sizeBytes: SIZE,
-      now: new Date(),
-    });
+    const { e, replica: a, b } = await twoReplicas();
     // b's disk fails at the first write.
     const failing = new Proxy(b, {
       get(target, key) {
@@ -205,14 +211,7 @@ describe('a replica failure', () => {
 
 describe('engine start', () => {
   it('salvages the freshest replicas when every one had been set to ERR, and only then', async () => {
-    const { e, root, replica: a } = await freshReplica();
-    const b = await LocalReplica.create({
-      spaces: e.spaces,
-      root,
-      volume: 'v',
-      sizeBytes: SIZE,
-      now: new Date(),
-    });
+    const { e, replica: a, b } = await twoReplicas();
     try {
       const engine = new Engine({ volume: 'v', sizeBytes: SIZE, replicas: [a, b] });
       await engine.write(0, Buffer.alloc(4096, 9));

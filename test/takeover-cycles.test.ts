@@ -3,8 +3,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
-import { CLUSTER_SECRET } from './helpers/cluster.ts';
-import { DaemonProcess } from './helpers/daemon.ts';
+import { startClusterNode } from './helpers/cluster-node.ts';
+import type { DaemonProcess } from './helpers/daemon.ts';
 import { EtcdProcess } from './helpers/etcd.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, waitFor } from './helpers/run.ts';
@@ -23,25 +23,11 @@ interface VolumeRow {
 }
 
 function startNode(etcd: EtcdProcess, i: number): Promise<DaemonProcess> {
-  const host = `127.0.0.${21 + i}`;
-  return DaemonProcess.start({
-    args: [
-      '--listen',
-      `${host}:0`,
-      '--nbd',
-      `${host}:0`,
-      '--etcd',
-      etcd.url,
-      '--node-name',
-      `n${i + 1}`,
-      '--node-ttl',
-      '2000',
-      '--rebuild-delay',
-      '500',
-      '--replica-timeout',
-      '1500',
-    ],
-    env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
+  return startClusterNode({
+    etcd: etcd.url,
+    name: `n${i + 1}`,
+    host: `127.0.0.${21 + i}`,
+    rebuildDelayMs: 500,
   });
 }
 

@@ -16,28 +16,16 @@
  * end, healed, the owner rebuilds every replica and all agree.
  * CORRAL_SIM_SEED=N replays one seed.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import type { Clock } from '../../common/clock.ts';
 import { CorralError } from '../../common/errors.ts';
-import { Kv } from '../../kv/kv.ts';
-import { openSpaces } from '../../kv/spaces.ts';
 import { Engine } from '../../replication/engine.ts';
 import { LocalReplica } from '../../replication/local-replica.ts';
 import type { Replica } from '../../replication/replica.ts';
-import { prng } from '../helpers/prng.ts';
+import { simClock, simWorld } from './sim-world.ts';
 
 const BLOCK = 4096;
 const BLOCKS = 64;
 const SIZE = BLOCKS * BLOCK;
 const REPLICAS = 3;
-
-const clock: Clock = {
-  nowMs: () => Date.now(),
-  setInterval: () => ({ cancel: () => undefined }),
-  sleep: () => Promise.resolve(),
-};
 
 /** The volume record as etcd keeps it. */
 interface Store {
@@ -78,15 +66,8 @@ export interface OwnershipResult {
 }
 
 export async function simulateOwnership(seed: number, steps = 160): Promise<OwnershipResult> {
-  const random = prng(seed);
-  const int = (n: number) => Math.floor(random() * n);
-  const fail = (message: string): never => {
-    throw new Error(`seed=${seed}: ${message} (replay: CORRAL_SIM_SEED=${seed})`);
-  };
-  const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-own-'));
-  const kv = await Kv.open(path.join(dir, 'meta'));
-  const spaces = openSpaces(kv);
-  const root = path.join(dir, 'replicas');
+  const world = await simWorld(seed, 'own');
+  const { random, int, fail, spaces, root } = world;
   const result: OwnershipResult = {
     takeovers: 0,
     moves: 0,
@@ -265,7 +246,7 @@ export async function simulateOwnership(seed: number, steps = 160): Promise<Owne
         gates[slot]!.epoch = current.epoch;
         await current.engine
           .rebuild(link(current, slot), {
-            clock,
+            clock: simClock,
             now: new Date(now.getTime() + step * 1000),
             snapshotName: `rebuild-${step}`,
             replaces: gates[slot]!.inner.id,
@@ -291,7 +272,7 @@ export async function simulateOwnership(seed: number, steps = 160): Promise<Owne
       if (fin.engine.replicaModes().find((m) => m.id === id)?.mode === 'RW') continue;
       gates[slot]!.epoch = fin.epoch;
       await fin.engine.rebuild(link(fin, slot), {
-        clock,
+        clock: simClock,
         now: new Date(Date.parse('2026-12-04T00:00:00Z') + slot * 1000),
         snapshotName: `converge-${slot}`,
         replaces: id,
@@ -308,7 +289,6 @@ export async function simulateOwnership(seed: number, steps = 160): Promise<Owne
     return result;
   } finally {
     for (const g of gates) g.inner.abandon();
-    await kv.close();
-    await fs.promises.rm(dir, { recursive: true, force: true });
+    await world.dispose();
   }
 }

@@ -8,28 +8,18 @@
  * write survives any crash, and that replicas converge after rebuilds.
  * Every failure names its seed: CORRAL_SIM_SEED=N replays it.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import type { Clock } from '../../common/clock.ts';
 import { CorralError } from '../../common/errors.ts';
-import { Kv } from '../../kv/kv.ts';
-import { openSpaces, type Spaces } from '../../kv/spaces.ts';
+import type { Kv } from '../../kv/kv.ts';
+import type { Spaces } from '../../kv/spaces.ts';
 import { Engine } from '../../replication/engine.ts';
 import { LocalReplica } from '../../replication/local-replica.ts';
 import type { Replica } from '../../replication/replica.ts';
-import { prng } from '../helpers/prng.ts';
+import { simClock, simWorld } from './sim-world.ts';
 
 const BLOCK = 4096;
 const BLOCKS = 256;
 const SIZE = BLOCKS * BLOCK;
 const REPLICAS = 3;
-
-const clock: Clock = {
-  nowMs: () => Date.now(),
-  setInterval: () => ({ cancel: () => undefined }),
-  sleep: () => Promise.resolve(),
-};
 
 type Fault = 'error' | 'timeout' | 'drop' | 'crash';
 
@@ -96,15 +86,9 @@ export interface SimResult {
 }
 
 export async function simulate(seed: number, steps = 300): Promise<SimResult> {
-  const random = prng(seed);
-  const int = (n: number) => Math.floor(random() * n);
-  const fail = (message: string): never => {
-    throw new Error(`seed=${seed}: ${message} (replay: CORRAL_SIM_SEED=${seed})`);
-  };
-  const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-sim-'));
-  const kv = await Kv.open(path.join(dir, 'meta'));
-  const spaces = openSpaces(kv);
-  const world: World = { dir, kv, spaces, root: path.join(dir, 'replicas'), ids: [] };
+  const sim = await simWorld(seed, 'sim');
+  const { random, int, fail, dir, kv, spaces } = sim;
+  const world: World = { dir, kv, spaces, root: sim.root, ids: [] };
   const stats: SimResult = { steps, faults: 0, rebuilds: 0, engineCrashes: 0 };
   // The model: the last acknowledged content of each block; what the last flush made durable;
   // and what was acknowledged since (any of it may or may not survive an engine crash).
@@ -220,7 +204,7 @@ export async function simulate(seed: number, steps = 300): Promise<SimResult> {
             const back = await openLink(slot);
             for (const l of links) l.faultRate = 0;
             await engine.rebuild(back.proxy, {
-              clock,
+              clock: simClock,
               now: new Date(now.getTime() + step * 1000),
               snapshotName: `rebuild-${step}`,
               replaces: back.proxy.id,
@@ -265,7 +249,7 @@ export async function simulate(seed: number, steps = 300): Promise<SimResult> {
       links[slot]!.inner.abandon();
       const back = await openLink(slot);
       await engine.rebuild(back.proxy, {
-        clock,
+        clock: simClock,
         now: new Date(Date.parse('2026-11-26T00:00:00Z') + slot * 1000),
         snapshotName: `converge-${slot}`,
         replaces: back.proxy.id,
@@ -281,7 +265,6 @@ export async function simulate(seed: number, steps = 300): Promise<SimResult> {
     for (const l of links) l.inner.abandon();
     return stats;
   } finally {
-    await kv.close();
-    await fs.promises.rm(dir, { recursive: true, force: true });
+    await sim.dispose();
   }
 }
