@@ -8,7 +8,7 @@ import type { Drainer } from './drain.ts';
 import type { EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
-import type { Operation, Operations } from './operations.ts';
+import { operationNode, type Operation, type Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
 
 const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>> = {
@@ -274,7 +274,17 @@ export function createApi(options: ApiOptions): Hono {
   );
 
   app.get('/v1/operations', (c) => c.json({ operations: operations.list() }));
-  app.get('/v1/operations/:id', (c) => c.json(operations.get(c.req.param('id'))));
+  app.get('/v1/operations/:id', async (c) => {
+    const id = c.req.param('id');
+    // In a cluster, an operation started through a forwarded call lives on the node it names.
+    const node = operationNode(id);
+    if (node !== undefined && cluster.registry && node !== cluster.nodeName) {
+      const at = (await cluster.nodes({ cached: true })).find((n) => n.name === node);
+      if (!at) throw new CorralError('NOT_FOUND', `No node named ${node} in the cluster`);
+      return c.json(await cluster.call<Operation>(at.url, 'GET', `/v1/operations/${id}`));
+    }
+    return c.json(operations.get(id));
+  });
 
   app.get('/v1/backups', async (c) =>
     c.json({

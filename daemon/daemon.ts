@@ -137,7 +137,7 @@ export async function startDaemon(
   // The NBD server asks the volume manager for exports and the manager asks the server for
   // connection counts: tie the knot through these late-bound functions.
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
-  const operations = new Operations(events);
+  const operations = new Operations(events, 200, config.etcd?.nodeName);
   const etcdRecords = etcd ? new EtcdVolumeRecords(etcd) : undefined;
   const volumes = new VolumeManager({
     spaces,

@@ -76,25 +76,8 @@ export class EngineFactory {
       const cluster = this.#o.cluster;
       if (cluster) {
         const urls = await this.replicaUrls(rec);
-        const connect = (id: string, url: string) =>
-          RemoteReplica.connect({
-            url,
-            id,
-            secret: cluster.secret,
-            epoch,
-            timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
-          });
         const remote = await Promise.all(
-          (rec.remoteReplicas ?? []).map(async (r, i): Promise<Replica> => {
-            // This node's own replica: opened in place (reads stay local), under the epoch.
-            if (r.node !== undefined && r.node === this.#o.nodeName)
-              try {
-                return await this.openOwn(r.id, epoch);
-              } catch {
-                // Refused or damaged: the connection says why, as for any replica.
-              }
-            return connect(r.id, urls[i]!);
-          }),
+          (rec.remoteReplicas ?? []).map((r, i) => this.openReplica(r, urls[i]!, epoch)),
         );
         for (const r of remote) {
           replicas.push(r);
@@ -146,6 +129,32 @@ export class EngineFactory {
     const nodes = await this.#o.cluster!.nodes({ cached: true }).catch(() => [] as NodeInfo[]);
     const at = new Map(nodes.map((n) => [n.name, n.url]));
     return remote.map((r) => (r.node !== undefined ? at.get(r.node) : undefined) ?? r.url);
+  }
+
+  /**
+   * A replica of another host (or, in a cluster, of this node: opened in
+   * place, reads stay local) for an engine of `epoch`. A replica that cannot
+   * be reached comes back with its `failure` set, for the engine to start
+   * it in ERR.
+   */
+  async openReplica(
+    r: { id: string; node?: string },
+    url: string,
+    epoch: number,
+  ): Promise<Replica> {
+    if (r.node !== undefined && r.node === this.#o.nodeName)
+      try {
+        return await this.openOwn(r.id, epoch);
+      } catch {
+        // Refused or damaged: the connection says why, as for any replica.
+      }
+    return RemoteReplica.connect({
+      url,
+      id: r.id,
+      secret: this.#o.cluster!.secret,
+      epoch,
+      timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+    });
   }
 
   /**

@@ -35,9 +35,13 @@ export class Operations {
   readonly #events: EventLog;
   readonly #keep: number;
 
-  constructor(events: EventLog, keep = 200) {
+  /** In a cluster, ids name the node (`op-n1_…`): a call on another node is sent here. */
+  readonly #node: string | undefined;
+
+  constructor(events: EventLog, keep = 200, node?: string) {
     this.#events = events;
     this.#keep = keep;
+    this.#node = node;
   }
 
   /** Starts `work` now and returns its operation at once; `work` reports progress through `update`. */
@@ -49,7 +53,7 @@ export class Operations {
     describe: (result: T) => string,
   ): { operation: Operation; done: Promise<T> } {
     const op: Operation = {
-      id: `op-${randomBytes(6).toString('hex')}`,
+      id: `op-${this.#node !== undefined ? `${this.#node}_` : ''}${randomBytes(6).toString('hex')}`,
       kind,
       subject,
       ...(volume !== undefined ? { volume } : {}),
@@ -122,4 +126,10 @@ export class Operations {
       if (op.state !== 'running') this.#ops.delete(id);
     }
   }
+}
+
+/** The node an operation id names (`op-<node>_<hex>`), if any. */
+export function operationNode(id: string): string | undefined {
+  const m = /^op-([a-z0-9][a-z0-9.-]*)_[0-9a-f]+$/.exec(id);
+  return m?.[1];
 }

@@ -99,6 +99,8 @@ export interface VolumeManagerOptions {
 
 /** A call forwarded to another node may start an engine there: replicas take a while to answer. */
 const FORWARD_TIMEOUT_MS = 60_000;
+/** A clone made on its source's node answers once its data is copied. */
+const CLONE_FORWARD_TIMEOUT_MS = 3_600_000;
 
 /** The volumes of this host: their records, and an engine per attached one. */
 export class VolumeManager {
@@ -350,6 +352,24 @@ export class VolumeManager {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
     const ref = parseSnapshotRef(input.fromSnapshot);
+    // In a cluster a clone is made where its source's engine runs (it reads the snapshot there).
+    const owner =
+      input.restoring === undefined ? await this.engineElsewhere(ref.volume) : undefined;
+    if (owner !== undefined)
+      return this.#o.cluster!.call<VolumeInfo>(
+        owner,
+        'POST',
+        '/v1/volumes',
+        {
+          name,
+          fromSnapshot: input.fromSnapshot,
+          ...(input.size !== undefined ? { size: input.size } : {}),
+          ...(input.replicas !== undefined ? { replicas: input.replicas } : {}),
+          ...(input.frontend !== undefined ? { frontend: input.frontend } : {}),
+          ...(input.failover !== undefined ? { failover: input.failover } : {}),
+        },
+        { timeoutMs: CLONE_FORWARD_TIMEOUT_MS },
+      );
     // The source snapshot is held while it is copied: deleting it, reverting or detaching its
     // volume meanwhile answers BUSY instead of pulling the chain from under the copy.
     const access = await this.#serially(ref.volume, `clone ${ref.volume}@${ref.snapshot}`, () =>
@@ -418,11 +438,6 @@ export class VolumeManager {
         'INVALID_ARGUMENT',
         'Automatic failover needs a cluster: start the daemons with --etcd',
       );
-    if (this.#shared && source)
-      throw new CorralError(
-        'INVALID_ARGUMENT',
-        'Clones are not made in a cluster yet: back the snapshot up and restore it instead',
-      );
     return this.#serially(name, `create volume ${name}`, async () => {
       if (await this.#o.records.get(name))
         throw new CorralError('ALREADY_EXISTS', `Volume ${name} already exists`);
@@ -446,6 +461,22 @@ export class VolumeManager {
           const id = await this.#peers.create(peer.url, name, sizeBytes, 1);
           remoteReplicas.push({ id, url: peer.url, ...(peer.name ? { node: peer.name } : {}) });
         }
+        // A clone in a cluster: the snapshot is copied into its (one) replica, wherever it is.
+        if (source)
+          for (const r of remoteReplicas) {
+            const replica = await this.#engines.openReplica(r, r.url, 1);
+            if (replica.failure !== undefined) {
+              replica.abandon();
+              throw new CorralError('IO_ERROR', `Replica of clone ${name}: ${replica.failure}`);
+            }
+            try {
+              await copyAllocated(source, replica);
+            } catch (err) {
+              replica.abandon();
+              throw err;
+            }
+            await replica.close();
+          }
       } catch (err) {
         await this.#peers.remove(name, remoteReplicas);
         throw err;

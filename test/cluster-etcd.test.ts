@@ -98,6 +98,16 @@ describe('a cluster with its state in etcd', () => {
     assert.ok(Buffer.compare(await readVolume(d2, 'pg', data.length), data) === 0);
     const moveMs = Date.now() - moveStart;
     await mustRun('fio', [...fioJob(d2.uri('pg')), '--verify_only'], { timeoutMs: 120_000 });
+    // Calls made on a node that does not serve the volume go to the one that does: a verify
+    // (its operation followed there), a snapshot, and a clone of it, made where the snapshot is.
+    const verify = await d3.cli(['volume', 'verify', 'pg']);
+    assert.equal(verify.code, 0, verify.stderr);
+    assert.match(verify.stdout, /3 replicas of pg are identical/);
+    assert.equal((await d3.cli(['snapshot', 'create', 'pg', 's1'])).code, 0);
+    const clone = await d1.cli(['volume', 'create', 'pgc', '--from-snapshot', 'pg@s1']);
+    assert.equal(clone.code, 0, clone.stderr);
+    assert.equal((await cliJson<VolumeRow>(d1, ['volume', 'get', 'pgc'])).node, 'n2');
+    assert.ok(Buffer.compare(await readVolume(d2, 'pgc', data.length), data) === 0);
     assert.notEqual((await run('nbdinfo', [d1.uri('pg')])).code, 0, 'n1 serves pg no more');
     assert.equal((await cliJson<VolumeRow>(d1, ['volume', 'get', 'pg'])).node, 'n2');
 
