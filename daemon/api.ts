@@ -81,6 +81,45 @@ export function createApi(options: ApiOptions): Hono {
     return c.json({ operation: run.operation, result }, 200);
   };
   const app = new Hono();
+  /**
+   * Sends a request on to the node serving `volume`, once (the header stops
+   * a second hop). Undefined when that node does not answer a read: it may
+   * have just died (its lease not yet expired), and this node answers.
+   */
+  const forward = async (
+    owner: string,
+    volume: string,
+    request: {
+      pathAndQuery: string;
+      method: string;
+      contentType?: string;
+      body?: string | ArrayBuffer;
+    },
+  ): Promise<Response | undefined> => {
+    const { method } = request;
+    let response: Response;
+    try {
+      response = await fetch(owner + request.pathAndQuery, {
+        method,
+        headers: {
+          [FORWARDED_HEADER]: '1',
+          ...(request.contentType !== undefined ? { 'content-type': request.contentType } : {}),
+        },
+        ...(method === 'GET' || method === 'HEAD'
+          ? { signal: AbortSignal.timeout(5000) }
+          : request.body !== undefined
+            ? { body: request.body }
+            : {}),
+      });
+    } catch (err) {
+      if (method === 'GET') return undefined;
+      throw new CorralError(
+        'UNAVAILABLE',
+        `The node serving volume ${volume} (${owner}) does not answer: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    }
+    return new Response(response.body, { status: response.status, headers: response.headers });
+  };
   const clusterRegistry = () => {
     const registry = cluster.registry;
     if (!registry)
@@ -135,27 +174,13 @@ export function createApi(options: ApiOptions): Hono {
     const url = new URL(c.req.url);
     const method = c.req.method;
     const contentType = c.req.header('content-type');
-    let response: Response;
-    try {
-      response = await fetch(owner + url.pathname + url.search, {
-        method,
-        headers: {
-          [FORWARDED_HEADER]: '1',
-          ...(contentType !== undefined ? { 'content-type': contentType } : {}),
-        },
-        ...(method === 'GET' || method === 'HEAD'
-          ? { signal: AbortSignal.timeout(5000) }
-          : { body: await c.req.arrayBuffer() }),
-      });
-    } catch (err) {
-      // Its node may have just died (its lease not yet expired): a read is answered from here.
-      if (method === 'GET') return next();
-      throw new CorralError(
-        'UNAVAILABLE',
-        `The node serving volume ${decodeURIComponent(name)} (${owner}) does not answer: ${err instanceof Error ? err.message : String(err)}`,
-      );
-    }
-    return new Response(response.body, { status: response.status, headers: response.headers });
+    const sent = await forward(owner, decodeURIComponent(name), {
+      pathAndQuery: url.pathname + url.search,
+      method,
+      ...(contentType !== undefined ? { contentType } : {}),
+      ...(method === 'GET' || method === 'HEAD' ? {} : { body: await c.req.arrayBuffer() }),
+    });
+    return sent ?? next();
   });
 
   app.get('/v1/volumes', async (c) => c.json({ volumes: await volumes.list() }));
@@ -294,6 +319,20 @@ export function createApi(options: ApiOptions): Hono {
   );
   app.post('/v1/backups', async (c) => {
     const body = await jsonBody(c);
+    // A backup reads the volume's snapshot where its engine runs.
+    const owner =
+      typeof body.volume === 'string' && c.req.header(FORWARDED_HEADER) === undefined
+        ? await volumes.engineElsewhere(body.volume)
+        : undefined;
+    if (owner !== undefined) {
+      const url = new URL(c.req.url);
+      return (await forward(owner, String(body.volume), {
+        pathAndQuery: url.pathname + url.search,
+        method: 'POST',
+        contentType: 'application/json',
+        body: JSON.stringify(body),
+      }))!;
+    }
     return started(
       c,
       await backups.create({ volume: body.volume, snapshot: body.snapshot, target: body.target }),

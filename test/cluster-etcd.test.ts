@@ -39,7 +39,7 @@ describe('a cluster with its state in etcd', () => {
   after(async () => {
     for (const d of daemons) await d.cleanup();
     await etcd?.cleanup();
-    for (const f of files) await fs.promises.rm(f, { force: true });
+    for (const f of files) await fs.promises.rm(f, { recursive: true, force: true });
   });
 
   it('shows every node and volume from any node, moves an engine, and takes over from a killed node', async () => {
@@ -108,6 +108,12 @@ describe('a cluster with its state in etcd', () => {
     assert.equal(clone.code, 0, clone.stderr);
     assert.equal((await cliJson<VolumeRow>(d1, ['volume', 'get', 'pgc'])).node, 'n2');
     assert.ok(Buffer.compare(await readVolume(d2, 'pgc', data.length), data) === 0);
+    const target = `file://${path.join(os.tmpdir(), `corral-cluster-backups-${process.pid}`)}`;
+    files.push(new URL(target).pathname);
+    const backup = await d1.cli(['backup', 'create', 'pg', '--snapshot', 's1', '--target', target]);
+    assert.equal(backup.code, 0, backup.stderr);
+    const listedBackups = await cliJson<unknown[]>(d3, ['backup', 'ls', 'pg', '--target', target]);
+    assert.equal(listedBackups.length, 1);
     assert.notEqual((await run('nbdinfo', [d1.uri('pg')])).code, 0, 'n1 serves pg no more');
     assert.equal((await cliJson<VolumeRow>(d1, ['volume', 'get', 'pg'])).node, 'n2');
 
