@@ -5,7 +5,8 @@ import { systemClock } from '../common/clock.ts';
 import { VERSION } from '../common/version.ts';
 import { EtcdClient } from '../kv/etcd.ts';
 import { Kv } from '../kv/kv.ts';
-import { openSpaces } from '../kv/spaces.ts';
+import { jobCodec, openSpaces } from '../kv/spaces.ts';
+import { EtcdSpace } from '../kv/etcd-space.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
@@ -205,7 +206,24 @@ export async function startDaemon(
       ? { delayMs: Number(process.env.CORRAL_BACKUP_DELAY_MS) }
       : {}),
   });
-  const jobs = new JobScheduler({ spaces, volumes, backups, operations, clock: systemClock });
+  // In a cluster jobs are the cluster's: kept in etcd, run by the node serving their volume.
+  const etcdJobs = etcd ? new EtcdSpace(etcd, '/corral/jobs/', jobCodec) : undefined;
+  const nodeName = config.etcd?.nodeName;
+  const jobs = new JobScheduler({
+    jobs: etcdJobs ?? spaces.jobs,
+    ...(etcdRecords
+      ? {
+          runsHere: (volume: string) => {
+            const r = etcdRecords.peek(volume);
+            return Promise.resolve(r?.attached === true && r.engineNode === nodeName);
+          },
+        }
+      : {}),
+    volumes,
+    backups,
+    operations,
+    clock: systemClock,
+  });
   jobs.start();
   const drainer = etcdRecords
     ? new Drainer({
@@ -242,6 +260,9 @@ export async function startDaemon(
   await etcdRecords?.start((err) =>
     events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
   );
+  await etcdJobs?.start((err) =>
+    events.add({ type: 'cluster-store-error', message: `job watch: ${err.message}` }),
+  );
   await registry?.follow(
     (name) => {
       events.add({ type: 'node-down', message: `node ${name}: its lease ended` });
@@ -274,6 +295,7 @@ export async function startDaemon(
         await volumes.stop();
         await hosted.stop();
         etcdRecords?.stop();
+        etcdJobs?.stop();
         await registry?.stop();
         await kv.close();
       })()),

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { Cron } from 'croner';
 import type { Clock } from '../common/clock.ts';
 import { CorralError, quoted } from '../common/errors.ts';
-import type { JobRecord, Spaces } from '../kv/spaces.ts';
+import type { JobRecord } from '../kv/spaces.ts';
 import type { BackupService } from './backups.ts';
 import type { Operations } from './operations.ts';
 import { validateVolumeName } from './names.ts';
@@ -35,14 +35,26 @@ export function jobSnapshotPrefix(id: string): string {
   return `job-${id}-`;
 }
 
+/** Where job records live: the host's LevelDB, or etcd in a cluster (kv/etcd-space.ts). */
+export interface JobStore {
+  get(id: string): Promise<JobRecord | undefined>;
+  put(id: string, job: JobRecord): Promise<void>;
+  del(id: string): Promise<void>;
+  entries(): Promise<Array<[string, JobRecord]>>;
+}
+
 /**
- * Recurring snapshot and backup jobs: records in LevelDB (they survive
- * restarts), cron expressions through croner (host local time), runs as
- * operations with events. Time comes from the Clock, so a test drives it.
- * A run missed while the daemon was down runs once at the next start.
+ * Recurring snapshot and backup jobs: records that survive restarts (in
+ * LevelDB, or in a cluster in etcd, where a job follows its volume: the
+ * node serving the volume runs it), cron expressions through croner (host
+ * local time), runs as operations with events. Time comes from the Clock,
+ * so a test drives it. A run missed while the daemon was down runs once at
+ * the next start.
  */
 export class JobScheduler {
-  readonly #spaces: Spaces;
+  readonly #jobs: JobStore;
+  /** Whether this node runs a volume's jobs (in a cluster: it serves the volume). */
+  readonly #runsHere: (volume: string) => Promise<boolean>;
   readonly #volumes: VolumeManager;
   readonly #backups: BackupService;
   readonly #operations: Operations;
@@ -52,13 +64,15 @@ export class JobScheduler {
   #ticking: Promise<void> | undefined;
 
   constructor(options: {
-    spaces: Spaces;
+    jobs: JobStore;
+    runsHere?: (volume: string) => Promise<boolean>;
     volumes: VolumeManager;
     backups: BackupService;
     operations: Operations;
     clock: Clock;
   }) {
-    this.#spaces = options.spaces;
+    this.#jobs = options.jobs;
+    this.#runsHere = options.runsHere ?? (() => Promise.resolve(true));
     this.#volumes = options.volumes;
     this.#backups = options.backups;
     this.#operations = options.operations;
@@ -114,17 +128,17 @@ export class JobScheduler {
       createdAt: new Date(this.#clock.nowMs()).toISOString(),
       ...(typeof input.target === 'string' ? { target: input.target } : {}),
     };
-    await this.#spaces.jobs.put(record.id, record);
+    await this.#jobs.put(record.id, record);
     return this.#info(record);
   }
 
   async list(): Promise<JobInfo[]> {
-    return (await this.#spaces.jobs.entries()).map(([, j]) => this.#info(j));
+    return (await this.#jobs.entries()).map(([, j]) => this.#info(j));
   }
 
   async remove(id: string): Promise<void> {
-    if (!(await this.#spaces.jobs.get(id))) throw new CorralError('NOT_FOUND', `No job ${id}`);
-    await this.#spaces.jobs.del(id);
+    if (!(await this.#jobs.get(id))) throw new CorralError('NOT_FOUND', `No job ${id}`);
+    await this.#jobs.del(id);
   }
 
   #next(job: JobRecord): Date | undefined {
@@ -139,9 +153,10 @@ export class JobScheduler {
   /** Runs every job whose time has come (once each, however many runs were missed). */
   async runDue(): Promise<void> {
     const now = this.#clock.nowMs();
-    for (const [, job] of await this.#spaces.jobs.entries()) {
+    for (const [, job] of await this.#jobs.entries()) {
       const next = this.#next(job);
       if (!next || next.getTime() > now || this.#running.has(job.id)) continue;
+      if (!(await this.#runsHere(job.volume))) continue;
       this.#running.add(job.id);
       try {
         await this.#run(job, new Date(now));
@@ -171,8 +186,8 @@ export class JobScheduler {
       outcome = `failed: ${err instanceof Error ? err.message : String(err)}`;
     }
     // The job may have been removed while it ran.
-    if (await this.#spaces.jobs.get(job.id))
-      await this.#spaces.jobs.put(job.id, {
+    if (await this.#jobs.get(job.id))
+      await this.#jobs.put(job.id, {
         ...job,
         lastRunAt: now.toISOString(),
         lastOutcome: outcome,

@@ -159,6 +159,11 @@ export class EtcdVolumeRecords implements VolumeRecords {
     return hit ? structuredClone(hit.record) : this.get(name);
   }
 
+  /** The record as the watch last showed it, or undefined: never a request. */
+  peek(name: string): VolumeRecord | undefined {
+    return this.#cache.get(name)?.record;
+  }
+
   cachedEntries(): Promise<Array<[string, VolumeRecord]>> {
     return Promise.resolve(
       [...this.#cache.values()].map(({ record }) => [record.name, structuredClone(record)]),

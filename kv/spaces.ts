@@ -92,6 +92,9 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
   };
 }
 
+/** How a job record is stored, in LevelDB and in etcd alike. */
+export const jobCodec = jsonCodec('job', 1, validateJob);
+
 /** How a volume record is stored, in LevelDB and in etcd alike. */
 export const volumeCodec = jsonCodec('volume', 1, validateVolume);
 
@@ -212,7 +215,7 @@ export function openSpaces(kv: Kv): Spaces {
     revisions: kv.space('rev', binaryCodec('revision', 1)),
     sums: kv.space('sum', binaryCodec('block sums', 1)),
     marks: kv.space('drt', binaryCodec('checksum mark', 1)),
-    jobs: kv.space('job', jsonCodec('job', 1, validateJob)),
+    jobs: kv.space('job', jobCodec),
     hosted: kv.space('hst', jsonCodec('hosted replica', 1, validateHosted)),
     leftovers: kv.space(
       'lft',

@@ -246,6 +246,37 @@ describe('a cluster with its state in etcd', () => {
       `cluster figures: automatic failover ${Date.now() - killedAt} ms from SIGKILL to the data read on ${heir}`,
     );
   });
+
+  it('runs a volume’s recurring jobs on the node that serves it, wherever the job was added', async () => {
+    const n2 = daemons[1]!;
+    const n3 = daemons[2]!;
+    const created = await n3.cli(['volume', 'create', 'jv', '--size', '16M', '--replicas', '2']);
+    assert.equal(created.code, 0, created.stderr);
+    const added = await n2.cli([
+      'job',
+      'add',
+      'jv',
+      '--cron',
+      '* * * * * *',
+      '--task',
+      'snapshot',
+      '--retain',
+      '2',
+    ]);
+    assert.equal(added.code, 0, added.stderr);
+    assert.equal((await cliJson<unknown[]>(n3, ['job', 'ls'])).length, 1, 'jobs are the cluster’s');
+    const ranOn = async (node: string) =>
+      (
+        await cliJson<Array<{ type: string; node?: string }>>(n2, ['events', '--volume', 'jv'])
+      ).some((e) => e.type === 'snapshot-created' && e.node === node);
+    await waitFor('a job snapshot taken on n3', async () =>
+      (await ranOn('n3')) ? true : undefined,
+    );
+    assert.equal((await n3.cli(['volume', 'attach', 'jv', '--node', 'n2'])).code, 0);
+    await waitFor('a job snapshot taken on n2', async () =>
+      (await ranOn('n2')) ? true : undefined,
+    );
+  });
 });
 
 /**

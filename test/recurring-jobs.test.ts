@@ -51,7 +51,7 @@ async function world(dir: string, startMs: number) {
     clock,
     defaultTarget: `file://${path.join(dir, 'store')}`,
   });
-  const jobs = new JobScheduler({ spaces, volumes, backups, operations, clock });
+  const jobs = new JobScheduler({ jobs: spaces.jobs, volumes, backups, operations, clock });
   return {
     time,
     events,
