@@ -4,7 +4,8 @@
  * Prints IOPS/bandwidth and the ratios, and rewrites the results table in
  * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10);
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
- * BENCH_REPLICATION=0 the 3-replica table; BENCH_ONLY=backup|replication runs one table alone.
+ * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
+ * BENCH_ONLY=backup|replication|metrics runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -196,6 +197,53 @@ async function fuseBench(corral: DaemonProcess, dir: string): Promise<string> {
   }
 }
 
+/**
+ * What the metrics cost: the 4k jobs on two daemons side by side, one with
+ * `--metrics off`, alternating, three rounds, medians.
+ */
+async function metricsBench(dir: string): Promise<string> {
+  const on = await DaemonProcess.start({ dataDir: path.join(dir, 'metrics-on') });
+  const off = await DaemonProcess.start({
+    dataDir: path.join(dir, 'metrics-off'),
+    args: ['--metrics', 'off'],
+  });
+  try {
+    for (const d of [on, off]) {
+      await d.createVolume('m', SIZE);
+      await prefill(d.uri('m'));
+    }
+    await mustRun('sync', []);
+    const rows = ['| job | metrics on | metrics off | on / off |', '| --- | ---: | ---: | ---: |'];
+    for (const job of JOBS.slice(0, 2)) {
+      const samples: Record<'on' | 'off', number[]> = { on: [], off: [] };
+      for (let i = 0; i < 3; i++) {
+        const order: Array<'on' | 'off'> = i % 2 === 0 ? ['on', 'off'] : ['off', 'on'];
+        for (const which of order)
+          samples[which].push(await fio((which === 'on' ? on : off).uri('m'), job));
+      }
+      const a = median(samples.on);
+      const b = median(samples.off);
+      console.error(`${job.name}: metrics on ${a.toFixed(0)}, off ${b.toFixed(0)} IOPS`);
+      rows.push(
+        `| ${job.name} | ${a.toFixed(0)} IOPS | ${b.toFixed(0)} IOPS | ${(a / b).toFixed(2)} |`,
+      );
+    }
+    return rows.join('\n');
+  } finally {
+    await on.stop('SIGTERM');
+    await off.stop('SIGTERM');
+  }
+}
+
+async function writeMetricsTable(table: string): Promise<void> {
+  const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; two daemons side by side, alternating, medians of 3 runs of ${RUNTIME_S} s).`;
+  await replaceSection(
+    path.join(ROOT, 'docs', 'PERFORMANCE.md'),
+    'bench-metrics',
+    `${stamp}\n\n${table}`,
+  );
+}
+
 async function replaceSection(doc: string, name: string, content: string): Promise<boolean> {
   const text = await fs.promises.readFile(doc, 'utf8').catch(() => '');
   const begin = `<!-- ${name}:begin -->`;
@@ -219,12 +267,23 @@ async function main(): Promise<void> {
   let fuseTable = '';
   let backupTable = '';
   let replicationTable = '';
+  let metricsTable = '';
   let corral: DaemonProcess | undefined;
   if (process.env.BENCH_ONLY === 'replication') {
     const table = await replicationBench(JOBS, fio, prefill);
     console.log(`\n${table}`);
     await writeSection('bench-replication', table);
     await fs.promises.rm(dir, { recursive: true, force: true });
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'metrics') {
+    try {
+      const table = await metricsBench(dir);
+      console.log(`\n${table}`);
+      await writeMetricsTable(table);
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
     return;
   }
   if (process.env.BENCH_ONLY === 'backup') {
@@ -331,6 +390,7 @@ async function main(): Promise<void> {
     if (process.env.BENCH_BACKUP !== '0') backupTable = await backupBench(corral, dir);
     if (process.env.BENCH_REPLICATION !== '0')
       replicationTable = await replicationBench(JOBS, fio, prefill);
+    if (process.env.BENCH_METRICS !== '0') metricsTable = await metricsBench(dir);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -366,6 +426,10 @@ async function main(): Promise<void> {
   if (replicationTable) {
     console.log(`\n${replicationTable}`);
     await writeSection('bench-replication', replicationTable);
+  }
+  if (metricsTable) {
+    console.log(`\n${metricsTable}`);
+    await writeMetricsTable(metricsTable);
   }
 }
 

@@ -5,6 +5,7 @@ import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
 import type { ClusterEvents } from './cluster-events.ts';
 import type { Drainer } from './drain.ts';
+import type { Metrics } from './metrics.ts';
 import type { EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
@@ -46,6 +47,8 @@ export interface ApiOptions {
   drainer?: Drainer;
   /** In a cluster: a volume's events from every node. */
   clusterEvents?: ClusterEvents;
+  /** `/metrics` and volume stats; absent when the daemon runs with `--metrics off`. */
+  metrics?: Metrics;
 }
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
@@ -161,6 +164,13 @@ export function createApi(options: ApiOptions): Hono {
   );
 
   app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));
+  app.get('/metrics', async (c) => {
+    if (!options.metrics)
+      throw new CorralError('NOT_FOUND', 'Metrics are off on this daemon (--metrics off)');
+    return c.body(await options.metrics.registry.metrics(), 200, {
+      'content-type': options.metrics.registry.contentType,
+    });
+  });
 
   // In a cluster a volume's calls are answered by the node whose engine serves it: forwarded
   // there once (the header stops a second hop). Attach is not: it brings the engine here.
@@ -198,6 +208,13 @@ export function createApi(options: ApiOptions): Hono {
     return c.json(volume, 201);
   });
   app.get('/v1/volumes/:name', async (c) => c.json(await volumes.get(c.req.param('name'))));
+  app.get('/v1/volumes/:name/stats', async (c) => {
+    const name = c.req.param('name');
+    await volumes.get(name);
+    if (!options.metrics)
+      throw new CorralError('NOT_FOUND', 'Stats are off on this daemon (--metrics off)');
+    return c.json(await options.metrics.stats(name));
+  });
   app.post('/v1/volumes/:name/attach', async (c) => {
     const body = await jsonBody(c);
     return c.json(

@@ -9,6 +9,7 @@ import type { Operation } from './operations.ts';
 import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import type { DaemonEvent } from './events.ts';
+import type { VolumeStats } from './metrics.ts';
 import type { VolumeInfo } from './volumes.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { SnapshotInfo } from '../replication/replica.ts';
@@ -21,12 +22,12 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
-                [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]]
+                [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
                 [--failover auto] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
-  corral volume ls [--json] | get NAME [--json]
+  corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
   corral volume attach NAME [--frontend nbd|fuse] [--node N] | detach NAME [--force] | rm NAME [--force]
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
@@ -84,6 +85,7 @@ async function runDaemon(args: string[]): Promise<void> {
       etcd: { type: 'string' },
       'node-name': { type: 'string' },
       'node-ttl': { type: 'string' },
+      metrics: { type: 'string' },
     },
     strict: true,
   });
@@ -107,6 +109,7 @@ async function runDaemon(args: string[]): Promise<void> {
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
     repairMetadata: values['repair-metadata'] ?? false,
+    metrics: values.metrics !== 'off',
     ...(values.etcd !== undefined
       ? {
           etcd: {
@@ -188,6 +191,7 @@ async function runClient(args: string[]): Promise<void> {
         'allow-same-host': { type: 'boolean' },
         node: { type: 'string' },
         failover: { type: 'string' },
+        watch: { type: 'boolean' },
       },
       allowPositionals: true,
       strict: true,
@@ -223,6 +227,46 @@ async function runClient(args: string[]): Promise<void> {
         const { volumes } = await call<{ volumes: VolumeInfo[] }>(api, 'GET', '/v1/volumes');
         print(values.json === true, volumes, () => volumeRows(volumes));
         return;
+      }
+      case 'stats': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        const route = `/v1/volumes/${encodeURIComponent(name)}/stats`;
+        const ms = (s: number) => (s === Infinity ? '>2.5s' : `${(s * 1000).toFixed(2)}ms`);
+        let last = await call<VolumeStats>(api, 'GET', route);
+        if (values.watch !== true) {
+          print(values.json === true, last, () =>
+            table([
+              ['VOLUME', 'READS', 'WRITES', 'READ', 'WRITTEN', 'READ p50/p99', 'WRITE p50/p99'],
+              [
+                name,
+                String(last.readOps),
+                String(last.writeOps),
+                formatSize(last.readBytes),
+                formatSize(last.writeBytes),
+                `${ms(last.readLatency.p50)}/${ms(last.readLatency.p99)}`,
+                `${ms(last.writeLatency.p50)}/${ms(last.writeLatency.p99)}`,
+              ],
+            ]),
+          );
+          return;
+        }
+        // Like iostat: one line a second of what happened in that second.
+        console.log('READ IOPS  WRITE IOPS  READ MB/s  WRITE MB/s  ERRORS');
+        for (;;) {
+          await new Promise((r) => setTimeout(r, 1000));
+          const now = await call<VolumeStats>(api, 'GET', route);
+          console.log(
+            [
+              String(now.readOps - last.readOps).padStart(9),
+              String(now.writeOps - last.writeOps).padStart(11),
+              ((now.readBytes - last.readBytes) / 1e6).toFixed(1).padStart(10),
+              ((now.writeBytes - last.writeBytes) / 1e6).toFixed(1).padStart(11),
+              String(now.errors - last.errors).padStart(7),
+            ].join(' '),
+          );
+          last = now;
+        }
       }
       case 'get': {
         const { values, positionals } = parse();

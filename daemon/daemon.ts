@@ -22,6 +22,7 @@ import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
 import { ClusterEvents } from './cluster-events.ts';
 import { Drainer } from './drain.ts';
+import { Metrics } from './metrics.ts';
 import { NodeRegistry } from './node-registry.ts';
 import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
 import { VolumeManager } from './volumes.ts';
@@ -55,6 +56,8 @@ export interface DaemonConfig {
   repairMetadata?: boolean;
   /** A cluster: state in etcd, this daemon one of its nodes. Absent: one host, LevelDB. */
   etcd?: { endpoints: string[]; nodeName: string; nodeTtlMs: number };
+  /** Prometheus metrics and per-volume stats (on by default; off only to measure their cost). */
+  metrics?: boolean;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
 }
@@ -139,9 +142,19 @@ export async function startDaemon(
   // connection counts: tie the knot through these late-bound functions.
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
   const operations = new Operations(events, 200, config.etcd?.nodeName);
+  // Late-bound like the frontends: the metrics read volumes, volumes feed the metrics.
+  const lateVolumes: { manager?: VolumeManager } = {};
+  const metrics =
+    config.metrics === false
+      ? undefined
+      : new Metrics({
+          volumes: () => lateVolumes.manager?.list() ?? Promise.resolve([]),
+          node: () => cluster.self(),
+        });
   const etcdRecords = etcd ? new EtcdVolumeRecords(etcd) : undefined;
   const volumes = new VolumeManager({
     spaces,
+    ...(metrics ? { meters: metrics } : {}),
     ...(etcd ? { hosted } : {}),
     records: etcdRecords ?? new LocalVolumeRecords(spaces.volumes),
     replicaRoot,
@@ -170,6 +183,7 @@ export async function startDaemon(
       return holders.length > 0 ? holders : [`${fuse.openCount(name)} open file handle(s)`];
     },
   });
+  lateVolumes.manager = volumes;
   const nbd = new NbdServer({
     exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
     log: { warn: (m) => log(`warn: ${m}`) },
@@ -235,6 +249,7 @@ export async function startDaemon(
       })
     : undefined;
   const app = createApi({
+    ...(metrics ? { metrics } : {}),
     ...(drainer ? { drainer } : {}),
     ...(clusterEvents ? { clusterEvents } : {}),
     volumes,

@@ -19,7 +19,7 @@ import type { VolumeRecords } from './volume-records.ts';
 import type { Operation, Operations } from './operations.ts';
 import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
-import { Supervisor } from '../replication/supervisor.ts';
+import { Supervisor, type IoObserver } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
 import {
   autoSnapshotName,
@@ -95,6 +95,8 @@ export interface VolumeManagerOptions {
   diskFull?: () => Promise<boolean>;
   /** In a cluster: this node's hosted replicas (its engines open their own in place). */
   hosted?: HostedReplicas;
+  /** Metrics: an observer of each volume's client requests, and forgetting a removed volume. */
+  meters?: { observer(volume: string): IoObserver; forget(volume: string): void };
 }
 
 /** A call forwarded to another node may start an engine there: replicas take a while to answer. */
@@ -588,6 +590,7 @@ export class VolumeManager {
       clock: this.#o.clock,
       hangTimeoutMs: this.#o.hangTimeoutMs,
       onEvent: (e) => this.#o.events.add({ type: e.type, volume: e.volume, message: e.message }),
+      ...(this.#o.meters ? { onIo: this.#o.meters.observer(record.name) } : {}),
     });
     this.#attached.set(record.name, { supervisor, fault, epoch });
     this.#frontends.set(record.name, record.frontend);
@@ -766,6 +769,7 @@ export class VolumeManager {
         await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
       }
       await this.#peers.remove(name, record.remoteReplicas ?? []);
+      this.#o.meters?.forget(name);
       this.#o.events.add({ type: 'volume-removed', volume: name, message: 'removed' });
     });
   }

@@ -59,7 +59,13 @@ export interface SupervisorOptions {
   /** Restarts allowed in a row before the volume is left failed. */
   maxRestarts?: number;
   onEvent?: (event: SupervisorEvent) => void;
+  /** Hears of every client request as it ends (metrics, stats). */
+  onIo?: IoObserver;
 }
+
+/** What a client request was: its kind, bytes moved, seconds taken, and whether it failed. */
+export type IoObserver = (kind: IoKind, bytes: number, seconds: number, failed: boolean) => void;
+export type IoKind = 'read' | 'write' | 'flush' | 'trim' | 'zero';
 
 interface Generation {
   engine: SupervisedEngine;
@@ -127,6 +133,26 @@ export class Supervisor implements BlockDevice {
 
   #drained: (() => void) | undefined;
   #nextOpId = 0;
+
+  /** A client request, timed for `onIo`. */
+  async #io<T>(
+    kind: IoKind,
+    bytes: number,
+    what: string,
+    fn: (engine: SupervisedEngine) => Promise<T>,
+  ): Promise<T> {
+    const observe = this.#options.onIo;
+    if (!observe) return this.#run(what, fn);
+    const t0 = performance.now();
+    let failed = true;
+    try {
+      const out = await this.#run(what, fn);
+      failed = false;
+      return out;
+    } finally {
+      observe(kind, bytes, (performance.now() - t0) / 1000, failed);
+    }
+  }
 
   async #run<T>(what: string, fn: (engine: SupervisedEngine) => Promise<T>): Promise<T> {
     if (this.#stopped)
@@ -224,19 +250,19 @@ export class Supervisor implements BlockDevice {
   }
 
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
-    return this.#run('read', (e) => e.read(offset, length, into));
+    return this.#io('read', length, 'read', (e) => e.read(offset, length, into));
   }
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    return this.#run('write', (e) => e.write(offset, data, options));
+    return this.#io('write', data.length, 'write', (e) => e.write(offset, data, options));
   }
   flush(): Promise<void> {
-    return this.#run('flush', (e) => e.flush());
+    return this.#io('flush', 0, 'flush', (e) => e.flush());
   }
   trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    return this.#run('trim', (e) => e.trim(offset, length, options));
+    return this.#io('trim', length, 'trim', (e) => e.trim(offset, length, options));
   }
   zero(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    return this.#run('write zeroes', (e) => e.zero(offset, length, options));
+    return this.#io('zero', length, 'write zeroes', (e) => e.zero(offset, length, options));
   }
   extents(offset: number, length: number): Promise<Extent[]> {
     return this.#run('map', (e) => e.extents(offset, length));

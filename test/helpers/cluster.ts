@@ -1,5 +1,5 @@
 import { DaemonProcess } from './daemon.ts';
-import { freePort } from './run.ts';
+import { freePorts } from './run.ts';
 
 export const CLUSTER_SECRET = 'test-cluster-secret';
 
@@ -22,7 +22,8 @@ export class TestCluster {
     args: string[] = [],
     dataDirs: (string | undefined)[] = [],
   ): Promise<TestCluster> {
-    const ports = await Promise.all(Array.from({ length: n }, () => freePort()));
+    // Chosen together: ports picked one after another can repeat (each is free once closed).
+    const ports = await freePorts(n);
     const urls = ports.map((p) => `http://127.0.0.1:${p}`);
     const daemons = await Promise.all(
       ports.map((port, i) =>

@@ -166,9 +166,20 @@ export class DaemonProcess {
     return this.stop('SIGKILL');
   }
 
-  /** A new daemon process on the same data dir. */
-  restart(): Promise<DaemonProcess> {
-    return DaemonProcess.start({ ...this.#options, dataDir: this.dataDir });
+  /**
+   * A new daemon process on the same data dir (and the same ports, when they
+   * were given). A port another process took meanwhile — any outgoing
+   * connection may get it — is tried again for a few seconds.
+   */
+  async restart(): Promise<DaemonProcess> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await DaemonProcess.start({ ...this.#options, dataDir: this.dataDir });
+      } catch (err) {
+        if (attempt >= 20 || !String(err).includes('EADDRINUSE')) throw err;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
   }
 
   async cleanup(): Promise<void> {

@@ -1,0 +1,73 @@
+import assert from 'node:assert/strict';
+import { after, describe, it } from 'node:test';
+import { DaemonProcess } from './helpers/daemon.ts';
+import { parsePrometheus } from './helpers/prometheus.ts';
+import { mustRun } from './helpers/run.ts';
+
+/** The value of the one sample of `name` whose labels include `labels`, if any. */
+function sample(text: string, name: string, labels: Record<string, string>): number | undefined {
+  return parsePrometheus(text).find(
+    (m) => m.name === name && Object.entries(labels).every(([k, v]) => m.labels[k] === v),
+  )?.value;
+}
+
+describe('metrics', () => {
+  let d: DaemonProcess | undefined;
+  after(() => d?.cleanup());
+
+  it('count exactly the I/O a client did, with latency histograms, and show it in volume stats', async () => {
+    d = await DaemonProcess.start();
+    await d.createVolume('m', '16M');
+    const scrape = async () => {
+      const r = await fetch(`${d!.api}/metrics`);
+      assert.equal(r.status, 200);
+      assert.match(r.headers.get('content-type') ?? '', /text\/plain/);
+      return r.text();
+    };
+    const before = await scrape();
+    const value = (text: string, name: string, kind: string) =>
+      sample(text, name, { volume: 'm', kind }) ?? 0;
+    // Two writes (64 KiB and 4 KiB) and one read of 64 KiB, through a real client.
+    await mustRun('qemu-io', [
+      '-f',
+      'raw',
+      d.uri('m'),
+      '-c',
+      'write -P 0x11 0 64k',
+      '-c',
+      'write -P 0x22 64k 4k',
+      '-c',
+      'read -P 0x11 0 64k',
+    ]);
+    const now = await scrape();
+    const delta = (name: string, kind: string) =>
+      value(now, name, kind) - value(before, name, kind);
+    assert.equal(delta('corral_volume_ops_total', 'write'), 2);
+    assert.equal(delta('corral_volume_bytes_total', 'write'), 65536 + 4096);
+    assert.equal(delta('corral_volume_ops_total', 'read'), 1);
+    assert.equal(delta('corral_volume_bytes_total', 'read'), 65536);
+    assert.equal(delta('corral_volume_errors_total', 'write'), 0);
+    const writes = { volume: 'm', kind: 'write' };
+    assert.equal(sample(now, 'corral_volume_latency_seconds_count', writes), 2, 'every write once');
+    assert.equal(sample(now, 'corral_volume_latency_seconds_bucket', { ...writes, le: '+Inf' }), 2);
+    assert.ok((sample(now, 'corral_volume_latency_seconds_sum', writes) ?? 0) > 0);
+    assert.equal(sample(now, 'corral_volume_state', { volume: 'm', state: 'healthy' }), 1);
+    assert.equal(sample(now, 'corral_volume_state', { volume: 'm', state: 'degraded' }), 0);
+    assert.equal(sample(now, 'corral_volume_size_bytes', { volume: 'm' }), 16 << 20);
+    assert.ok((sample(now, 'process_resident_memory_bytes', {}) ?? 0) > 0);
+
+    const stats = JSON.parse((await d.cli(['volume', 'stats', 'm', '--json'])).stdout) as {
+      writeOps: number;
+      writeBytes: number;
+      readOps: number;
+      writeLatency: { p50: number; p99: number };
+    };
+    assert.equal(stats.writeOps, 2);
+    assert.equal(stats.writeBytes, 69632);
+    assert.equal(stats.readOps, 1);
+    assert.ok(stats.writeLatency.p50 > 0 && stats.writeLatency.p99 >= stats.writeLatency.p50);
+    // A removed volume's series go with it.
+    assert.equal((await d.cli(['volume', 'rm', 'm'])).code, 0);
+    assert.equal(sample(await scrape(), 'corral_volume_ops_total', { volume: 'm' }), undefined);
+  });
+});
