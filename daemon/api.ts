@@ -1,12 +1,13 @@
 import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
+import { streamSSE } from 'hono/streaming';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
 import type { ClusterEvents } from './cluster-events.ts';
 import type { Drainer } from './drain.ts';
 import type { Metrics } from './metrics.ts';
-import type { EventLog } from './events.ts';
+import type { DaemonEvent, EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
 import { operationNode, type Operation, type Operations } from './operations.ts';
@@ -397,6 +398,43 @@ export function createApi(options: ApiOptions): Hono {
   app.get('/v1/events', async (c) => {
     const since = c.req.query('since');
     const volume = c.req.query('volume');
+    // Server-sent events: what is recorded after `since` (or from now), then each as it comes.
+    if (flag(c.req.query('follow')))
+      return streamSSE(c, async (stream) => {
+        const pending: DaemonEvent[] = [];
+        let wake: (() => void) | undefined;
+        const stop = events.follow((e) => {
+          if (volume !== undefined && e.volume !== volume) return;
+          pending.push(e);
+          wake?.();
+        });
+        stream.onAbort(() => {
+          stop();
+          wake?.();
+        });
+        try {
+          if (since !== undefined)
+            pending.unshift(
+              ...events.list({
+                sinceId: Number(since),
+                ...(volume !== undefined ? { volume } : {}),
+              }),
+            );
+          while (!stream.aborted) {
+            for (const e of pending.splice(0))
+              await stream.writeSSE({ event: e.type, id: String(e.id), data: JSON.stringify(e) });
+            // A comment line now and then: a dead client is noticed, a proxy keeps the stream.
+            await Promise.race([
+              new Promise<void>((r) => (wake = r)),
+              new Promise<void>((r) => setTimeout(r, 15_000)),
+            ]);
+            wake = undefined;
+            if (pending.length === 0 && !stream.aborted) await stream.write(': keep-alive\n\n');
+          }
+        } finally {
+          stop();
+        }
+      });
     // In a cluster a volume's events come from every node (etcd keeps them a day).
     if (volume !== undefined && since === undefined && options.clusterEvents)
       return c.json({ events: await options.clusterEvents.list(volume) });

@@ -34,7 +34,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
   corral node ls | node cordon N | node uncordon N | node drain N
   corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
-  corral events [--volume NAME] [--json]
+  corral events [--volume NAME] [--follow] [--json]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
 "backup ls --json" (s3://bucket/prefix?endpoint=...&backup=NAME&volume=VOL). Targets:
@@ -522,9 +522,46 @@ async function runClient(args: string[]): Promise<void> {
     const all = [verb, ...rest].filter((x): x is string => x !== undefined);
     const { values } = parseArgs({
       args: all,
-      options: { json: { type: 'boolean' }, volume: { type: 'string' } },
+      options: {
+        json: { type: 'boolean' },
+        volume: { type: 'string' },
+        follow: { type: 'boolean' },
+      },
       strict: true,
     });
+    const line = (e: DaemonEvent) =>
+      values.json === true
+        ? JSON.stringify(e)
+        : `${e.time}  ${e.type}  ${e.volume ?? ''}  ${e.node !== undefined ? `${e.node}: ` : ''}${e.message}`;
+    if (values.follow === true) {
+      // Server-sent events, one line per event as it happens, until interrupted.
+      const query = new URLSearchParams({ follow: '1' });
+      if (values.volume) query.set('volume', values.volume);
+      const response = await fetch(`${api}/v1/events?${query.toString()}`);
+      if (!response.ok || !response.body)
+        throw new ApiError(
+          'INTERNAL',
+          `cannot follow events: HTTP ${response.status}`,
+          response.status,
+        );
+      const decoder = new TextDecoder();
+      let text = '';
+      for await (const chunk of response.body) {
+        text += decoder.decode(chunk as Uint8Array, { stream: true });
+        let end: number;
+        while ((end = text.indexOf('\n\n')) >= 0) {
+          const data = text
+            .slice(0, end)
+            .split('\n')
+            .filter((l) => l.startsWith('data: '))
+            .map((l) => l.slice(6))
+            .join('\n');
+          text = text.slice(end + 2);
+          if (data) console.log(line(JSON.parse(data) as DaemonEvent));
+        }
+      }
+      return;
+    }
     const { events } = await call<{ events: DaemonEvent[] }>(
       api,
       'GET',

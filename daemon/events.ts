@@ -15,6 +15,8 @@ export class EventLog {
   #next = 1;
   /** Hears of every event as it is added (a cluster also keeps a volume's events in etcd). */
   onAdd?: (event: DaemonEvent) => void;
+  /** Followers (`events --follow`): each hears every event from the time it subscribed. */
+  readonly #followers = new Set<(event: DaemonEvent) => void>();
 
   constructor(limit = 1000) {
     this.#limit = limit;
@@ -25,7 +27,14 @@ export class EventLog {
     this.#events.push(full);
     if (this.#events.length > this.#limit) this.#events.shift();
     this.onAdd?.(full);
+    for (const f of this.#followers) f(full);
     return full;
+  }
+
+  /** Calls `f` with every event added from now on; the returned function stops it. */
+  follow(f: (event: DaemonEvent) => void): () => void {
+    this.#followers.add(f);
+    return () => this.#followers.delete(f);
   }
 
   list(options?: { volume?: string; sinceId?: number }): DaemonEvent[] {

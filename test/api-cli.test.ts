@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as http2 from 'node:http2';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { RawNbd } from './helpers/nbd-client.ts';
-import { duBytes, mustRun } from './helpers/run.ts';
+import { duBytes, mustRun, waitFor } from './helpers/run.ts';
 
 interface ApiErrorBody {
   error: { code: string; message: string };
@@ -178,5 +179,32 @@ describe('control API and CLI', () => {
     assert.ok(before - afterRm >= 128 * 1024 * 1024, `freed ${before - afterRm} bytes`);
     assert.equal((await daemon.api_('GET', '/v1/volumes/big')).status, 404);
     assert.equal(fs.readdirSync(replicas).length, 1, 'only db1 remains');
+  });
+
+  it('events --follow prints events as they happen (server-sent events)', async () => {
+    const cli = path.join(
+      path.dirname(new URL(import.meta.url).pathname),
+      '..',
+      'bin',
+      'corral.js',
+    );
+    const follower = spawn(process.execPath, [cli, 'events', '--follow', '--json'], {
+      env: { ...process.env, CORRAL_API: daemon.api },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    follower.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    try {
+      // Events are created until the follower shows one: it connects at its own pace.
+      const seen = await waitFor('a followed event', async () => {
+        await daemon.api_('POST', '/v1/volumes', { name: 'followed', size: '1M' });
+        await daemon.api_('DELETE', '/v1/volumes/followed');
+        const lines = out.split('\n').filter((l) => l.trim() !== '');
+        return lines.length > 0 ? lines.map((l) => JSON.parse(l) as { type: string }) : undefined;
+      });
+      assert.ok(seen.some((e) => e.type === 'volume-created' || e.type === 'volume-removed'));
+    } finally {
+      follower.kill('SIGTERM');
+    }
   });
 });
