@@ -2,6 +2,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../common/size.ts';
+import { textPieces } from '../common/text-stream.ts';
 import { VERSION } from '../common/version.ts';
 import { ApiError, call } from './client.ts';
 import { follow, print, table, UsageError } from './cli-util.ts';
@@ -544,21 +545,13 @@ async function runClient(args: string[]): Promise<void> {
           `cannot follow events: HTTP ${response.status}`,
           response.status,
         );
-      const decoder = new TextDecoder();
-      let text = '';
-      for await (const chunk of response.body) {
-        text += decoder.decode(chunk as Uint8Array, { stream: true });
-        let end: number;
-        while ((end = text.indexOf('\n\n')) >= 0) {
-          const data = text
-            .slice(0, end)
-            .split('\n')
-            .filter((l) => l.startsWith('data: '))
-            .map((l) => l.slice(6))
-            .join('\n');
-          text = text.slice(end + 2);
-          if (data) console.log(line(JSON.parse(data) as DaemonEvent));
-        }
+      for await (const event of textPieces(response.body, '\n\n')) {
+        const data = event
+          .split('\n')
+          .filter((l) => l.startsWith('data: '))
+          .map((l) => l.slice(6))
+          .join('\n');
+        if (data) console.log(line(JSON.parse(data) as DaemonEvent));
       }
       return;
     }

@@ -1,5 +1,7 @@
 import { CorralError } from '../common/errors.ts';
+import type { RecordCodec } from '../kv/codec.ts';
 import type { EtcdClient } from '../kv/etcd.ts';
+import { EtcdSpace } from '../kv/etcd-space.ts';
 import type { NodeInfo } from './node-info.ts';
 
 /** A node's lasting record: where it is, whether it takes new work. */
@@ -18,6 +20,15 @@ interface AliveRecord {
   replicas: number;
   version?: string;
   since: string;
+}
+
+/** A node's records are plain JSON (no version field: they live only as long as the cluster). */
+function jsonRecord<T>(name: string): RecordCodec<T> {
+  return {
+    name,
+    encode: (value) => Buffer.from(JSON.stringify(value)),
+    decode: (bytes) => JSON.parse(Buffer.from(bytes).toString()) as T,
+  };
 }
 
 /** etcd keys (docs/ARCHITECTURE.md, "Cluster state in etcd"). */
@@ -53,9 +64,8 @@ export class NodeRegistry {
   #lastFree = -1;
   #timer: ReturnType<typeof setInterval> | undefined;
   #renewing = false;
-  readonly #watching = new AbortController();
   /** The registry as the watches last told it (`follow`): placement reads it without a request. */
-  #cache: { records: Map<string, NodeRecord>; alive: Map<string, AliveRecord> } | undefined;
+  #cache: { records: EtcdSpace<NodeRecord>; alive: EtcdSpace<AliveRecord> } | undefined;
 
   constructor(options: NodeRegistryOptions) {
     this.#o = options;
@@ -149,8 +159,8 @@ export class NodeRegistry {
     const cache = this.#cache;
     if (!cache) return this.nodes();
     return NodeRegistry.#join(
-      [...cache.records.values()].sort((a, b) => (a.name < b.name ? -1 : 1)),
-      cache.alive,
+      [...cache.records.peekAll().values()].sort((a, b) => (a.name < b.name ? -1 : 1)),
+      cache.alive.peekAll(),
     );
   }
 
@@ -196,58 +206,21 @@ export class NodeRegistry {
    * etcd sees it happen: no node polls another.
    */
   async follow(onDown: (name: string) => void, onError: (err: Error) => void): Promise<void> {
-    const [records, alive] = await Promise.all([
-      this.#o.etcd.snapshot(NODES_PREFIX),
-      this.#o.etcd.snapshot(ALIVE_PREFIX),
-    ]);
-    const cache = { records: new Map<string, NodeRecord>(), alive: new Map<string, AliveRecord>() };
-    const parse = <T>(value: Buffer): T | undefined => {
-      try {
-        return JSON.parse(value.toString()) as T;
-      } catch {
-        return undefined;
-      }
+    const cache = {
+      records: new EtcdSpace(this.#o.etcd, NODES_PREFIX, jsonRecord<NodeRecord>('node')),
+      alive: new EtcdSpace(this.#o.etcd, ALIVE_PREFIX, jsonRecord<AliveRecord>('alive node')),
     };
-    for (const kv of records.kvs) {
-      const r = parse<NodeRecord>(kv.value);
-      if (r) cache.records.set(r.name, r);
-    }
-    for (const kv of alive.kvs) {
-      const a = parse<AliveRecord>(kv.value);
-      if (a) cache.alive.set(kv.key.slice(ALIVE_PREFIX.length), a);
-    }
+    cache.alive.onChange = (name, alive) => {
+      if (alive === undefined) onDown(name);
+    };
+    await Promise.all([cache.records.start(onError), cache.alive.start(onError)]);
     this.#cache = cache;
-    this.#o.etcd.watch(
-      NODES_PREFIX,
-      records.revision + 1,
-      (e) => {
-        const r = e.type === 'put' ? parse<NodeRecord>(e.value) : undefined;
-        if (r) cache.records.set(r.name, r);
-        else cache.records.delete(e.key.slice(NODES_PREFIX.length));
-      },
-      this.#watching.signal,
-      onError,
-    );
-    this.#o.etcd.watch(
-      ALIVE_PREFIX,
-      alive.revision + 1,
-      (e) => {
-        const name = e.key.slice(ALIVE_PREFIX.length);
-        const a = e.type === 'put' ? parse<AliveRecord>(e.value) : undefined;
-        if (a) cache.alive.set(name, a);
-        else {
-          cache.alive.delete(name);
-          onDown(name);
-        }
-      },
-      this.#watching.signal,
-      onError,
-    );
   }
 
   /** Stops renewing and gives the lease back: the node is down at once. */
   async stop(): Promise<void> {
-    this.#watching.abort();
+    this.#cache?.records.stop();
+    this.#cache?.alive.stop();
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
     if (this.#lease) await this.#o.etcd.revokeLease(this.#lease);

@@ -1,5 +1,6 @@
 import { CorralError } from '../common/errors.ts';
 import type { EtcdClient } from '../kv/etcd.ts';
+import { EtcdSpace } from '../kv/etcd-space.ts';
 import type { KeySpace } from '../kv/kv.ts';
 import { volumeCodec, type VolumeRecord } from '../kv/spaces.ts';
 
@@ -98,93 +99,55 @@ export const VOLUMES_PREFIX = '/corral/volumes/';
 
 /**
  * The cluster store: one key per volume in etcd, changed by compare-and-swap.
- * A watch on the prefix keeps a copy of every record here (`cached`) and
- * tells this node when another one changed a record it cares about.
+ * A watch on the prefix keeps a copy of every record here (`cached`,
+ * kv/etcd-space.ts) and tells this node when another one changed a record
+ * it cares about.
  */
 export class EtcdVolumeRecords implements VolumeRecords {
   readonly shared = true;
   readonly #etcd: EtcdClient;
-  readonly #cache = new Map<string, { record: VolumeRecord; revision: number }>();
-  readonly #stop = new AbortController();
+  readonly #copy: EtcdSpace<VolumeRecord>;
   onChange?: (name: string, record: VolumeRecord | undefined) => void;
 
   constructor(etcd: EtcdClient) {
     this.#etcd = etcd;
+    this.#copy = new EtcdSpace(etcd, VOLUMES_PREFIX, volumeCodec);
+    this.#copy.onChange = (name, record) => this.onChange?.(name, record);
   }
 
   /** Loads every record and follows changes from then on. */
-  async start(onWatchError: (err: Error) => void): Promise<void> {
-    const { kvs, revision } = await this.#etcd.snapshot(VOLUMES_PREFIX);
-    for (const kv of kvs) this.#seen(kv.key, kv.value, kv.modRevision);
-    this.#etcd.watch(
-      VOLUMES_PREFIX,
-      revision + 1,
-      (e) => {
-        const name = e.key.slice(VOLUMES_PREFIX.length);
-        if (e.type === 'delete') {
-          const had = this.#cache.get(name);
-          if (had && had.revision > e.modRevision) return;
-          this.#cache.delete(name);
-          this.onChange?.(name, undefined);
-        } else {
-          const record = this.#seen(e.key, e.value, e.modRevision);
-          if (record) this.onChange?.(name, record);
-        }
-      },
-      this.#stop.signal,
-      onWatchError,
-    );
+  start(onWatchError: (err: Error) => void): Promise<void> {
+    return this.#copy.start(onWatchError);
   }
 
   stop(): void {
-    this.#stop.abort();
-  }
-
-  /** Keeps a record read or written at `revision`, unless a newer one is known. */
-  #seen(key: string, value: Buffer, revision: number): VolumeRecord | undefined {
-    let record: VolumeRecord;
-    try {
-      record = this.#decode(key, value);
-    } catch {
-      return undefined; // a record this version cannot read: `get` says why
-    }
-    const had = this.#cache.get(record.name);
-    if (had && had.revision >= revision) return undefined;
-    this.#cache.set(record.name, { record, revision });
-    return record;
+    this.#copy.stop();
   }
 
   async cached(name: string): Promise<VolumeRecord | undefined> {
-    const hit = this.#cache.get(name);
-    return hit ? structuredClone(hit.record) : this.get(name);
+    return (await this.#copy.get(name)) ?? this.get(name);
   }
 
   /** The record as the watch last showed it, or undefined: never a request. */
   peek(name: string): VolumeRecord | undefined {
-    return this.#cache.get(name)?.record;
+    return this.#copy.peek(name);
   }
 
   cachedEntries(): Promise<Array<[string, VolumeRecord]>> {
-    return Promise.resolve(
-      [...this.#cache.values()].map(({ record }) => [record.name, structuredClone(record)]),
-    );
-  }
-
-  #decode(key: string, value: Buffer): VolumeRecord {
-    return volumeCodec.decode(value, key);
+    return this.#copy.entries();
   }
 
   async get(name: string): Promise<VolumeRecord | undefined> {
     const kv = await this.#etcd.get(VOLUMES_PREFIX + name);
     if (!kv) return undefined;
-    this.#seen(kv.key, kv.value, kv.modRevision);
-    return this.#decode(kv.key, kv.value);
+    this.#copy.remember(name, kv.value, kv.modRevision);
+    return volumeCodec.decode(kv.value, kv.key);
   }
 
   async entries(): Promise<Array<[string, VolumeRecord]>> {
     const kvs = await this.#etcd.range(VOLUMES_PREFIX);
     return kvs.map((kv) => {
-      const record = this.#decode(kv.key, kv.value);
+      const record = volumeCodec.decode(kv.value, kv.key);
       return [record.name, record];
     });
   }
@@ -194,7 +157,7 @@ export class EtcdVolumeRecords implements VolumeRecords {
     const value = Buffer.from(volumeCodec.encode(record));
     const { ok, revision } = await this.#etcd.txn([{ key, modRevision: 0 }], [{ put: key, value }]);
     if (!ok) throw new CorralError('ALREADY_EXISTS', `Volume ${record.name} already exists`);
-    this.#seen(key, value, revision);
+    this.#copy.remember(record.name, value, revision);
   }
 
   async update(
@@ -205,7 +168,7 @@ export class EtcdVolumeRecords implements VolumeRecords {
     for (;;) {
       const kv = await this.#etcd.get(key);
       if (!kv) return undefined;
-      const record = this.#decode(kv.key, kv.value);
+      const record = volumeCodec.decode(kv.value, kv.key);
       change(record);
       const value = Buffer.from(volumeCodec.encode(record));
       const { ok, revision } = await this.#etcd.txn(
@@ -213,7 +176,7 @@ export class EtcdVolumeRecords implements VolumeRecords {
         [{ put: key, value }],
       );
       if (ok) {
-        this.#seen(key, value, revision);
+        this.#copy.remember(name, value, revision);
         return record;
       }
       // Another writer came first: apply the change to what it stored.
@@ -222,6 +185,6 @@ export class EtcdVolumeRecords implements VolumeRecords {
 
   async del(name: string): Promise<void> {
     await this.#etcd.delete(VOLUMES_PREFIX + name);
-    this.#cache.delete(name);
+    this.#copy.forget(name);
   }
 }

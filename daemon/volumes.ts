@@ -1041,12 +1041,6 @@ export class VolumeManager {
   fuseDevice(name: string): BlockDevice | undefined {
     return this.#frontends.get(name) === 'fuse' ? this.device(name) : undefined;
   }
-
-  /** Changes a volume's record, one change at a time per volume. */
-  async #updateRecord(name: string, change: (record: VolumeRecord) => void): Promise<void> {
-    await this.#o.records.update(name, change);
-  }
-
   /** Takes a replica out of a volume; the repair loop then places a new one. */
   async removeReplica(name: string, id: string): Promise<void> {
     validateVolumeName(name);
@@ -1059,7 +1053,7 @@ export class VolumeManager {
     await entry.supervisor.control(`remove replica ${id}`, (e) => e.removeReplica(id));
     const remote = (record.remoteReplicas ?? []).filter((r) => r.id === id);
     const local = record.replicaIds.includes(id);
-    await this.#updateRecord(name, (rec) => {
+    await this.#o.records.update(name, (rec) => {
       rec.remoteReplicas = (rec.remoteReplicas ?? []).filter((r) => r.id !== id);
       rec.replicaIds = rec.replicaIds.filter((r) => r !== id);
       rec.failedReplicas = (rec.failedReplicas ?? []).filter((r) => r !== id);

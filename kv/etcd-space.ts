@@ -14,6 +14,8 @@ export class EtcdSpace<T> {
   readonly #codec: RecordCodec<T>;
   readonly #copy = new Map<string, { value: T; revision: number }>();
   readonly #stop = new AbortController();
+  /** Hears of every change the watch brings (a record another node wrote or deleted). */
+  onChange?: (key: string, value: T | undefined) => void;
 
   constructor(etcd: EtcdClient, prefix: string, codec: RecordCodec<T>) {
     this.#etcd = etcd;
@@ -29,11 +31,15 @@ export class EtcdSpace<T> {
       this.#prefix,
       revision + 1,
       (e) => {
-        if (e.type === 'put') this.#seen(e.key, e.value, e.modRevision);
-        else {
-          const key = e.key.slice(this.#prefix.length);
+        const key = e.key.slice(this.#prefix.length);
+        if (e.type === 'put') {
+          const value = this.#seen(e.key, e.value, e.modRevision);
+          if (value !== undefined) this.onChange?.(key, value);
+        } else {
           const had = this.#copy.get(key);
-          if (!had || had.revision < e.modRevision) this.#copy.delete(key);
+          if (had && had.revision > e.modRevision) return;
+          this.#copy.delete(key);
+          this.onChange?.(key, undefined);
         }
       },
       this.#stop.signal,
@@ -45,15 +51,32 @@ export class EtcdSpace<T> {
     this.#stop.abort();
   }
 
-  #seen(fullKey: string, bytes: Uint8Array, revision: number): void {
+  /** Keeps a record read or written at `revision`, unless a newer one is known; returns it if kept. */
+  #seen(fullKey: string, bytes: Uint8Array, revision: number): T | undefined {
     const key = fullKey.slice(this.#prefix.length);
     const had = this.#copy.get(key);
-    if (had && had.revision >= revision) return;
+    if (had && had.revision >= revision) return undefined;
     try {
-      this.#copy.set(key, { value: this.#codec.decode(bytes, fullKey), revision });
+      const value = this.#codec.decode(bytes, fullKey);
+      this.#copy.set(key, { value, revision });
+      return value;
     } catch {
-      // A record this version cannot read stays out of the copy.
+      return undefined; // a record this version cannot read stays out of the copy
     }
+  }
+
+  /** A write made elsewhere (a compare-and-swap) at `revision`, for the copy. */
+  remember(key: string, bytes: Uint8Array, revision: number): void {
+    this.#seen(this.#prefix + key, bytes, revision);
+  }
+
+  forget(key: string): void {
+    this.#copy.delete(key);
+  }
+
+  /** The record as last seen, not copied (the caller must not change it); never a request. */
+  peek(key: string): T | undefined {
+    return this.#copy.get(key)?.value;
   }
 
   get(key: string): Promise<T | undefined> {
@@ -63,13 +86,17 @@ export class EtcdSpace<T> {
 
   async put(key: string, value: T): Promise<void> {
     const bytes = this.#codec.encode(value);
-    const revision = await this.#etcd.put(this.#prefix + key, Buffer.from(bytes));
-    this.#seen(this.#prefix + key, bytes, revision);
+    this.remember(key, bytes, await this.#etcd.put(this.#prefix + key, Buffer.from(bytes)));
   }
 
   async del(key: string): Promise<void> {
     await this.#etcd.delete(this.#prefix + key);
     this.#copy.delete(key);
+  }
+
+  /** Every record as last seen, by key, not copied (the caller must not change them). */
+  peekAll(): Map<string, T> {
+    return new Map([...this.#copy].map(([key, { value }]) => [key, value]));
   }
 
   entries(): Promise<Array<[string, T]>> {

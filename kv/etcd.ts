@@ -1,4 +1,5 @@
 import { CorralError } from '../common/errors.ts';
+import { textPieces } from '../common/text-stream.ts';
 
 /**
  * A small etcd v3 client over etcd's JSON gateway (`/v3/kv/range`, `/v3/kv/txn`,
@@ -288,16 +289,9 @@ export class EtcdClient {
         signal,
       });
       if (!response.body) throw new Error('etcd watch: no response body');
-      const decoder = new TextDecoder();
-      let text = '';
-      for await (const chunk of response.body) {
-        text += decoder.decode(chunk as Uint8Array, { stream: true });
-        let nl: number;
-        while ((nl = text.indexOf('\n')) >= 0) {
-          const line = text.slice(0, nl).trim();
-          text = text.slice(nl + 1);
-          if (line) this.#watchLine(line, onEvent, (r) => (next = r + 1));
-        }
+      for await (const piece of textPieces(response.body, '\n')) {
+        const line = piece.trim();
+        if (line) this.#watchLine(line, onEvent, (r) => (next = r + 1));
       }
       throw new Error('etcd watch stream ended');
     };
