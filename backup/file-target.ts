@@ -6,6 +6,23 @@ import type { BackupTarget } from './target.ts';
 
 const TMP_MARK = '.tmp-';
 
+/** The real path of `p`, or of its nearest existing ancestor with the rest appended. */
+async function realpathOfNearest(p: string): Promise<string> {
+  const rest: string[] = [];
+  let at = p;
+  for (;;) {
+    try {
+      return path.join(await fs.promises.realpath(at), ...rest.reverse());
+    } catch (err) {
+      const parent = path.dirname(at);
+      if (systemErrorCode(err) !== 'ENOENT' || parent === at)
+        throw ioError(`Cannot resolve ${p}`, err);
+      rest.push(path.basename(at));
+      at = parent;
+    }
+  }
+}
+
 /**
  * A backupstore in a directory (local disk or an NFS mount). A put writes a
  * temporary file, fsyncs it and renames it over the name, so a name always
@@ -22,19 +39,22 @@ export class FileTarget implements BackupTarget {
     this.#root = root;
   }
 
-  static async open(url: URL): Promise<FileTarget> {
+  /** Opens a directory below one of `roots`; nothing is created until the first write. */
+  static async open(url: URL, roots: readonly string[]): Promise<FileTarget> {
     if (url.host !== '' && url.host !== 'localhost') {
       throw new CorralError(
         'INVALID_ARGUMENT',
         `Backup target ${url.href}: a file URL names a local path (file:///srv/backups); mount NFS and give its path`,
       );
     }
-    const root = decodeURIComponent(url.pathname);
-    try {
-      await fs.promises.mkdir(root, { recursive: true });
-    } catch (err) {
-      throw ioError(`Cannot create backup directory ${root}`, err);
-    }
+    const root = path.resolve(decodeURIComponent(url.pathname));
+    const real = await realpathOfNearest(root);
+    const allowed = await Promise.all(roots.map((r) => realpathOfNearest(path.resolve(r))));
+    if (!allowed.some((r) => real === r || real.startsWith(r.endsWith('/') ? r : r + '/')))
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Backup target ${url.href} lies outside the daemon's backup roots (${roots.join(', ')}): start it with --backup-root to allow another directory`,
+      );
     return new FileTarget(`file://${root}`, root);
   }
 

@@ -36,8 +36,9 @@ function s3Error(what: string, url: string, err: unknown): CorralError {
 /**
  * A backupstore in an S3 bucket (AWS or any S3-compatible server). The URL
  * is `s3://bucket/prefix`, with `?endpoint=http://host:port` for other
- * servers (path-style addressing then), `&region=`; credentials come from the
- * SDK's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, ...).
+ * servers (path-style addressing then), `&region=`; credentials come from
+ * AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), and from the
+ * SDK's own chain (profiles, the cloud's metadata service) only when asked.
  * A single PUT is atomic in S3, and a multipart upload appears only when complete.
  */
 export class S3Target implements BackupTarget {
@@ -53,7 +54,7 @@ export class S3Target implements BackupTarget {
     this.#prefix = prefix;
   }
 
-  static open(url: URL): S3Target {
+  static open(url: URL, credentialChain: boolean): S3Target {
     const bucket = url.hostname;
     if (bucket === '') {
       throw new CorralError(
@@ -69,8 +70,25 @@ export class S3Target implements BackupTarget {
       process.env.AWS_DEFAULT_REGION ??
       'us-east-1';
     const pathStyle = url.searchParams.get('pathStyle') ?? (endpoint ? 'true' : 'false');
+    const accessKeyId = process.env.AWS_ACCESS_KEY_ID;
+    const secretAccessKey = process.env.AWS_SECRET_ACCESS_KEY;
+    const sessionToken = process.env.AWS_SESSION_TOKEN;
+    if ((!accessKeyId || !secretAccessKey) && !credentialChain)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Backup target ${url.protocol}//${bucket}: no S3 credentials. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the daemon's environment, or start it with --s3-credential-chain to let the AWS SDK look in profiles and the cloud's metadata service`,
+      );
     const client = new S3Client({
       region,
+      ...(accessKeyId && secretAccessKey
+        ? {
+            credentials: {
+              accessKeyId,
+              secretAccessKey,
+              ...(sessionToken ? { sessionToken } : {}),
+            },
+          }
+        : {}),
       ...(endpoint ? { endpoint } : {}),
       forcePathStyle: pathStyle === 'true',
       // Streamed uploads with checksums are stored with their chunk framing by

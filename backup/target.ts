@@ -21,8 +21,21 @@ export interface BackupTarget {
   sync(): Promise<void>;
 }
 
+/** What a daemon lets a target be: a way to its data must not be a way out of its host. */
+export interface TargetPolicy {
+  /** `file://` targets must lie below one of these directories (symbolic links followed). */
+  fileRoots: readonly string[];
+  /**
+   * Let the AWS SDK look for credentials its own way (profiles, the cloud's
+   * metadata service) when AWS_ACCESS_KEY_ID is not set. Off by default: a
+   * target naming any endpoint would otherwise make the daemon fetch and send
+   * the host's cloud credentials.
+   */
+  s3CredentialChain: boolean;
+}
+
 /** Parses `file:///path` or `s3://bucket/prefix?endpoint=...&region=...` and opens it. */
-export async function openTarget(url: string): Promise<BackupTarget> {
+export async function openTarget(url: string, policy: TargetPolicy): Promise<BackupTarget> {
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -34,11 +47,11 @@ export async function openTarget(url: string): Promise<BackupTarget> {
   }
   if (parsed.protocol === 'file:') {
     const { FileTarget } = await import('./file-target.ts');
-    return FileTarget.open(parsed);
+    return FileTarget.open(parsed, policy.fileRoots);
   }
   if (parsed.protocol === 's3:') {
     const { S3Target } = await import('./s3-target.ts');
-    return S3Target.open(parsed);
+    return S3Target.open(parsed, policy.s3CredentialChain);
   }
   throw new CorralError(
     'INVALID_ARGUMENT',

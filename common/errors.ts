@@ -23,6 +23,8 @@ export type ErrorCode =
   | 'DATA_CORRUPT'
   | 'TOO_LARGE'
   | 'UNAVAILABLE'
+  | 'UNAUTHENTICATED'
+  | 'FORBIDDEN'
   | 'INTERNAL';
 
 export class CorralError extends Error {

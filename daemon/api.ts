@@ -2,6 +2,7 @@ import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { streamSSE } from 'hono/streaming';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
+import { accessFor, allows, bearer, type Principal, type Tokens } from './auth.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
 import type { ClusterEvents } from './cluster-events.ts';
@@ -13,7 +14,9 @@ import type { JobScheduler } from './jobs.ts';
 import { operationNode, type Operation, type Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
 
-const STATUS: Partial<Record<ErrorCode, 400 | 404 | 409 | 413 | 500 | 503 | 507>> = {
+const STATUS: Partial<Record<ErrorCode, 400 | 401 | 403 | 404 | 409 | 413 | 500 | 503 | 507>> = {
+  UNAUTHENTICATED: 401,
+  FORBIDDEN: 403,
   INVALID_ARGUMENT: 400,
   INVALID_NAME: 400,
   INVALID_SIZE: 400,
@@ -50,6 +53,21 @@ export interface ApiOptions {
   clusterEvents?: ClusterEvents;
   /** `/metrics` and volume stats; absent when the daemon runs with `--metrics off`. */
   metrics?: Metrics;
+  tokens: Tokens;
+  /** The backup target used when a call names none: any other is for `admin` to name. */
+  defaultTarget: string;
+  /** Whether the request came over TLS with a node's certificate (a peer daemon). */
+  peerCertificate?: (env: unknown) => boolean;
+}
+
+type Env = { Variables: { principal: Principal } };
+
+/** The caller's address as the socket has it (Node: the request's socket; Deno: the serve info). */
+function remoteAddress<C extends Context>(c: C): string {
+  const env = c.env as
+    | { incoming?: { socket?: { remoteAddress?: string } }; remoteAddr?: { hostname?: string } }
+    | undefined;
+  return env?.incoming?.socket?.remoteAddress ?? env?.remoteAddr?.hostname ?? 'unknown';
 }
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
@@ -72,8 +90,8 @@ function flag(value: unknown): boolean {
 }
 
 /** The control API under /v1: JSON in and out, errors as { error: { code, message } }. */
-export function createApi(options: ApiOptions): Hono {
-  const { volumes, events, backups, jobs, operations, cluster, hosted } = options;
+export function createApi(options: ApiOptions): Hono<Env> {
+  const { volumes, events, backups, jobs, operations, cluster, hosted, tokens } = options;
 
   /** Long work answers 202 with its operation, or with `?wait=true` waits and answers with the result. */
   const started = async (
@@ -84,7 +102,32 @@ export function createApi(options: ApiOptions): Hono {
     const result = await run.done;
     return c.json({ operation: run.operation, result }, 200);
   };
-  const app = new Hono();
+  const app = new Hono<Env>();
+  /** Refuses a call, and records who tried what from where (never the token itself). */
+  const refuse = <C extends Context<Env>>(
+    c: C,
+    who: string,
+    code: ErrorCode,
+    message: string,
+  ): never => {
+    events.add({
+      type: 'access-denied',
+      message: `${who} from ${remoteAddress(c)}: ${c.req.method} ${c.req.path}: ${message}`,
+    });
+    throw new CorralError(code, message);
+  };
+  /** A call that names a backup target other than the default: only an admin may point the daemon elsewhere. */
+  const targetNamed = <C extends Context<Env>>(c: C, target: unknown): void => {
+    if (target === undefined || target === null || target === options.defaultTarget) return;
+    const p = c.get('principal');
+    if (p.kind === 'peer' || p.role === 'admin') return;
+    refuse(
+      c,
+      `${p.role} token "${p.name}"`,
+      'FORBIDDEN',
+      'Naming a backup target other than the default needs the admin role',
+    );
+  };
   /**
    * Sends a request on to the node serving `volume`, once (the header stops
    * a second hop). Undefined when that node does not answer a read: it may
@@ -96,6 +139,7 @@ export function createApi(options: ApiOptions): Hono {
     request: {
       pathAndQuery: string;
       method: string;
+      authorization: string | undefined;
       contentType?: string;
       body?: string | ArrayBuffer;
     },
@@ -107,6 +151,8 @@ export function createApi(options: ApiOptions): Hono {
         method,
         headers: {
           [FORWARDED_HEADER]: '1',
+          // The owner checks the caller again: tokens are the cluster's (etcd), valid on every node.
+          ...(request.authorization !== undefined ? { authorization: request.authorization } : {}),
           ...(request.contentType !== undefined ? { 'content-type': request.contentType } : {}),
         },
         ...(method === 'GET' || method === 'HEAD'
@@ -164,6 +210,41 @@ export function createApi(options: ApiOptions): Hono {
     }),
   );
 
+  // Every call but the health check names its caller: a token, or a peer's secret or certificate.
+  app.use('*', async (c, next) => {
+    const need = accessFor(c.req.method, c.req.path);
+    if (need === 'none') return next();
+    const header = c.req.header('authorization');
+    let principal: Principal | undefined;
+    if (cluster.authorized(header) || options.peerCertificate?.(c.env) === true)
+      principal = { kind: 'peer' };
+    else {
+      const token = bearer(header);
+      const holder = token !== undefined ? await tokens.check(token) : undefined;
+      if (token === undefined)
+        refuse(
+          c,
+          'no token',
+          'UNAUTHENTICATED',
+          'This call needs a token (Authorization: Bearer ...; the CLI reads CORRAL_TOKEN or CORRAL_TOKEN_FILE)',
+        );
+      if (!holder)
+        refuse(c, 'an unknown token', 'UNAUTHENTICATED', 'The token is not valid (removed?)');
+      principal = { kind: 'token', ...holder! };
+    }
+    if (principal.kind === 'token' && (need === 'peer' || !allows(principal.role, need)))
+      refuse(
+        c,
+        `${principal.role} token "${principal.name}"`,
+        'FORBIDDEN',
+        need === 'peer'
+          ? 'Only peer daemons make this call'
+          : `This call needs the ${need} role; the token has ${principal.role}`,
+      );
+    c.set('principal', principal);
+    return next();
+  });
+
   app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));
   app.get('/metrics', async (c) => {
     if (!options.metrics)
@@ -188,6 +269,7 @@ export function createApi(options: ApiOptions): Hono {
     const sent = await forward(owner, decodeURIComponent(name), {
       pathAndQuery: url.pathname + url.search,
       method,
+      authorization: c.req.header('authorization'),
       ...(contentType !== undefined ? { contentType } : {}),
       ...(method === 'GET' || method === 'HEAD' ? {} : { body: await c.req.arrayBuffer() }),
     });
@@ -253,18 +335,6 @@ export function createApi(options: ApiOptions): Hono {
 
   app.get('/v1/node', async (c) => c.json(await cluster.self()));
   app.get('/v1/nodes', async (c) => c.json({ nodes: await cluster.nodes() }));
-  // Peer calls: only with the cluster secret.
-  const peersOnly = async (c: Context, next: () => Promise<void>) => {
-    if (!cluster.authorized(c.req.header('authorization')))
-      return c.json(
-        { error: { code: 'UNAUTHORIZED', message: 'The cluster secret is missing or wrong' } },
-        401,
-      );
-    await next();
-  };
-  app.use('/v1/replicas', peersOnly);
-  app.use('/v1/replicas/*', peersOnly);
-  app.use('/v1/peer/*', peersOnly);
   // A planned move: the node taking the volume asks this one to let go of it.
   app.post('/v1/peer/volumes/:name/release', async (c) => {
     await volumes.release(c.req.param('name'));
@@ -329,14 +399,16 @@ export function createApi(options: ApiOptions): Hono {
     return c.json(operations.get(id));
   });
 
-  app.get('/v1/backups', async (c) =>
-    c.json({
+  app.get('/v1/backups', async (c) => {
+    targetNamed(c, c.req.query('target'));
+    return c.json({
       target: (await backups.store(c.req.query('target'))).url,
       backups: await backups.list({ target: c.req.query('target'), volume: c.req.query('volume') }),
-    }),
-  );
+    });
+  });
   app.post('/v1/backups', async (c) => {
     const body = await jsonBody(c);
+    targetNamed(c, body.target);
     // A backup reads the volume's snapshot where its engine runs.
     const owner =
       typeof body.volume === 'string' && c.req.header(FORWARDED_HEADER) === undefined
@@ -347,6 +419,7 @@ export function createApi(options: ApiOptions): Hono {
       return (await forward(owner, String(body.volume), {
         pathAndQuery: url.pathname + url.search,
         method: 'POST',
+        authorization: c.req.header('authorization'),
         contentType: 'application/json',
         body: JSON.stringify(body),
       }))!;
@@ -364,14 +437,19 @@ export function createApi(options: ApiOptions): Hono {
     const body = await jsonBody(c);
     if (typeof body.backup !== 'string')
       throw new CorralError('INVALID_ARGUMENT', 'backup must be a backup name or URL');
+    targetNamed(c, body.target);
+    // A backup's URL names its target too.
+    if (body.backup.includes('://')) targetNamed(c, body.backup);
     return started(
       c,
       await backups.restore({ backup: body.backup, volume: body.volume, target: body.target }),
     );
   });
-  app.get('/v1/backups/:ref', async (c) =>
-    c.json(await backups.get(c.req.param('ref'), c.req.query('target'))),
-  );
+  app.get('/v1/backups/:ref', async (c) => {
+    targetNamed(c, c.req.query('target'));
+    if (c.req.param('ref').includes('://')) targetNamed(c, c.req.param('ref'));
+    return c.json(await backups.get(c.req.param('ref'), c.req.query('target')));
+  });
   app.delete('/v1/backups/:ref', async (c) =>
     started(c, await backups.remove(c.req.param('ref'), c.req.query('target'))),
   );
@@ -379,6 +457,7 @@ export function createApi(options: ApiOptions): Hono {
   app.get('/v1/jobs', async (c) => c.json({ jobs: await jobs.list() }));
   app.post('/v1/jobs', async (c) => {
     const body = await jsonBody(c);
+    targetNamed(c, body.target);
     return c.json(
       await jobs.add({
         volume: body.volume,
@@ -392,6 +471,22 @@ export function createApi(options: ApiOptions): Hono {
   });
   app.delete('/v1/jobs/:id', async (c) => {
     await jobs.remove(c.req.param('id'));
+    return c.body(null, 204);
+  });
+
+  app.get('/v1/tokens', async (c) => c.json({ tokens: await tokens.list() }));
+  app.post('/v1/tokens', async (c) => {
+    const body = await jsonBody(c);
+    const { record, token } = await tokens.create(body.name, body.role);
+    events.add({ type: 'token-created', message: `token "${record.name}" (${record.role})` });
+    return c.json(
+      { name: record.name, role: record.role, createdAt: record.createdAt, token },
+      201,
+    );
+  });
+  app.delete('/v1/tokens/:name', async (c) => {
+    await tokens.remove(c.req.param('name'));
+    events.add({ type: 'token-removed', message: `token "${c.req.param('name')}"` });
     return c.body(null, 204);
   });
 

@@ -9,7 +9,7 @@ import {
 } from '../backup/jobs.ts';
 import type { BackupConfig } from '../backup/format.ts';
 import { BackupStore } from '../backup/store.ts';
-import { delayed, openTarget } from '../backup/target.ts';
+import { delayed, openTarget, type TargetPolicy } from '../backup/target.ts';
 import type { EventLog } from './events.ts';
 import type { Operation, Operations } from './operations.ts';
 import { validateSnapshotName, validateVolumeName } from './names.ts';
@@ -75,6 +75,8 @@ export interface BackupServiceOptions {
   clock: Clock;
   /** The daemon's default target URL. */
   defaultTarget: string;
+  /** Where targets may point (file roots, S3 credentials). */
+  targetPolicy: TargetPolicy;
   concurrency?: number;
   /** Tests only: every store operation waits this long (CORRAL_BACKUP_DELAY_MS). */
   delayMs?: number;
@@ -100,7 +102,9 @@ export class BackupService {
     let store = this.#stores.get(url);
     if (!store) {
       const delayMs = this.#o.delayMs;
-      store = openTarget(url).then((t) => new BackupStore(delayMs ? delayed(t, delayMs) : t));
+      store = openTarget(url, this.#o.targetPolicy).then(
+        (t) => new BackupStore(delayMs ? delayed(t, delayMs) : t),
+      );
       store.catch(() => this.#stores.delete(url));
       this.#stores.set(url, store);
     }

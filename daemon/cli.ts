@@ -4,11 +4,14 @@ import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../common/size.ts';
 import { textPieces } from '../common/text-stream.ts';
 import { VERSION } from '../common/version.ts';
-import { ApiError, call } from './client.ts';
+import { ApiError, authHeaders, call } from './client.ts';
 import { follow, print, table, UsageError } from './cli-util.ts';
 import type { Operation } from './operations.ts';
 import { runBackupCommand, runJobCommand } from './cli-backup.ts';
-import { defaultDataDir, parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
+import { runTokenCommand } from './cli-token.ts';
+import { parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
+import { defaultDataDir } from './paths.ts';
+import { readSecretFile } from './secrets.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeStats } from './metrics.ts';
 import type { VolumeInfo } from './volumes.ts';
@@ -21,7 +24,8 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--ensure-volume NAME=SIZE ...] [--hang-timeout MS]
                 [--nbd-handshake-timeout MS] [--nbd-max-connections N] [--merge-rate BYTES/S]
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
-                [--cluster-secret S (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
+                [--cluster-secret-file F (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
+                [--backup-root DIR ...] [--s3-credential-chain]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
                 [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
@@ -36,13 +40,16 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral node ls | node cordon N | node uncordon N | node drain N
   corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--follow] [--json]
+  corral token create --name NAME --role admin|operator|read-only | ls [--json] | rm NAME
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
 "backup ls --json" (s3://bucket/prefix?endpoint=...&backup=NAME&volume=VOL). Targets:
 file:///path and s3://bucket/prefix[?endpoint=URL&region=R]; S3 credentials come from
 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the daemon's environment.
 
-The CLI talks to CORRAL_API (default http://127.0.0.1:9500).`;
+The CLI talks to CORRAL_API (default http://127.0.0.1:9500) with the token in CORRAL_TOKEN, or
+in the file CORRAL_TOKEN_FILE names, or else the daemon's own admin token (DATA_DIR/admin.token,
+readable by the daemon's user only; the data dir is CORRAL_DATA_DIR or the daemon's default).`;
 
 function volumeRows(volumes: VolumeInfo[]): string {
   // In a cluster: which node's engine serves each volume.
@@ -79,6 +86,9 @@ async function runDaemon(args: string[]): Promise<void> {
       'backup-target': { type: 'string' },
       advertise: { type: 'string' },
       'cluster-secret': { type: 'string' },
+      'cluster-secret-file': { type: 'string' },
+      'backup-root': { type: 'string', multiple: true },
+      's3-credential-chain': { type: 'boolean' },
       'replica-timeout': { type: 'string' },
       'rebuild-delay': { type: 'string' },
       'rebuild-rate': { type: 'string' },
@@ -90,6 +100,12 @@ async function runDaemon(args: string[]): Promise<void> {
     },
     strict: true,
   });
+  if (values['cluster-secret'] !== undefined)
+    throw new UsageError(
+      '--cluster-secret is not taken on the command line (ps shows it to every user): use --cluster-secret-file FILE (0600) or CORRAL_CLUSTER_SECRET',
+    );
+  // Whatever the daemon creates (metadata, layer files, sockets, tokens) is its user's alone.
+  process.umask(0o077);
   const dataDir = path.resolve(values['data-dir'] ?? defaultDataDir());
   const config: DaemonConfig = {
     dataDir,
@@ -103,9 +119,18 @@ async function runDaemon(args: string[]): Promise<void> {
     mergeBytesPerSecond: values['merge-rate'] ? parseSize(values['merge-rate']) : undefined,
     faultInjection: process.env.CORRAL_FAULT_INJECTION === '1',
     backupTarget: values['backup-target'] ?? `file://${path.join(dataDir, 'backups')}`,
+    backupRoots: (values['backup-root'] ?? [path.join(dataDir, 'backups')]).map((r) =>
+      path.resolve(r),
+    ),
+    s3CredentialChain: values['s3-credential-chain'] ?? false,
     peers: (values.peer ?? []).map((p) => p.replace(/\/+$/, '')),
     advertise: values.advertise,
-    clusterSecret: values['cluster-secret'] ?? process.env.CORRAL_CLUSTER_SECRET,
+    clusterSecret:
+      values['cluster-secret-file'] !== undefined
+        ? (await readSecretFile(values['cluster-secret-file'], 'cluster secret file'))
+            .toString('utf8')
+            .trim()
+        : process.env.CORRAL_CLUSTER_SECRET,
     replicaTimeoutMs: Number(values['replica-timeout'] ?? 5000),
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
@@ -519,6 +544,8 @@ async function runClient(args: string[]): Promise<void> {
     return runBackupCommand(api, verb, rest);
   } else if (noun === 'job') {
     return runJobCommand(api, verb, rest);
+  } else if (noun === 'token') {
+    return runTokenCommand(api, verb, rest);
   } else if (noun === 'events') {
     const all = [verb, ...rest].filter((x): x is string => x !== undefined);
     const { values } = parseArgs({
@@ -538,7 +565,9 @@ async function runClient(args: string[]): Promise<void> {
       // Server-sent events, one line per event as it happens, until interrupted.
       const query = new URLSearchParams({ follow: '1' });
       if (values.volume) query.set('volume', values.volume);
-      const response = await fetch(`${api}/v1/events?${query.toString()}`);
+      const response = await fetch(`${api}/v1/events?${query.toString()}`, {
+        headers: authHeaders(),
+      });
       if (!response.ok || !response.body)
         throw new ApiError(
           'INTERNAL',

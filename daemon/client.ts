@@ -1,3 +1,7 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { ADMIN_TOKEN_FILE, defaultDataDir } from './paths.ts';
+
 /** The CLI's view of the API: one call, JSON back, API errors thrown with their code. */
 export class ApiError extends Error {
   constructor(
@@ -7,6 +11,56 @@ export class ApiError extends Error {
   ) {
     super(message);
   }
+}
+
+let token: string | undefined | null = null;
+
+/**
+ * The CLI's token: `CORRAL_TOKEN`, else the file `CORRAL_TOKEN_FILE` names,
+ * else the daemon's own admin token when this user can read it (the CLI on
+ * the daemon's host just works). Never from argv: `ps` shows argv to everyone.
+ */
+export function cliToken(): string | undefined {
+  if (token !== null) return token;
+  token = undefined;
+  if (process.env.CORRAL_TOKEN) return (token = process.env.CORRAL_TOKEN.trim());
+  const named = process.env.CORRAL_TOKEN_FILE;
+  const file = named ?? path.join(defaultDataDir(), ADMIN_TOKEN_FILE);
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch (err) {
+    if (named !== undefined)
+      throw new ApiError(
+        'BAD_TOKEN_FILE',
+        `Cannot read CORRAL_TOKEN_FILE ${file}: ${String(err)}`,
+        0,
+      );
+    return token;
+  }
+  if ((st.mode & 0o077) !== 0)
+    throw new ApiError(
+      'BAD_TOKEN_FILE',
+      `Token file ${file} can be read by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 ${file}`,
+      0,
+    );
+  try {
+    token = fs.readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    if (named !== undefined)
+      throw new ApiError(
+        'BAD_TOKEN_FILE',
+        `Cannot read CORRAL_TOKEN_FILE ${file}: ${String(err)}`,
+        0,
+      );
+  }
+  return token;
+}
+
+/** Headers every CLI request carries: its token, when it has one. */
+export function authHeaders(): Record<string, string> {
+  const t = cliToken();
+  return t !== undefined ? { authorization: `Bearer ${t}` } : {};
 }
 
 export async function call<T>(
@@ -19,7 +73,10 @@ export async function call<T>(
   try {
     response = await fetch(base + path, {
       method,
-      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      headers: {
+        ...authHeaders(),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       ...(body === undefined ? {} : { body: JSON.stringify(body) }),
     });
   } catch (err) {

@@ -1,15 +1,15 @@
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { systemClock } from '../common/clock.ts';
 import { VERSION } from '../common/version.ts';
 import { EtcdClient } from '../kv/etcd.ts';
 import { Kv } from '../kv/kv.ts';
-import { jobCodec, openSpaces } from '../kv/spaces.ts';
+import { jobCodec, openSpaces, tokenCodec } from '../kv/spaces.ts';
 import { EtcdSpace } from '../kv/etcd-space.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
+import { Tokens } from './auth.ts';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
 import { Cluster } from './cluster.ts';
@@ -25,6 +25,7 @@ import { Drainer } from './drain.ts';
 import { Metrics } from './metrics.ts';
 import { NodeRegistry } from './node-registry.ts';
 import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
+import { ADMIN_TOKEN_FILE } from './paths.ts';
 import { VolumeManager } from './volumes.ts';
 
 export interface DaemonConfig {
@@ -41,6 +42,10 @@ export interface DaemonConfig {
   faultInjection: boolean;
   /** Where backups go when no target is named: file:///<data dir>/backups by default. */
   backupTarget: string;
+  /** Directories `file://` targets may lie in (the default target's is added). */
+  backupRoots: string[];
+  /** Let the AWS SDK find S3 credentials in profiles or the cloud's metadata service. */
+  s3CredentialChain: boolean;
   /** Other daemons' API URLs: replicas can go there. */
   peers: string[];
   /** This daemon's API URL as peers reach it; default http://<listen address>. */
@@ -60,12 +65,6 @@ export interface DaemonConfig {
   metrics?: boolean;
   /** Volumes to create if missing, for the quick start. */
   ensureVolumes: Array<{ name: string; size: string }>;
-}
-
-export function defaultDataDir(): string {
-  if (process.env.CORRAL_DATA_DIR) return process.env.CORRAL_DATA_DIR;
-  const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
-  return uid === 0 ? '/var/lib/corral' : path.join(os.homedir(), '.local', 'share', 'corral');
 }
 
 export function parseHostPort(value: string, what: string): { host: string; port: number } {
@@ -91,7 +90,12 @@ export async function startDaemon(
   config: DaemonConfig,
   log: (line: string) => void,
 ): Promise<RunningDaemon> {
-  await fs.promises.mkdir(config.dataDir, { recursive: true });
+  // Volume data, metadata and the host's admin token live here: the owner's alone.
+  await fs.promises.mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  if (((await fs.promises.stat(config.dataDir)).mode & 0o077) !== 0) {
+    await fs.promises.chmod(config.dataDir, 0o700);
+    log(`data dir ${config.dataDir} was open to others: now 0700`);
+  }
   const metaDir = path.join(config.dataDir, 'meta');
   if (config.repairMetadata) {
     const copy = await Kv.repair(metaDir, new Date());
@@ -216,6 +220,17 @@ export async function startDaemon(
     events,
     clock: systemClock,
     defaultTarget: config.backupTarget,
+    targetPolicy: {
+      fileRoots: [
+        ...new Set([
+          ...config.backupRoots,
+          ...(config.backupTarget.startsWith('file://')
+            ? [decodeURIComponent(new URL(config.backupTarget).pathname)]
+            : []),
+        ]),
+      ],
+      s3CredentialChain: config.s3CredentialChain,
+    },
     ...(config.faultInjection && process.env.CORRAL_BACKUP_DELAY_MS
       ? { delayMs: Number(process.env.CORRAL_BACKUP_DELAY_MS) }
       : {}),
@@ -248,7 +263,20 @@ export async function startDaemon(
         attach: (volume, node) => volumes.attach(volume, { node }),
       })
     : undefined;
+  // Tokens are the cluster's in etcd (valid on every node), the host's in LevelDB otherwise.
+  const etcdTokens = etcd ? new EtcdSpace(etcd, '/corral/tokens/', tokenCodec) : undefined;
+  await etcdTokens?.start((err) =>
+    events.add({ type: 'cluster-store-error', message: `token watch: ${err.message}` }),
+  );
+  const tokens = new Tokens(etcdTokens ?? spaces.tokens, { cached: etcdTokens !== undefined });
+  await tokens.load();
+  await tokens.ensureHostToken(
+    path.join(config.dataDir, ADMIN_TOKEN_FILE),
+    nodeName !== undefined ? `admin@${nodeName}` : 'host-admin',
+  );
   const app = createApi({
+    tokens,
+    defaultTarget: config.backupTarget,
     ...(metrics ? { metrics } : {}),
     ...(drainer ? { drainer } : {}),
     ...(clusterEvents ? { clusterEvents } : {}),
@@ -311,6 +339,7 @@ export async function startDaemon(
         await hosted.stop();
         etcdRecords?.stop();
         etcdJobs?.stop();
+        etcdTokens?.stop();
         await registry?.stop();
         await kv.close();
       })()),

@@ -176,6 +176,30 @@ function validateHosted(r: Record<string, unknown>, key: string): HostedRecord {
   };
 }
 
+/** An API token: only a hash of it is kept (daemon/auth.ts). */
+export interface TokenRecord {
+  name: string;
+  role: 'read-only' | 'operator' | 'admin';
+  /** SHA-256 of the whole token, hex. */
+  hash: string;
+  createdAt: string;
+}
+
+function validateToken(r: Record<string, unknown>, key: string): TokenRecord {
+  const role = field<string>(r, key, 'role', 'string');
+  if (role !== 'read-only' && role !== 'operator' && role !== 'admin')
+    throw new CorralError('CORRUPT_METADATA', `record ${key}: unknown role "${role}"`);
+  return {
+    name: field(r, key, 'name', 'string'),
+    role,
+    hash: field(r, key, 'hash', 'string'),
+    createdAt: field(r, key, 'createdAt', 'string'),
+  };
+}
+
+/** How a token record is stored, in LevelDB and in etcd alike. */
+export const tokenCodec = jsonCodec('token', 1, validateToken);
+
 export interface Spaces {
   volumes: KeySpace<VolumeRecord>;
   replicas: KeySpace<ReplicaRecord>;
@@ -203,6 +227,8 @@ export interface Spaces {
   node: KeySpace<{ id: string; secret: string; createdAt: string }>;
   /** Recurring jobs: key `<jobId>`. */
   jobs: KeySpace<JobRecord>;
+  /** API tokens (one host; a cluster keeps them in etcd): key `<name>`. */
+  tokens: KeySpace<TokenRecord>;
   /** A batch across these spaces, written atomically. */
   batch(): KvBatch;
 }
@@ -216,6 +242,7 @@ export function openSpaces(kv: Kv): Spaces {
     sums: kv.space('sum', binaryCodec('block sums', 1)),
     marks: kv.space('drt', binaryCodec('checksum mark', 1)),
     jobs: kv.space('job', jobCodec),
+    tokens: kv.space('tok', tokenCodec),
     hosted: kv.space('hst', jsonCodec('hosted replica', 1, validateHosted)),
     leftovers: kv.space(
       'lft',

@@ -97,7 +97,7 @@ describe('control API and CLI', () => {
     let sent = 0;
     const streamed = await fetch(`${daemon.api}/v1/volumes`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${daemon.token}` },
       body: new ReadableStream({
         pull(controller) {
           if (sent++ < 64) controller.enqueue(chunk);
@@ -189,7 +189,7 @@ describe('control API and CLI', () => {
       'corral.js',
     );
     const follower = spawn(process.execPath, [cli, 'events', '--follow', '--json'], {
-      env: { ...process.env, CORRAL_API: daemon.api },
+      env: { ...process.env, CORRAL_API: daemon.api, CORRAL_TOKEN: daemon.token },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';

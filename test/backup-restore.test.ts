@@ -89,7 +89,8 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
   });
 
   async function daemon(args: string[] = []): Promise<DaemonProcess> {
-    const d = await DaemonProcess.start({ args, env: S3_ENV });
+    // The test's stores lie in its work dir: a root the daemons may write backups to.
+    const d = await DaemonProcess.start({ args: ['--backup-root', work, ...args], env: S3_ENV });
     cleanups.push(() => d.cleanup());
     return d;
   }
@@ -147,7 +148,7 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
         process.execPath,
         ['bin/corral.js', 'volume', 'create', 'clone', '--from-snapshot', `src@${b2.snapshot}`],
         {
-          env: { ...process.env, CORRAL_API: d.api },
+          env: { ...process.env, CORRAL_API: d.api, CORRAL_TOKEN: d.token },
         },
       );
       const b3 = await cliJson<Summary>(d, ['backup', 'create', 'clone', ...T]);
@@ -184,7 +185,10 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
 
   it('s3: a large object goes up in parts and comes back whole', async () => {
     Object.assign(process.env, S3_ENV); // the SDK's usual credential variables
-    const target = await openTarget(s3.target('multipart'));
+    const target = await openTarget(s3.target('multipart'), {
+      fileRoots: [],
+      s3CredentialChain: false,
+    });
     const big = randomBytes(MULTIPART_THRESHOLD + 5 * MiB);
     await target.put('big/object', [big.subarray(0, 1000), big.subarray(1000)]);
     const back = await target.get('big/object');
@@ -276,7 +280,7 @@ describe('backups to a directory and to S3, restored bit for bit', () => {
     await mustRun('qemu-io', ['-f', 'raw', d.uri('v'), '-c', 'read -P 0x5a 0 4M']);
     const events = (
       await run(process.execPath, ['bin/corral.js', 'events', '--json'], {
-        env: { ...process.env, CORRAL_API: d.api },
+        env: { ...process.env, CORRAL_API: d.api, CORRAL_TOKEN: d.token },
       })
     ).stdout;
     assert.match(events, /restore-failed/);

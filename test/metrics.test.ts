@@ -19,7 +19,9 @@ describe('metrics', () => {
     d = await DaemonProcess.start();
     await d.createVolume('m', '16M');
     const scrape = async () => {
-      const r = await fetch(`${d!.api}/metrics`);
+      const r = await fetch(`${d!.api}/metrics`, {
+        headers: { authorization: `Bearer ${d!.token}` },
+      });
       assert.equal(r.status, 200);
       assert.match(r.headers.get('content-type') ?? '', /text\/plain/);
       return r.text();

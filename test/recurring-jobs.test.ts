@@ -50,6 +50,7 @@ async function world(dir: string, startMs: number) {
     events,
     clock,
     defaultTarget: `file://${path.join(dir, 'store')}`,
+    targetPolicy: { fileRoots: [dir], s3CredentialChain: false },
   });
   const jobs = new JobScheduler({ jobs: spaces.jobs, volumes, backups, operations, clock });
   return {

@@ -35,6 +35,9 @@ export function startClusterNode(options: {
       String(options.rebuildDelayMs ?? 1000),
       '--replica-timeout',
       '1500',
+      // Tests keep their backup stores in the temp dir.
+      '--backup-root',
+      os.tmpdir(),
     ],
     env: { CORRAL_CLUSTER_SECRET: CLUSTER_SECRET },
     ...(options.netns !== undefined ? { netns: options.netns } : {}),

@@ -25,6 +25,8 @@ export class DaemonProcess {
   readonly nbd: string;
   readonly nbdSocket: string;
   readonly child: ChildProcess;
+  /** The daemon's own admin token (its data dir's admin.token). */
+  readonly token: string;
   readonly #options: DaemonOptions;
   #exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stderr = '';
@@ -40,6 +42,7 @@ export class DaemonProcess {
     this.api = ready.api;
     this.nbd = ready.nbd;
     this.nbdSocket = ready.nbdSocket;
+    this.token = fs.readFileSync(path.join(options.dataDir, 'admin.token'), 'utf8').trim();
     this.#exit = new Promise((resolve) => {
       if (child.exitCode !== null || child.signalCode !== null)
         resolve({ code: child.exitCode, signal: child.signalCode });
@@ -118,30 +121,37 @@ export class DaemonProcess {
     return Number(this.nbd.split(':').pop());
   }
 
-  /** Runs the real CLI against this daemon. */
-  cli(args: string[]): Promise<RunResult> {
+  /** Runs the real CLI against this daemon, with its admin token unless `env` names another. */
+  cli(args: string[], env: Record<string, string> = {}): Promise<RunResult> {
     return run(process.execPath, [CLI, ...args], {
-      env: { ...process.env, CORRAL_API: this.api },
+      env: { ...process.env, CORRAL_API: this.api, CORRAL_TOKEN: this.token, ...env },
       timeoutMs: 60_000,
     });
   }
 
+  /** Calls the API as admin (or with `token`; null: with none). */
   async api_<T>(
     method: string,
     route: string,
     body?: unknown,
+    token: string | null = this.token,
   ): Promise<{ status: number; json: T }> {
     const response = await fetch(this.api + route, {
       method,
+      headers: {
+        ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       ...(body === undefined
         ? {}
-        : {
-            body: typeof body === 'string' ? body : JSON.stringify(body),
-            headers: { 'content-type': 'application/json' },
-          }),
+        : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
     });
     const text = await response.text();
-    return { status: response.status, json: (text ? JSON.parse(text) : undefined) as T };
+    // Everything answers JSON but /metrics (Prometheus text): that comes back as the string.
+    const json = response.headers.get('content-type')?.includes('json')
+      ? (JSON.parse(text) as T)
+      : ((text || undefined) as T);
+    return { status: response.status, json };
   }
 
   async createVolume(name: string, size: string): Promise<void> {
