@@ -80,7 +80,7 @@ describe('API tokens and roles', () => {
       for (const role of ORDER) {
         const token = role === 'none' ? null : tokens[role]!;
         const r = await d.api_<ApiErrorBody>(method, route, body, token);
-        const allowed = least !== 'peer' && ORDER.indexOf(role) >= ORDER.indexOf(least as Role);
+        const allowed = least !== 'peer' && ORDER.indexOf(role) >= ORDER.indexOf(least);
         const refused = r.status === 401 || r.status === 403;
         const expectCode = role === 'none' ? 'UNAUTHENTICATED' : 'FORBIDDEN';
         if (allowed === refused || (refused && r.json.error.code !== expectCode))
@@ -97,7 +97,7 @@ describe('API tokens and roles', () => {
   });
 
   it('records refused calls as events, naming who and from where but never the token', async () => {
-    await d.api_('DELETE', '/v1/volumes/nope', undefined, tokens['read-only']!);
+    await d.api_('DELETE', '/v1/volumes/nope', undefined, tokens['read-only']);
     const events = (
       await d.api_<{ events: Array<{ type: string; message: string }> }>('GET', '/v1/events')
     ).json.events.filter((e) => e.type === 'access-denied');
@@ -133,7 +133,7 @@ describe('API tokens and roles', () => {
     assert.notEqual(escalate.code, 0);
     assert.match(escalate.stderr, /needs the admin role/);
     assert.equal((await d.cli(['token', 'rm', 't-operator'])).code, 0);
-    const after = await d.api_('GET', '/v1/volumes', undefined, tokens.operator!);
+    const after = await d.api_('GET', '/v1/volumes', undefined, tokens.operator);
     assert.equal(after.status, 401);
   });
 
