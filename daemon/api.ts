@@ -287,6 +287,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
       fromSnapshot: body.fromSnapshot,
       allowSameHost: body.allowSameHost,
       failover: body.failover,
+      nbdAllow: body.nbdAllow,
     });
     return c.json(volume, 201);
   });

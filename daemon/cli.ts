@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -28,8 +29,10 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--backup-root DIR ...] [--s3-credential-chain]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
                 [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
+                [--tls-cert F --tls-key F [--tls-ca F]] [--nbd-tls off|on|require]
+                [--nbd-tls-psk FILE]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
-                [--failover auto] [--json]
+                [--failover auto] [--nbd-allow IDENTITY ...] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
@@ -97,6 +100,11 @@ async function runDaemon(args: string[]): Promise<void> {
       'node-name': { type: 'string' },
       'node-ttl': { type: 'string' },
       metrics: { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-ca': { type: 'string' },
+      'nbd-tls': { type: 'string' },
+      'nbd-tls-psk': { type: 'string' },
     },
     strict: true,
   });
@@ -136,6 +144,7 @@ async function runDaemon(args: string[]): Promise<void> {
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
     repairMetadata: values['repair-metadata'] ?? false,
     metrics: values.metrics !== 'off',
+    ...(await tlsConfig(values)),
     ...(values.etcd !== undefined
       ? {
           etcd: {
@@ -200,6 +209,59 @@ async function runDaemon(args: string[]): Promise<void> {
   process.on('SIGINT', () => stop('SIGINT'));
 }
 
+/** The TLS flags, read and checked: a key others can read is refused. */
+async function tlsConfig(values: {
+  'tls-cert'?: string;
+  'tls-key'?: string;
+  'tls-ca'?: string;
+  'nbd-tls'?: string;
+  'nbd-tls-psk'?: string;
+}): Promise<Pick<DaemonConfig, 'tls' | 'nbdTls' | 'nbdPsk'>> {
+  const cert = values['tls-cert'];
+  const key = values['tls-key'];
+  if ((cert === undefined) !== (key === undefined))
+    throw new UsageError('--tls-cert and --tls-key go together');
+  if (values['tls-ca'] !== undefined && cert === undefined)
+    throw new UsageError('--tls-ca needs --tls-cert and --tls-key');
+  const nbdTls = values['nbd-tls'] ?? 'off';
+  if (nbdTls !== 'off' && nbdTls !== 'on' && nbdTls !== 'require')
+    throw new UsageError('--nbd-tls takes off, on or require');
+  const pskFile = values['nbd-tls-psk'];
+  if (nbdTls !== 'off' && cert === undefined && pskFile === undefined)
+    throw new UsageError('--nbd-tls needs --tls-cert/--tls-key or --nbd-tls-psk');
+  if (pskFile !== undefined && nbdTls === 'off')
+    throw new UsageError('--nbd-tls-psk needs --nbd-tls on or require');
+  let nbdPsk: Map<string, Buffer> | undefined;
+  if (pskFile !== undefined) {
+    nbdPsk = new Map();
+    // psktool's format, as nbdkit and qemu-nbd read it: one `user:hexkey` a line.
+    for (const line of (await readSecretFile(pskFile, 'PSK file')).toString('utf8').split('\n')) {
+      if (line.trim() === '') continue;
+      const m = /^([^:]+):([0-9a-fA-F]+)$/.exec(line.trim());
+      if (!m || m[2]!.length % 2 !== 0)
+        throw new UsageError(`--nbd-tls-psk ${pskFile}: each line is USER:HEXKEY (psktool)`);
+      nbdPsk.set(m[1]!, Buffer.from(m[2]!, 'hex'));
+    }
+    if (nbdPsk.size === 0) throw new UsageError(`--nbd-tls-psk ${pskFile} holds no key`);
+  }
+  return {
+    ...(cert !== undefined && key !== undefined
+      ? {
+          tls: {
+            cert: await fs.promises.readFile(cert),
+            key: await readSecretFile(key, 'TLS key'),
+            ca:
+              values['tls-ca'] !== undefined
+                ? await fs.promises.readFile(values['tls-ca'])
+                : undefined,
+          },
+        }
+      : {}),
+    nbdTls,
+    ...(nbdPsk ? { nbdPsk } : {}),
+  };
+}
+
 async function runClient(args: string[]): Promise<void> {
   const api = process.env.CORRAL_API ?? 'http://127.0.0.1:9500';
   const [noun, verb, ...rest] = args;
@@ -218,6 +280,7 @@ async function runClient(args: string[]): Promise<void> {
         node: { type: 'string' },
         failover: { type: 'string' },
         watch: { type: 'boolean' },
+        'nbd-allow': { type: 'string', multiple: true },
       },
       allowPositionals: true,
       strict: true,
@@ -244,6 +307,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values.frontend ? { frontend: values.frontend } : {}),
           ...(values['allow-same-host'] ? { allowSameHost: true } : {}),
           ...(values.failover ? { failover: values.failover } : {}),
+          ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;

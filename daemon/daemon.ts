@@ -61,6 +61,12 @@ export interface DaemonConfig {
   repairMetadata?: boolean;
   /** A cluster: state in etcd, this daemon one of its nodes. Absent: one host, LevelDB. */
   etcd?: { endpoints: string[]; nodeName: string; nodeTtlMs: number };
+  /** The node's certificate and key, and the cluster's CA (`--tls-cert/--tls-key/--tls-ca`). */
+  tls?: { cert: Buffer; key: Buffer; ca: Buffer | undefined };
+  /** NBD_OPT_STARTTLS: `on` offers it, `require` refuses clients without it. */
+  nbdTls?: 'off' | 'on' | 'require';
+  /** NBD pre-shared keys by user (`--nbd-tls-psk`, psktool's format). */
+  nbdPsk?: Map<string, Buffer>;
   /** Prometheus metrics and per-volume stats (on by default; off only to measure their cost). */
   metrics?: boolean;
   /** Volumes to create if missing, for the quick start. */
@@ -188,8 +194,23 @@ export async function startDaemon(
     },
   });
   lateVolumes.manager = volumes;
+  const nbdTls = config.nbdTls ?? 'off';
   const nbd = new NbdServer({
-    exports: { names: () => volumes.attachedNames(), lookup: (name) => volumes.device(name) },
+    exports: {
+      names: () => volumes.attachedNames(),
+      lookup: (name) => volumes.device(name),
+      permits: (name, identity) => volumes.nbdPermits(name, identity),
+    },
+    ...(nbdTls !== 'off'
+      ? {
+          // PSK or certificates, as qemu-nbd takes one kind of credentials: a server holding
+          // both picks the certificate suites and a PSK-only client (GnuTLS) gives up.
+          tls: {
+            mode: nbdTls,
+            ...(config.nbdPsk ? { psk: config.nbdPsk } : config.tls ? { x509: config.tls } : {}),
+          },
+        }
+      : {}),
     log: { warn: (m) => log(`warn: ${m}`) },
     handshakeTimeoutMs: config.nbdHandshakeTimeoutMs,
     maxConnections: config.nbdMaxConnections,

@@ -42,6 +42,8 @@ export interface VolumeInfo {
   node?: string;
   /** In a cluster: `auto` when a surviving node takes the volume over by itself. */
   failover?: 'auto';
+  /** Only these TLS identities may open it over NBD. */
+  nbdAllow?: string[];
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{
@@ -120,6 +122,8 @@ export class VolumeManager {
    */
   readonly #lanes: Lanes;
   readonly #frontends = new Map<string, Frontend>();
+  /** Attached volumes that only some TLS identities may open over NBD (`--nbd-allow`). */
+  readonly #nbdAllow = new Map<string, readonly string[]>();
   /** Snapshots being read by long jobs (backups), `volume@snapshot` → count: not deleted meanwhile. */
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
@@ -211,6 +215,7 @@ export class VolumeManager {
     if (!entry || (record && (record.epoch ?? 0) <= entry.epoch)) return;
     this.#attached.delete(name);
     this.#frontends.delete(name);
+    this.#nbdAllow.delete(name);
     this.#repairs.abort(name);
     this.#o.disconnect(name);
     this.#o.events.add({
@@ -350,6 +355,8 @@ export class VolumeManager {
     restoring?: string;
     /** `auto`: in a cluster, a surviving replica node takes the volume over by itself. */
     failover?: unknown;
+    /** TLS identities that alone may open the volume over NBD. */
+    nbdAllow?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -369,6 +376,7 @@ export class VolumeManager {
           ...(input.replicas !== undefined ? { replicas: input.replicas } : {}),
           ...(input.frontend !== undefined ? { frontend: input.frontend } : {}),
           ...(input.failover !== undefined ? { failover: input.failover } : {}),
+          ...(input.nbdAllow !== undefined ? { nbdAllow: input.nbdAllow } : {}),
         },
         { timeoutMs: CLONE_FORWARD_TIMEOUT_MS },
       );
@@ -393,6 +401,7 @@ export class VolumeManager {
       allowSameHost?: unknown;
       restoring?: string;
       failover?: unknown;
+      nbdAllow?: unknown;
     },
     source: BlockDevice | undefined,
   ): Promise<VolumeInfo> {
@@ -439,6 +448,17 @@ export class VolumeManager {
       throw new CorralError(
         'INVALID_ARGUMENT',
         'Automatic failover needs a cluster: start the daemons with --etcd',
+      );
+    const nbdAllow = input.nbdAllow;
+    if (
+      nbdAllow !== undefined &&
+      (!Array.isArray(nbdAllow) ||
+        nbdAllow.length === 0 ||
+        !nbdAllow.every((i) => typeof i === 'string' && /^[\x21-\x7e]{1,128}$/.test(i)))
+    )
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        'nbdAllow takes a list of TLS identities (certificate CNs or PSK user names)',
       );
     return this.#serially(name, `create volume ${name}`, async () => {
       if (await this.#o.records.get(name))
@@ -519,6 +539,7 @@ export class VolumeManager {
         epoch: 0,
         ...(this.#shared ? { engineNode: this.#nodeName! } : {}),
         ...(failover === 'auto' ? { failover: 'auto' as const } : {}),
+        ...(nbdAllow !== undefined ? { nbdAllow: nbdAllow as string[] } : {}),
       };
       if (input.restoring !== undefined) this.#restoring.add(name);
       try {
@@ -538,6 +559,7 @@ export class VolumeManager {
   /** Starts the volume's engine here; returns the record as it is then (claimed, in a cluster). */
   async #attach(record: VolumeRecord): Promise<VolumeRecord> {
     this.#frontends.set(record.name, record.frontend);
+    if (record.nbdAllow) this.#nbdAllow.set(record.name, record.nbdAllow);
     if (this.#attached.has(record.name)) return record;
     const self = this.#nodeName;
     if (this.#shared) {
@@ -594,6 +616,7 @@ export class VolumeManager {
     });
     this.#attached.set(record.name, { supervisor, fault, epoch });
     this.#frontends.set(record.name, record.frontend);
+    if (record.nbdAllow) this.#nbdAllow.set(record.name, record.nbdAllow);
     return record;
   }
 
@@ -754,6 +777,7 @@ export class VolumeManager {
     this.#o.disconnect(record.name);
     this.#attached.delete(record.name);
     this.#frontends.delete(record.name);
+    this.#nbdAllow.delete(record.name);
     await entry.supervisor.stop();
   }
 
@@ -870,6 +894,7 @@ export class VolumeManager {
             : 'detached',
       ...(record.engineNode !== undefined ? { node: record.engineNode } : {}),
       ...(record.failover ? { failover: record.failover } : {}),
+      ...(record.nbdAllow ? { nbdAllow: record.nbdAllow } : {}),
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
@@ -1026,6 +1051,12 @@ export class VolumeManager {
       delete rec.restoring;
     });
     this.#restoring.delete(name);
+  }
+
+  /** Whether an NBD client with this TLS identity may open an export (`vol` or `vol@snap`). */
+  nbdPermits(exportName: string, identity: string | undefined): boolean {
+    const allow = this.#nbdAllow.get(exportName.split('@')[0]!);
+    return allow === undefined || (identity !== undefined && allow.includes(identity));
   }
 
   attachedNames(): string[] {

@@ -35,6 +35,8 @@ export interface VolumeRecord {
   epoch?: number;
   /** Replicas set to ERR (they missed writes): never trusted again until rebuilt. */
   failedReplicas?: string[];
+  /** Only these TLS identities (certificate CN, PSK user) may open it over NBD. */
+  nbdAllow?: string[];
 }
 
 export interface LayerRecord {
@@ -86,6 +88,9 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(typeof r.epoch === 'number' ? { epoch: r.epoch } : {}),
     ...(typeof r.engineNode === 'string' ? { engineNode: r.engineNode } : {}),
     ...(r.failover === 'auto' ? { failover: 'auto' as const } : {}),
+    ...(Array.isArray(r.nbdAllow) && r.nbdAllow.every((i) => typeof i === 'string')
+      ? { nbdAllow: r.nbdAllow as string[] }
+      : {}),
     ...(Array.isArray(r.failedReplicas)
       ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }
       : {}),

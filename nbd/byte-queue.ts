@@ -44,9 +44,13 @@ export class ByteQueue implements DirectReader {
    * Reads `raw` (accepted with `pauseOnConnect`) through a new queue; use the
    * returned socket from then on (it may be a new object for the same connection).
    */
-  static attach(raw: Socket, highWaterBytes: number): { socket: Socket; queue: ByteQueue } {
+  static attach(
+    raw: Socket,
+    highWaterBytes: number,
+    options: { direct?: boolean } = {},
+  ): { socket: Socket; queue: ByteQueue } {
     const queue = new ByteQueue(highWaterBytes);
-    const direct = adoptDirect(raw, queue);
+    const direct = options.direct === false ? undefined : adoptDirect(raw, queue);
     const socket = direct ?? raw;
     queue.#socket = socket;
     queue.#direct = direct !== undefined;

@@ -7,6 +7,11 @@ import * as P from './protocol.ts';
 export interface ExportProvider {
   names(): string[];
   lookup(name: string): BlockDevice | undefined;
+  /**
+   * Whether a client may open an export: `identity` is its TLS identity (a
+   * certificate's CN or a PSK user), undefined without TLS. Absent: all may.
+   */
+  permits?(name: string, identity: string | undefined): boolean;
 }
 
 export interface Negotiated {
@@ -15,6 +20,19 @@ export interface Negotiated {
   structured: boolean;
   /** base:allocation was selected for this export. */
   metaContext: boolean;
+}
+
+/** The connection being negotiated: STARTTLS replaces both with their TLS counterparts. */
+export interface Channel {
+  socket: Socket;
+  queue: ByteQueue;
+}
+
+/** The server's TLS: offered (`on`) or required (`require`); `upgrade` runs the TLS handshake. */
+export interface NegotiationTls {
+  mode: 'on' | 'require';
+  /** Wraps the channel in TLS; resolves with the client's identity, if it proved one. */
+  upgrade(channel: Channel): Promise<{ identity: string | undefined }>;
 }
 
 export class ProtocolError extends Error {
@@ -60,10 +78,11 @@ export function transmissionFlags(device: BlockDevice, structured: boolean): num
  * when the client breaks the protocol (the caller closes the connection).
  */
 export async function negotiate(
-  socket: Socket,
-  queue: ByteQueue,
+  channel: Channel,
   exports: ExportProvider,
+  tls?: NegotiationTls,
 ): Promise<Negotiated | undefined> {
+  let { socket, queue } = channel;
   const greeting = Buffer.allocUnsafe(18);
   greeting.writeBigUInt64BE(P.NBDMAGIC, 0);
   greeting.writeBigUInt64BE(P.IHAVEOPT, 8);
@@ -76,9 +95,17 @@ export async function negotiate(
   }
   const noZeroes = (clientFlags & P.CLIENT_FLAG_NO_ZEROES) !== 0;
 
+  // Negotiation state: all of it is forgotten at STARTTLS (what was said in the clear is not
+  // trusted after it: the class of CVE-2021-3716).
   let structured = false;
   let metaExport: string | undefined;
   let metaSelected = false;
+  let secure = false;
+  let identity: string | undefined;
+  const refused = (name: string): string | undefined =>
+    exports.permits && !exports.permits(name, identity)
+      ? `export "${name}" is open only to the TLS identities on its allow list${identity === undefined ? ' (this client has none)' : ''}`
+      : undefined;
 
   const reply = (option: number, type: number, data: Buffer = Buffer.alloc(0)): void => {
     const header = Buffer.allocUnsafe(20);
@@ -110,12 +137,21 @@ export async function negotiate(
     }
     const data = length > 0 ? Buffer.from(await queue.read(length)) : Buffer.alloc(0);
 
+    if (tls?.mode === 'require' && !secure && option !== P.OPT_STARTTLS && option !== P.OPT_ABORT) {
+      // EXPORT_NAME has no error reply: the spec says close.
+      if (option === P.OPT_EXPORT_NAME) throw new ProtocolError('TLS is required (EXPORT_NAME)');
+      error(option, P.REP_ERR_TLS_REQD, 'this server requires TLS: use NBD_OPT_STARTTLS');
+      continue;
+    }
+
     switch (option) {
       case P.OPT_EXPORT_NAME: {
         const name = data.toString('utf8');
         const device = exports.lookup(name);
         // No way to say "unknown" here: the protocol says close.
         if (!device) throw new ProtocolError(`unknown export "${name}"`);
+        const no = refused(name);
+        if (no !== undefined) throw new ProtocolError(no);
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(device.sizeBytes), 0);
         out.writeUInt16BE(transmissionFlags(device, structured), 8);
@@ -130,7 +166,8 @@ export async function negotiate(
           error(option, P.REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
           break;
         }
-        for (const name of exports.names()) reply(option, P.REP_SERVER, str(name));
+        for (const name of exports.names())
+          if (refused(name) === undefined) reply(option, P.REP_SERVER, str(name));
         reply(option, P.REP_ACK);
         break;
       }
@@ -152,6 +189,11 @@ export async function negotiate(
         const device = exports.lookup(parsed.name);
         if (!device) {
           error(option, P.REP_ERR_UNKNOWN, `no export named "${parsed.name}"`);
+          break;
+        }
+        const no = refused(parsed.name);
+        if (no !== undefined) {
+          error(option, P.REP_ERR_POLICY, no);
           break;
         }
         const info = Buffer.allocUnsafe(12);
@@ -225,9 +267,31 @@ export async function negotiate(
         reply(option, P.REP_ACK);
         break;
       }
-      case P.OPT_STARTTLS:
-        error(option, P.REP_ERR_UNSUP, 'TLS is not supported by this server');
+      case P.OPT_STARTTLS: {
+        if (!tls) {
+          error(option, P.REP_ERR_UNSUP, 'TLS is not offered by this server (--nbd-tls)');
+          break;
+        }
+        if (secure) {
+          error(option, P.REP_ERR_INVALID, 'TLS is already on');
+          break;
+        }
+        if (length !== 0) {
+          error(option, P.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+          break;
+        }
+        // Bytes sent after STARTTLS but before the TLS handshake would be plaintext taken as
+        // if it came through TLS (an injection): a client that sends any is cut off.
+        if (queue.buffered > 0) throw new ProtocolError('data after NBD_OPT_STARTTLS');
+        reply(option, P.REP_ACK);
+        identity = (await tls.upgrade(channel)).identity;
+        ({ socket, queue } = channel);
+        secure = true;
+        structured = false;
+        metaExport = undefined;
+        metaSelected = false;
         break;
+      }
       default:
         error(option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
     }

@@ -43,6 +43,7 @@ export const REP_META_CONTEXT = 4;
 export const REP_ERR_UNSUP = 0x80000001;
 export const REP_ERR_POLICY = 0x80000002;
 export const REP_ERR_INVALID = 0x80000003;
+export const REP_ERR_TLS_REQD = 0x80000005;
 export const REP_ERR_UNKNOWN = 0x80000006;
 export const REP_ERR_SHUTDOWN = 0x80000007;
 export const REP_ERR_TOO_BIG = 0x80000009;
