@@ -89,7 +89,7 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(typeof r.engineNode === 'string' ? { engineNode: r.engineNode } : {}),
     ...(r.failover === 'auto' ? { failover: 'auto' as const } : {}),
     ...(Array.isArray(r.nbdAllow) && r.nbdAllow.every((i) => typeof i === 'string')
-      ? { nbdAllow: r.nbdAllow as string[] }
+      ? { nbdAllow: r.nbdAllow }
       : {}),
     ...(Array.isArray(r.failedReplicas)
       ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }

@@ -235,7 +235,7 @@ function tlsUpgrade(options: NbdTlsOptions): NegotiationTls {
             if (shown && typeof cert.subject.CN === 'string') identity = cert.subject.CN;
           }
           settled = true;
-          const attached = ByteQueue.attach(secure as net.Socket, QUEUE_HIGH_WATER_BYTES, {
+          const attached = ByteQueue.attach(secure, QUEUE_HIGH_WATER_BYTES, {
             direct: false,
           });
           channel.socket = attached.socket;
