@@ -1,3 +1,4 @@
+import type * as tls from 'node:tls';
 import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { streamSSE } from 'hono/streaming';
@@ -56,11 +57,15 @@ export interface ApiOptions {
   tokens: Tokens;
   /** The backup target used when a call names none: any other is for `admin` to name. */
   defaultTarget: string;
-  /** Whether the request came over TLS with a node's certificate (a peer daemon). */
-  peerCertificate?: (env: unknown) => boolean;
 }
 
 type Env = { Variables: { principal: Principal } };
+
+/** The request's TLS socket under Node (HTTP/1.1, or the HTTP/2 session's). */
+function requestSocket<C extends Context>(c: C): tls.TLSSocket | undefined {
+  const env = c.env as { incoming?: { socket?: tls.TLSSocket } } | undefined;
+  return env?.incoming?.socket;
+}
 
 /** The caller's address as the socket has it (Node: the request's socket; Deno: the serve info). */
 function remoteAddress<C extends Context>(c: C): string {
@@ -147,7 +152,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
     const { method } = request;
     let response: Response;
     try {
-      response = await fetch(owner + request.pathAndQuery, {
+      response = await cluster.fetch(owner + request.pathAndQuery, {
         method,
         headers: {
           [FORWARDED_HEADER]: '1',
@@ -216,7 +221,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
     if (need === 'none') return next();
     const header = c.req.header('authorization');
     let principal: Principal | undefined;
-    if (cluster.authorized(header) || options.peerCertificate?.(c.env) === true)
+    if (cluster.authorized(header) || cluster.isPeerSocket(requestSocket(c)))
       principal = { kind: 'peer' };
     else {
       const token = bearer(header);

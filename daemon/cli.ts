@@ -10,6 +10,7 @@ import { follow, print, table, UsageError } from './cli-util.ts';
 import type { Operation } from './operations.ts';
 import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { runTokenCommand } from './cli-token.ts';
+import { runCertsCommand } from './cli-certs.ts';
 import { parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import { defaultDataDir } from './paths.ts';
 import { readSecretFile } from './secrets.ts';
@@ -44,13 +45,15 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
   corral events [--volume NAME] [--follow] [--json]
   corral token create --name NAME --role admin|operator|read-only | ls [--json] | rm NAME
+  corral cluster certs --out DIR --node NAME[=ADDR,...] ... [--client NAME ...] [--days N]
 
 BACKUP is a name (in --target, else the daemon's --backup-target) or a URL as printed by
 "backup ls --json" (s3://bucket/prefix?endpoint=...&backup=NAME&volume=VOL). Targets:
 file:///path and s3://bucket/prefix[?endpoint=URL&region=R]; S3 credentials come from
 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the daemon's environment.
 
-The CLI talks to CORRAL_API (default http://127.0.0.1:9500) with the token in CORRAL_TOKEN, or
+The CLI talks to CORRAL_API (default http://127.0.0.1:9500; https:// trusts the CA in
+NODE_EXTRA_CA_CERTS) with the token in CORRAL_TOKEN, or
 in the file CORRAL_TOKEN_FILE names, or else the daemon's own admin token (DATA_DIR/admin.token,
 readable by the daemon's user only; the data dir is CORRAL_DATA_DIR or the daemon's default).`;
 
@@ -679,6 +682,8 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (argv[0] === 'daemon') return runDaemon(argv.slice(1));
+  // Local work: no daemon involved.
+  if (argv[0] === 'cluster' && argv[1] === 'certs') return runCertsCommand(argv.slice(2));
   return runClient(argv);
 }
 

@@ -1,6 +1,8 @@
 import { timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
+import type * as tls from 'node:tls';
 import { CorralError } from '../common/errors.ts';
+import type { Fetch, TlsFiles } from '../common/tls-fetch.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { NodeRegistry } from './node-registry.ts';
 
@@ -18,6 +20,10 @@ export interface ClusterOptions {
   registry?: NodeRegistry;
   /** In a cluster: how many requests this node made to etcd. */
   etcdRequests?: () => number;
+  /** How peers are called: with the node's certificate when the cluster runs TLS. */
+  fetch?: Fetch;
+  /** The node's certificate, key and CA (`--tls-*`): peers are reached and known by them. */
+  tls?: TlsFiles;
 }
 
 /** Peer calls give up after this long: a node that does not answer is down. */
@@ -61,6 +67,27 @@ export class Cluster {
     return this.#o.registry?.name;
   }
 
+  /** How this node calls its peers (their API, forwarded calls). */
+  get fetch(): Fetch {
+    return this.#o.fetch ?? fetch;
+  }
+
+  /** The node's TLS files, when the cluster runs TLS: replica streams connect with them. */
+  get tls(): TlsFiles | undefined {
+    return this.#o.tls;
+  }
+
+  /**
+   * Whether a connection's TLS peer is another daemon of the cluster: a
+   * certificate the CA signed for a node (`OU=node` in its subject, as
+   * `corral cluster certs` makes them), verified by the TLS handshake.
+   */
+  isPeerSocket(socket: tls.TLSSocket | undefined): boolean {
+    if (!this.#o.tls?.ca || socket?.encrypted !== true || !socket.authorized) return false;
+    const ou: unknown = socket.getPeerCertificate().subject?.OU;
+    return ou === 'node' || (Array.isArray(ou) && ou.includes('node'));
+  }
+
   /** Whether a request carries the cluster secret. */
   authorized(header: string | undefined): boolean {
     const want = Buffer.from(`Bearer ${this.#o.secret}`);
@@ -94,7 +121,7 @@ export class Cluster {
   ): Promise<T> {
     let response: Response;
     try {
-      response = await fetch(url + route, {
+      response = await this.fetch(url + route, {
         method,
         headers: {
           authorization: `Bearer ${this.#o.secret}`,

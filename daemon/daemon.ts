@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { systemClock } from '../common/clock.ts';
+import { tlsFetch } from '../common/tls-fetch.ts';
 import { VERSION } from '../common/version.ts';
 import { EtcdClient } from '../kv/etcd.ts';
 import { Kv } from '../kv/kv.ts';
@@ -121,7 +122,9 @@ export async function startDaemon(
   }
   const replicaRoot = path.join(config.dataDir, 'replicas');
   const hosted = new HostedReplicas({ spaces, root: replicaRoot, clock: systemClock, events });
-  const etcd = config.etcd ? new EtcdClient(config.etcd.endpoints) : undefined;
+  // Peers (and etcd, when its endpoints are https) are called with this node's certificate.
+  const peerFetch = config.tls ? await tlsFetch(config.tls) : undefined;
+  const etcd = config.etcd ? new EtcdClient(config.etcd.endpoints, peerFetch) : undefined;
   const clusterEvents =
     etcd && config.etcd ? new ClusterEvents(etcd, config.etcd.nodeName) : undefined;
   if (clusterEvents) events.onAdd = (e) => clusterEvents.publish(e);
@@ -141,6 +144,8 @@ export async function startDaemon(
     ...(registry ? { registry } : {}),
     ...(etcd ? { etcdRequests: () => etcd.requests } : {}),
     selfUrl: config.advertise ?? '',
+    ...(peerFetch ? { fetch: peerFetch } : {}),
+    ...(config.tls ? { tls: config.tls } : {}),
     nodeId: node.id,
     peers: config.peers,
     secret: config.clusterSecret ?? node.secret,
@@ -316,8 +321,10 @@ export async function startDaemon(
     config.listen.host,
     config.listen.port,
     replicaUpgrades(cluster, hosted),
+    config.tls,
   );
-  cluster.selfUrl = config.advertise ?? `http://${config.listen.host}:${http.port}`;
+  const scheme = config.tls ? 'https' : 'http';
+  cluster.selfUrl = config.advertise ?? `${scheme}://${config.listen.host}:${http.port}`;
   // Registered before the volumes start: placement and engines look nodes up in etcd.
   await registry?.start(cluster.selfUrl);
   if (registry) log(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
@@ -346,7 +353,7 @@ export async function startDaemon(
 
   let stopping: Promise<void> | undefined;
   return {
-    api: `http://${config.listen.host}:${http.port}`,
+    api: `${scheme}://${config.listen.host}:${http.port}`,
     nbd: `${nbdAddr.address}:${nbdAddr.port}`,
     nbdSocket: config.nbdSocket,
     fuseMount: fuse ? fuse.mountpoint : null,

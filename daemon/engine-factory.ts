@@ -152,6 +152,7 @@ export class EngineFactory {
       url,
       id: r.id,
       secret: this.#o.cluster!.secret,
+      ...(this.#o.cluster!.tls ? { tls: this.#o.cluster!.tls } : {}),
       epoch,
       timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
     });

@@ -1,7 +1,9 @@
 import * as http from 'node:http';
 import * as http2 from 'node:http2';
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import { getRequestListener } from '@hono/node-server';
+import type { TlsFiles } from '../common/tls-fetch.ts';
 
 type Fetch = (request: Request) => Response | Promise<Response>;
 
@@ -19,6 +21,14 @@ interface DenoServe {
 
 /** The HTTP/2 connection preface a prior-knowledge (h2c) client opens with. */
 const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+
+/** The first byte of a TLS record carrying a handshake (a ClientHello). */
+const TLS_HANDSHAKE = 0x16;
+
+const PLAIN_REFUSED = Buffer.from(
+  'HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n' +
+    '{"error":{"code":"TLS_REQUIRED","message":"This daemon speaks TLS only: use https://"}}\n',
+);
 
 /** Takes an HTTP/1.1 Upgrade (the replica data connections); false when it is not one of ours. */
 export type UpgradeHandler = (
@@ -40,9 +50,11 @@ export async function serveHttp(
   host: string,
   port: number,
   upgrades?: UpgradeHandler,
+  tlsFiles?: TlsFiles,
 ): Promise<HttpServer> {
   const deno = (globalThis as { Deno?: DenoServe }).Deno;
   if (deno) {
+    if (tlsFiles) throw new Error('TLS (--tls-cert) is served under Node only, not yet under Deno');
     let listening!: (port: number) => void;
     const bound = new Promise<number>((resolve) => (listening = resolve));
     const server = deno.serve(
@@ -58,6 +70,25 @@ export async function serveHttp(
     if (!upgrades?.(req, socket, head)) socket.destroy();
   });
   const h2 = http2.createServer((req, res) => void listener(req, res));
+  // With TLS, ALPN picks the protocol: h2 for daemons and tools, http/1.1 for curl, browsers
+  // and replica streams. Client certificates are asked for and checked, not required: people
+  // come with tokens, peers with the node certificates the CA signed (cluster.ts).
+  const secure = tlsFiles
+    ? tls.createServer(
+        {
+          cert: tlsFiles.cert,
+          key: tlsFiles.key,
+          ...(tlsFiles.ca ? { ca: tlsFiles.ca, requestCert: true } : {}),
+          rejectUnauthorized: false,
+          ALPNProtocols: ['h2', 'http/1.1'],
+        },
+        (socket) => {
+          socket.setNoDelay(true);
+          (socket.alpnProtocol === 'h2' ? h2 : h1).emit('connection', socket);
+        },
+      )
+    : undefined;
+  secure?.on('tlsClientError', (_err, socket) => socket.destroy());
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
     // Replica replies are small and latency-bound: no Nagle delay.
@@ -71,6 +102,12 @@ export async function serveHttp(
         return;
       }
       socket.unshift(head);
+      if (secure) {
+        // Plain HTTP on a TLS port gets a readable answer, not a failed handshake.
+        if (head[0] === TLS_HANDSHAKE) secure.emit('connection', socket);
+        else socket.end(PLAIN_REFUSED);
+        return;
+      }
       const isH2 = head.length > 0 && H2_PREFACE.subarray(0, head.length).equals(head);
       (isH2 ? h2 : h1).emit('connection', socket);
     });

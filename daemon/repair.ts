@@ -140,6 +140,7 @@ export class Repairs {
         url,
         id,
         secret: cluster.secret,
+        ...(cluster.tls ? { tls: cluster.tls } : {}),
         epoch: record.epoch ?? 1,
         timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
       });

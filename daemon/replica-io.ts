@@ -1,5 +1,6 @@
 import type * as http from 'node:http';
 import type * as net from 'node:net';
+import type * as tls from 'node:tls';
 import { adoptDirect } from '../common/direct-socket.ts';
 import { CorralError } from '../common/errors.ts';
 import {
@@ -35,8 +36,15 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
     const refuse = (status: number, code: string, message: string) => {
       socket.end(upgradeRefused(status, code, message));
     };
-    if (!cluster.authorized(req.headers.authorization)) {
-      refuse(401, 'UNAUTHORIZED', 'The cluster secret is missing or wrong');
+    if (
+      !cluster.authorized(req.headers.authorization) &&
+      !cluster.isPeerSocket(raw as tls.TLSSocket)
+    ) {
+      refuse(
+        401,
+        'UNAUTHENTICATED',
+        'Only peer daemons open replica streams (cluster secret or node certificate)',
+      );
       return true;
     }
     const id = decodeURIComponent(url.slice(PATH_PREFIX.length, -'/io'.length));
@@ -62,8 +70,12 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
             (frame, pooled) => session.frame(frame, pooled),
             (err) => session.fail(err),
           );
+          // Over TLS the bytes are decrypted into buffers of OpenSSL's choosing: no reading in place.
+          const encrypted = (raw as tls.TLSSocket).encrypted === true;
           const direct =
-            head.length === 0 && raw.readableLength === 0 ? adoptDirect(raw, reader) : undefined;
+            !encrypted && head.length === 0 && raw.readableLength === 0
+              ? adoptDirect(raw, reader)
+              : undefined;
           if (direct) {
             socket = direct;
           } else {

@@ -1,3 +1,4 @@
+import type { Fetch } from '../common/tls-fetch.ts';
 import { CorralError } from '../common/errors.ts';
 import { textPieces } from '../common/text-stream.ts';
 
@@ -86,7 +87,11 @@ export class EtcdClient {
   /** Requests made (a watch counts once per stream opened): an idle node's cost to etcd. */
   requests = 0;
 
-  constructor(endpoints: string[]) {
+  readonly #fetch: Fetch;
+
+  /** `fetchImpl`: with the node's certificate, for an etcd that takes https and client certificates. */
+  constructor(endpoints: string[], fetchImpl: Fetch = fetch) {
+    this.#fetch = fetchImpl;
     if (endpoints.length === 0) throw new CorralError('INVALID_ARGUMENT', 'No etcd endpoint given');
     this.#endpoints = endpoints.map((e) => e.replace(/\/+$/, ''));
   }
@@ -113,7 +118,7 @@ export class EtcdClient {
         this.requests++;
         let response: Response;
         try {
-          response = await fetch(endpoint + route, {
+          response = await this.#fetch(endpoint + route, {
             method: 'POST',
             headers: { 'content-type': 'application/json' },
             body: JSON.stringify(body),
@@ -276,7 +281,7 @@ export class EtcdClient {
     const once = async (): Promise<void> => {
       const endpoint = this.#endpoints[this.#current]!;
       this.requests++;
-      const response = await fetch(endpoint + '/v3/watch', {
+      const response = await this.#fetch(endpoint + '/v3/watch', {
         method: 'POST',
         headers: { 'content-type': 'application/json' },
         body: JSON.stringify({

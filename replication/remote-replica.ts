@@ -1,4 +1,5 @@
 import * as net from 'node:net';
+import * as tls from 'node:tls';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
@@ -28,6 +29,8 @@ export interface RemoteReplicaOptions {
   epoch: number;
   /** A request unanswered for this long fails the replica (ERR). */
   timeoutMs: number;
+  /** For an `https://` peer: the CA that signed it and this node's certificate to show. */
+  tls?: { cert: Buffer; key: Buffer; ca: Buffer | undefined };
 }
 
 /** Payloads up to this size are copied behind their header: one write instead of two. */
@@ -103,12 +106,28 @@ export class RemoteReplica implements Replica {
   #open(): Promise<void> {
     return new Promise((resolve, reject) => {
       const target = new URL(this.#o.url);
-      const socket = net.connect({
-        host: target.hostname,
-        port: Number(target.port || 80),
+      const secure = target.protocol === 'https:';
+      if (secure && !this.#o.tls) {
+        reject(this.#err('an https peer needs this node to run TLS (--tls-cert, --tls-key)'));
+        return;
+      }
+      const host = target.hostname.replace(/^\[|\]$/g, '');
+      const endpoint = {
+        host,
+        port: Number(target.port || (secure ? 443 : 80)),
         // Small requests must leave at once (Nagle would hold them for the previous ACK).
         noDelay: true,
-      });
+      };
+      const socket = secure
+        ? tls.connect({
+            ...endpoint,
+            ...(net.isIP(host) === 0 ? { servername: host } : {}),
+            cert: this.#o.tls!.cert,
+            key: this.#o.tls!.key,
+            ...(this.#o.tls!.ca ? { ca: this.#o.tls!.ca } : {}),
+            ALPNProtocols: ['http/1.1'],
+          })
+        : net.connect(endpoint);
       this.#socket = socket;
       const timer = setTimeout(() => {
         reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`));

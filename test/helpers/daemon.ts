@@ -5,6 +5,20 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run, type RunResult } from './run.ts';
 
+type Fetch = (url: string, init?: RequestInit) => Promise<Response>;
+
+/** The test's fetch: the global one, or one that trusts the daemon's CA. */
+async function testFetch(caFile: string | undefined): Promise<Fetch> {
+  if (caFile === undefined) return fetch;
+  const undici = await import('undici');
+  const dispatcher = new undici.Agent({ connect: { ca: fs.readFileSync(caFile) } });
+  return (url, init) =>
+    undici.fetch(url, {
+      ...(init as Parameters<typeof undici.fetch>[1]),
+      dispatcher,
+    }) as unknown as Promise<Response>;
+}
+
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const CLI = path.join(ROOT, 'bin', 'corral.js');
 
@@ -16,6 +30,8 @@ export interface DaemonOptions {
   deno?: boolean;
   /** Run inside this network namespace (`ip netns exec`), for partitions. */
   netns?: string;
+  /** The CA that signed the daemon's certificate (`--tls-*`): the test and the CLI trust it. */
+  caFile?: string;
 }
 
 /** A real `corral daemon` process on loopback, on ports it picked itself. */
@@ -28,6 +44,7 @@ export class DaemonProcess {
   /** The daemon's own admin token (its data dir's admin.token). */
   readonly token: string;
   readonly #options: DaemonOptions;
+  #fetch: Fetch | undefined;
   #exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stderr = '';
 
@@ -124,7 +141,16 @@ export class DaemonProcess {
   /** Runs the real CLI against this daemon, with its admin token unless `env` names another. */
   cli(args: string[], env: Record<string, string> = {}): Promise<RunResult> {
     return run(process.execPath, [CLI, ...args], {
-      env: { ...process.env, CORRAL_API: this.api, CORRAL_TOKEN: this.token, ...env },
+      env: {
+        ...process.env,
+        CORRAL_API: this.api,
+        CORRAL_TOKEN: this.token,
+        // Node's way to trust another CA, read by its fetch.
+        ...(this.#options.caFile !== undefined
+          ? { NODE_EXTRA_CA_CERTS: this.#options.caFile }
+          : {}),
+        ...env,
+      },
       timeoutMs: 60_000,
     });
   }
@@ -136,16 +162,19 @@ export class DaemonProcess {
     body?: unknown,
     token: string | null = this.token,
   ): Promise<{ status: number; json: T }> {
-    const response = await fetch(this.api + route, {
-      method,
-      headers: {
-        ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+    const response = await (this.#fetch ??= await testFetch(this.#options.caFile))(
+      this.api + route,
+      {
+        method,
+        headers: {
+          ...(token !== null ? { authorization: `Bearer ${token}` } : {}),
+          ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+        },
+        ...(body === undefined
+          ? {}
+          : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
       },
-      ...(body === undefined
-        ? {}
-        : { body: typeof body === 'string' ? body : JSON.stringify(body) }),
-    });
+    );
     const text = await response.text();
     // Everything answers JSON but /metrics (Prometheus text): that comes back as the string.
     const json = response.headers.get('content-type')?.includes('json')
