@@ -5,7 +5,8 @@
  * docs/PERFORMANCE.md. BENCH_RUNTIME (seconds per job, default 10);
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
- * BENCH_ONLY=backup|replication|metrics runs one table alone.
+ * BENCH_TLS=0 the TLS-cost table;
+ * BENCH_ONLY=backup|replication|metrics|tls runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -15,6 +16,7 @@ import * as path from 'node:path';
 import { DaemonProcess, ROOT } from '../test/helpers/daemon.ts';
 import { backupBench } from './backup.ts';
 import { replicationBench } from './replication.ts';
+import { tlsBench } from './tls.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -268,11 +270,19 @@ async function main(): Promise<void> {
   let backupTable = '';
   let replicationTable = '';
   let metricsTable = '';
+  let tlsTable = '';
   let corral: DaemonProcess | undefined;
   if (process.env.BENCH_ONLY === 'replication') {
     const table = await replicationBench(JOBS, fio, prefill);
     console.log(`\n${table}`);
     await writeSection('bench-replication', table);
+    await fs.promises.rm(dir, { recursive: true, force: true });
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'tls') {
+    const table = await tlsBench(JOBS, fio, prefill);
+    console.log(`\n${table}`);
+    await writeSection('bench-tls', table);
     await fs.promises.rm(dir, { recursive: true, force: true });
     return;
   }
@@ -391,6 +401,7 @@ async function main(): Promise<void> {
     if (process.env.BENCH_REPLICATION !== '0')
       replicationTable = await replicationBench(JOBS, fio, prefill);
     if (process.env.BENCH_METRICS !== '0') metricsTable = await metricsBench(dir);
+    if (process.env.BENCH_TLS !== '0') tlsTable = await tlsBench(JOBS, fio, prefill);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await corral?.stop('SIGTERM');
@@ -430,6 +441,10 @@ async function main(): Promise<void> {
   if (metricsTable) {
     console.log(`\n${metricsTable}`);
     await writeMetricsTable(metricsTable);
+  }
+  if (tlsTable) {
+    console.log(`\n${tlsTable}`);
+    await writeSection('bench-tls', tlsTable);
   }
 }
 
