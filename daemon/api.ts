@@ -2,7 +2,7 @@ import type * as tls from 'node:tls';
 import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { streamSSE } from 'hono/streaming';
-import { CorralError, type ErrorCode } from '../common/errors.ts';
+import { CorralError, quoted, type ErrorCode } from '../common/errors.ts';
 import { accessFor, allows, bearer, type Principal, type Tokens } from './auth.ts';
 import type { BackupService } from './backups.ts';
 import type { Cluster } from './cluster.ts';
@@ -73,6 +73,15 @@ function remoteAddress<C extends Context>(c: C): string {
     | { incoming?: { socket?: { remoteAddress?: string } }; remoteAddr?: { hostname?: string } }
     | undefined;
   return env?.incoming?.socket?.remoteAddress ?? env?.remoteAddr?.hostname ?? 'unknown';
+}
+
+/** A path segment decoded; a malformed escape (`%zz`) is the caller's error, not ours. */
+function decodedSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new CorralError('INVALID_ARGUMENT', `Malformed escape in the path: ${quoted(segment)}`);
+  }
 }
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
@@ -266,12 +275,13 @@ export function createApi(options: ApiOptions): Hono<Env> {
     const name = parts[3];
     if (!name || parts[4] === 'attach' || c.req.header(FORWARDED_HEADER) !== undefined)
       return next();
-    const owner = await volumes.engineElsewhere(decodeURIComponent(name));
+    const volume = decodedSegment(name);
+    const owner = await volumes.engineElsewhere(volume);
     if (owner === undefined) return next();
     const url = new URL(c.req.url);
     const method = c.req.method;
     const contentType = c.req.header('content-type');
-    const sent = await forward(owner, decodeURIComponent(name), {
+    const sent = await forward(owner, volume, {
       pathAndQuery: url.pathname + url.search,
       method,
       authorization: c.req.header('authorization'),

@@ -47,7 +47,13 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
       );
       return true;
     }
-    const id = decodeURIComponent(url.slice(PATH_PREFIX.length, -'/io'.length));
+    let id: string;
+    try {
+      id = decodeURIComponent(url.slice(PATH_PREFIX.length, -'/io'.length));
+    } catch {
+      refuse(400, 'INVALID_ARGUMENT', 'Malformed escape in the replica id');
+      return true;
+    }
     const epoch = Number(req.headers[EPOCH_HEADER]);
     socket.setNoDelay(true);
     const out = {

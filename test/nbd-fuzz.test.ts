@@ -15,7 +15,7 @@ import { run, waitFor } from './helpers/run.ts';
 /** Inputs per run: ≥ 100k on CI; CORRAL_FUZZ_INPUTS for longer local runs. */
 const INPUTS = Number(process.env.CORRAL_FUZZ_INPUTS ?? 100_000);
 /** Connections fuzzed at once (one property run sends a batch). */
-const BATCH = 32;
+const BATCH = 64;
 const SIZE = 1024 * 1024;
 
 const IHAVEOPT = 0x49484156454f5054n;
@@ -209,6 +209,7 @@ describe('NBD fuzzing: mutated handshakes and requests', () => {
       );
       // A well-behaved client after all that: verified writes and reads.
       const good = await RawNbd.connect({ path: socketPath });
+      await good.greet();
       assert.equal(await good.go('v'), BigInt(SIZE));
       const data = randomBytes(65536);
       const w = good.request(1, 8192, data.length, { payload: data });
