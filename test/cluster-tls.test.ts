@@ -4,6 +4,7 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { TestCa, type CertFiles } from './helpers/certs.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
+import { EtcdProcess } from './helpers/etcd.ts';
 import { freePorts, mustRun, run, waitFor } from './helpers/run.ts';
 
 interface ReplicaRow {
@@ -156,6 +157,53 @@ describe('a cluster over TLS: API and replica streams, peers known by certificat
     assert.equal(curl.code, 0, curl.stderr);
     assert.match(curl.stdout, /"name":"db"/);
     assert.match(curl.stdout, /\n2$/);
+  });
+
+  it('keeps its cluster state in an etcd that takes TLS and client certificates only', async () => {
+    const server = await ca.issue('etcd', 'etcd', { ips: ['127.0.0.1'] });
+    const etcd = await EtcdProcess.start('127.0.0.1', { ...server, ca: ca.ca.cert });
+    let d: DaemonProcess | undefined;
+    try {
+      assert.match(etcd.url, /^https:/);
+      // No certificate, no cluster state.
+      const bare = await (
+        await fetchAs(ca, undefined)
+      )(`${etcd.url}/v3/kv/range`, {
+        method: 'POST',
+      }).then(
+        (r) => r.status,
+        () => 'refused',
+      );
+      assert.notEqual(bare, 200);
+      d = await DaemonProcess.start({
+        caFile: ca.ca.cert,
+        args: [
+          '--etcd',
+          etcd.url,
+          '--node-name',
+          'n1',
+          '--tls-cert',
+          certs[0]!.cert,
+          '--tls-key',
+          certs[0]!.key,
+          '--tls-ca',
+          ca.ca.cert,
+        ],
+      });
+      const created = await d.cli(['volume', 'create', 'e', '--size', '8M']);
+      assert.equal(created.code, 0, created.stderr);
+      const ls = await d.cli(['node', 'ls', '--json']);
+      assert.equal(ls.code, 0, ls.stderr);
+      assert.deepEqual(
+        (JSON.parse(ls.stdout) as Array<{ name: string; state: string }>).map(
+          (n) => `${n.name}:${n.state}`,
+        ),
+        ['n1:up'],
+      );
+    } finally {
+      await d?.cleanup();
+      await etcd.cleanup();
+    }
   });
 
   it('corral cluster certs makes a CA and node certificates a daemon accepts', async () => {

@@ -18,6 +18,8 @@ export class EtcdProcess {
   readonly dataDir: string;
   /** `name=peer-url,...` of every member. */
   initialCluster = '';
+  /** Client connections over TLS, with client certificates required (etcd's own TLS). */
+  tls: { cert: string; key: string; ca: string } | undefined;
   #child: ChildProcess | undefined;
   log = '';
 
@@ -40,20 +42,30 @@ export class EtcdProcess {
   }
 
   get url(): string {
-    return `http://${this.host}:${this.clientPort}`;
+    return `${this.tls ? 'https' : 'http'}://${this.host}:${this.clientPort}`;
   }
 
-  static async start(host = '127.0.0.1'): Promise<EtcdProcess> {
-    return (await EtcdProcess.startMembers(1, host))[0]!;
+  /** One member; with `tls` its clients must show a certificate `tls.ca` signed. */
+  static async start(
+    host = '127.0.0.1',
+    tls?: { cert: string; key: string; ca: string },
+  ): Promise<EtcdProcess> {
+    return (await EtcdProcess.startMembers(1, host, tls))[0]!;
   }
 
   /** An etcd cluster of `n` members, started together (they need a quorum to serve). */
-  static async startMembers(n: number, host = '127.0.0.1'): Promise<EtcdProcess[]> {
+  static async startMembers(
+    n: number,
+    host = '127.0.0.1',
+    tls?: { cert: string; key: string; ca: string },
+  ): Promise<EtcdProcess[]> {
     const members: EtcdProcess[] = [];
     const ports = await freePorts(2 * n);
     for (let i = 0; i < n; i++) {
       const dataDir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-etcd-'));
-      members.push(new EtcdProcess(`m${i}`, host, ports[2 * i]!, ports[2 * i + 1]!, dataDir));
+      const m = new EtcdProcess(`m${i}`, host, ports[2 * i]!, ports[2 * i + 1]!, dataDir);
+      m.tls = tls;
+      members.push(m);
     }
     const initial = members.map((m) => `${m.name}=${m.peerUrl}`).join(',');
     for (const m of members) m.initialCluster = initial;
@@ -82,21 +94,49 @@ export class EtcdProcess {
         peer,
         '--initial-cluster',
         this.initialCluster,
+        ...(this.tls
+          ? [
+              '--cert-file',
+              this.tls.cert,
+              '--key-file',
+              this.tls.key,
+              '--trusted-ca-file',
+              this.tls.ca,
+              '--client-cert-auth',
+            ]
+          : []),
       ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     child.stderr.on('data', (d: Buffer) => (this.log += d.toString()));
     this.#child = child;
+    const health = await this.#fetch();
     await waitFor(
       `etcd on ${client}`,
       async () => {
         if (child.exitCode !== null) throw new Error(`etcd exited: ${this.log.slice(-2000)}`);
-        const r = await fetch(`${client}/health`, { signal: AbortSignal.timeout(1000) });
+        const r = await health(`${client}/health`, { signal: AbortSignal.timeout(1000) });
         const body = (await r.json()) as { health?: string };
         return body.health === 'true' ? true : undefined;
       },
       30_000,
     );
+  }
+
+  /** The test's fetch to this member: with TLS, one that shows the member's own certificate. */
+  async #fetch(): Promise<(url: string, init: { signal: AbortSignal }) => Promise<Response>> {
+    const tls = this.tls;
+    if (!tls) return fetch;
+    const undici = await import('undici');
+    const dispatcher = new undici.Agent({
+      connect: {
+        ca: fs.readFileSync(tls.ca),
+        cert: fs.readFileSync(tls.cert),
+        key: fs.readFileSync(tls.key),
+      },
+    });
+    return (url, init) =>
+      undici.fetch(url, { ...init, dispatcher }) as unknown as Promise<Response>;
   }
 
   /** Kills the member (an outage); `resume` brings it back with its data. */
