@@ -30,6 +30,8 @@ async function trustSystemWide(caFile: string): Promise<() => Promise<void>> {
   };
 }
 
+const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
+
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.floor(sorted.length / 2)]!;
@@ -80,6 +82,8 @@ export async function tlsBench<J extends BenchJob & { rw: string; bs: string }>(
       '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
     ];
     const nbd = new Map<string, [number, number]>();
+    /** The daemon's CPU per unit of work (µs per I/O, or CPU-s per GB), plain and TLS. */
+    const nbdCpu = new Map<string, Record<'plain' | 'tls', number[]>>();
     const d = await DaemonProcess.start({
       caFile: ca.ca.cert,
       args: ['--tls-cert', node.cert, '--tls-key', node.key, '--nbd-tls', 'on'],
@@ -91,12 +95,21 @@ export async function tlsBench<J extends BenchJob & { rw: string; bs: string }>(
       const secure = `nbds://127.0.0.1:${d.nbdPort}/t`;
       for (const job of jobs) {
         const s: Record<'plain' | 'tls', number[]> = { plain: [], tls: [] };
+        const cpu: Record<'plain' | 'tls', number[]> = { plain: [], tls: [] };
         for (let i = 0; i < 3; i++)
           for (const which of i % 2 === 0
             ? (['plain', 'tls'] as const)
-            : (['tls', 'plain'] as const))
-            s[which].push(await fio(which === 'tls' ? secure : d.uri('t'), job));
+            : (['tls', 'plain'] as const)) {
+            const before = cpuSeconds(d.child.pid!);
+            const value = await fio(which === 'tls' ? secure : d.uri('t'), job);
+            const used = cpuSeconds(d.child.pid!) - before;
+            s[which].push(value);
+            // The work done while the CPU was counted: the measured rate over the run and its ramp.
+            const work = value * (RUNTIME_S + 1);
+            cpu[which].push(job.metric === 'iops' ? (used / work) * 1e6 : used / (work / 1000));
+          }
         nbd.set(job.name, [median(s.plain), median(s.tls)]);
+        nbdCpu.set(job.name, cpu);
         console.error(
           `${job.name}: NBD plain ${median(s.plain).toFixed(0)}, TLS ${median(s.tls).toFixed(0)}`,
         );
@@ -126,7 +139,7 @@ export async function tlsBench<J extends BenchJob & { rw: string; bs: string }>(
           replicated.set(job.name, row);
           if (job.rw === 'write' && job.bs === '1M') {
             // MB/s × the job's seconds is the bytes written; CPU seconds per GB from there.
-            const gb = (value * Number(process.env.BENCH_RUNTIME ?? 10)) / 1000;
+            const gb = (value * (RUNTIME_S + 1)) / 1000;
             cpu[tls ? 'tls' : 'plain'] = {
               engine: (after[0]! - before[0]!) / gb,
               replica: (after[1]! - before[1]!) / gb,
@@ -144,6 +157,21 @@ export async function tlsBench<J extends BenchJob & { rw: string; bs: string }>(
       const [rp, rt] = replicated.get(job.name)!;
       rows.push(
         `| ${job.name} | ${np.toFixed(0)}${unit} | ${nt.toFixed(0)}${unit} | ${(nt / np).toFixed(2)} | ${rp.toFixed(0)}${unit} | ${rt.toFixed(0)}${unit} | ${(rt / rp).toFixed(2)} |`,
+      );
+    }
+    rows.push(
+      '',
+      "The NBD daemon's own CPU for the same runs (what decides throughput when fio's TLS has cores of its own):",
+      '',
+      '| job | daemon CPU, plain | daemon CPU, TLS | TLS / plain |',
+      '| --- | ---: | ---: | ---: |',
+    );
+    for (const job of jobs) {
+      const c = nbdCpu.get(job.name)!;
+      const unit = job.metric === 'iops' ? ' µs/IO' : ' CPU-s/GB';
+      const [p, t] = [median(c.plain), median(c.tls)];
+      rows.push(
+        `| ${job.name} | ${p.toFixed(job.metric === 'iops' ? 1 : 2)}${unit} | ${t.toFixed(job.metric === 'iops' ? 1 : 2)}${unit} | ${(t / p).toFixed(2)} |`,
       );
     }
     const c = (x: { engine: number; replica: number } | undefined) =>

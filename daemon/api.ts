@@ -259,6 +259,10 @@ export function createApi(options: ApiOptions): Hono<Env> {
     return next();
   });
 
+  app.get('/v1/whoami', (c) => {
+    const p = c.get('principal');
+    return c.json(p.kind === 'peer' ? { peer: true } : { name: p.name, role: p.role });
+  });
   app.get('/v1/health', (c) => c.json({ ok: true, version: options.version }));
   app.get('/metrics', async (c) => {
     if (!options.metrics)

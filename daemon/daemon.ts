@@ -11,6 +11,7 @@ import { NbdServer } from '../nbd/server.ts';
 import { FuseFrontend } from '../fuse/fuse-frontend.ts';
 import { createApi } from './api.ts';
 import { Tokens } from './auth.ts';
+import { createUi } from './ui/ui.tsx';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { BackupService } from './backups.ts';
 import { Cluster } from './cluster.ts';
@@ -316,8 +317,15 @@ export async function startDaemon(
     version: VERSION,
     faultInjection: config.faultInjection,
   });
+  // The web UI at / and /ui/: a client of the API, in process, with the user's token.
+  const ui = createUi(app.fetch, { secure: config.tls !== undefined });
   const http = await serveHttp(
-    app.fetch,
+    (request, env) => {
+      const at = new URL(request.url).pathname;
+      return at === '/' || at === '/ui' || at.startsWith('/ui/')
+        ? ui.fetch(request, env)
+        : app.fetch(request, env);
+    },
     config.listen.host,
     config.listen.port,
     replicaUpgrades(cluster, hosted),

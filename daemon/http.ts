@@ -5,7 +5,7 @@ import * as tls from 'node:tls';
 import { getRequestListener } from '@hono/node-server';
 import type { TlsFiles } from '../common/tls-fetch.ts';
 
-type Fetch = (request: Request) => Response | Promise<Response>;
+type Fetch = (request: Request, env?: unknown) => Response | Promise<Response>;
 
 export interface HttpServer {
   port: number;

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(libnbd-bin qemu-utils fio nbdkit nbd-client fuse3 e2fsprogs util-linux iptables etcd-server)
+debs=(libnbd-bin qemu-utils fio nbdkit nbd-client fuse3 e2fsprogs util-linux iptables etcd-server
+  openssl ca-certificates curl chromium)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

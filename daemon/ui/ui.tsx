@@ -1,0 +1,245 @@
+import * as fs from 'node:fs';
+import { createRequire } from 'node:module';
+import { Hono, type Context } from 'hono';
+import { deleteCookie, getCookie, setCookie } from 'hono/cookie';
+import type { SnapshotInfo } from '../../replication/replica.ts';
+import type { DaemonEvent } from '../events.ts';
+import type { VolumeStats } from '../metrics.ts';
+import type { NodeInfo } from '../node-info.ts';
+import type { VolumeInfo } from '../volumes.ts';
+import {
+  DashboardBody,
+  EventTable,
+  Layout,
+  Login,
+  Snapshots,
+  StatsTable,
+  VolumeDetail,
+  VolumeList,
+} from './views.tsx';
+
+/** The API's own fetch: the UI is one of its clients, with the caller's token, in process. */
+export type ApiFetch = (request: Request, env: unknown) => Response | Promise<Response>;
+
+const COOKIE = 'corral_token';
+
+interface Answer<T> {
+  ok: boolean;
+  status: number;
+  json: T;
+  error?: string;
+}
+
+/**
+ * The web UI at `/` (server-rendered with hono/jsx; htmx for the forms and
+ * the parts that refresh themselves). It reads and acts through the API with
+ * the token the user logged in with, so every role rule of the API holds
+ * here too. The token sits in an HttpOnly, SameSite=Strict cookie, and a
+ * POST from another origin is refused (no cross-site form can act for you).
+ */
+export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
+  const ui = new Hono();
+  const htmx = fs.readFileSync(createRequire(import.meta.url).resolve('htmx.org/dist/htmx.min.js'));
+
+  const call = async <T,>(
+    c: Context,
+    method: string,
+    path: string,
+    body?: unknown,
+    token = getCookie(c, COOKIE) ?? '',
+  ): Promise<Answer<T>> => {
+    const response = await api(
+      new Request(`http://ui.invalid${path}`, {
+        method,
+        headers: {
+          authorization: `Bearer ${token}`,
+          ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+        },
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+      }),
+      c.env,
+    );
+    const text = await response.text();
+    const json = (text ? JSON.parse(text) : undefined) as T & { error?: { message: string } };
+    return {
+      ok: response.ok,
+      status: response.status,
+      json,
+      ...(response.ok ? {} : { error: json.error?.message ?? `HTTP ${response.status}` }),
+    };
+  };
+  /** An answer the page cannot do without: a lost login goes back to the login page. */
+  const need = <T,>(c: Context, a: Answer<T>): T => {
+    if (a.status === 401) throw new LoggedOut();
+    if (!a.ok) throw new Error(a.error);
+    return a.json;
+  };
+  ui.onError((err, c) => {
+    if (err instanceof LoggedOut) {
+      deleteCookie(c, COOKIE, { path: '/' });
+      if (c.req.header('hx-request') !== undefined) {
+        c.header('HX-Redirect', '/ui/login');
+        return c.body(null, 200);
+      }
+      return c.redirect('/ui/login');
+    }
+    return c.html(
+      <Layout title="Error">
+        <p class="error">{err.message}</p>
+      </Layout>,
+      500,
+    );
+  });
+
+  ui.get('/', (c) => c.redirect('/ui/'));
+  ui.get('/ui', (c) => c.redirect('/ui/'));
+  ui.get('/ui/htmx.min.js', (c) =>
+    c.body(htmx, 200, {
+      'content-type': 'text/javascript; charset=utf-8',
+      'cache-control': 'max-age=86400',
+    }),
+  );
+  ui.get('/ui/login', (c) => c.html(<Login />));
+  // Cross-site requests may not act: the browser names the page a POST comes from.
+  ui.use('/ui/*', async (c, next) => {
+    if (c.req.method === 'POST') {
+      const origin = c.req.header('origin');
+      if (origin !== undefined && new URL(origin).host !== new URL(c.req.url).host)
+        return c.text('Cross-origin request refused', 403);
+    }
+    return next();
+  });
+  ui.post('/ui/login', async (c) => {
+    const form = await c.req.parseBody();
+    const token = typeof form.token === 'string' ? form.token.trim() : '';
+    const who = await call<{ name?: string }>(c, 'GET', '/v1/whoami', undefined, token);
+    if (!who.ok) return c.html(<Login error={who.error ?? 'That token is not valid'} />, 401);
+    setCookie(c, COOKIE, token, {
+      httpOnly: true,
+      sameSite: 'Strict',
+      secure: options.secure,
+      path: '/',
+    });
+    return c.redirect('/ui/');
+  });
+  ui.post('/ui/logout', (c) => {
+    deleteCookie(c, COOKIE, { path: '/' });
+    return c.redirect('/ui/login');
+  });
+  // Every other page needs a login.
+  ui.use('/ui/*', async (c, next) => {
+    if (c.req.header('cookie')?.includes(`${COOKIE}=`) !== true) throw new LoggedOut();
+    return next();
+  });
+
+  const whoami = async (c: Context): Promise<string> => {
+    const w = need(c, await call<{ name?: string; role?: string }>(c, 'GET', '/v1/whoami'));
+    return w.name !== undefined ? `${w.name} (${w.role})` : 'peer';
+  };
+  const dashboard = async (c: Context) => {
+    const [nodes, volumes, events] = await Promise.all([
+      call<{ nodes: NodeInfo[] }>(c, 'GET', '/v1/nodes'),
+      call<{ volumes: VolumeInfo[] }>(c, 'GET', '/v1/volumes'),
+      call<{ events: DaemonEvent[] }>(c, 'GET', '/v1/events'),
+    ]);
+    return (
+      <DashboardBody
+        nodes={need(c, nodes).nodes}
+        volumes={need(c, volumes).volumes}
+        events={need(c, events).events}
+      />
+    );
+  };
+  ui.get('/ui/', async (c) =>
+    c.html(
+      <Layout title="Dashboard" who={await whoami(c)}>
+        <h1>Dashboard</h1>
+        {await dashboard(c)}
+      </Layout>,
+    ),
+  );
+  ui.get('/ui/fragments/dashboard', async (c) => c.html(await dashboard(c)));
+
+  const volumeList = async (c: Context, error?: string) => (
+    <VolumeList
+      volumes={need(c, await call<{ volumes: VolumeInfo[] }>(c, 'GET', '/v1/volumes')).volumes}
+      {...(error !== undefined ? { error } : {})}
+    />
+  );
+  ui.get('/ui/volumes', async (c) =>
+    c.html(
+      <Layout title="Volumes" who={await whoami(c)}>
+        <h1>Volumes</h1>
+        {await volumeList(c)}
+      </Layout>,
+    ),
+  );
+  ui.post('/ui/volumes', async (c) => {
+    const form = await c.req.parseBody();
+    const created = await call(c, 'POST', '/v1/volumes', {
+      name: form.name,
+      size: form.size,
+      replicas: Number(form.replicas ?? 1),
+    });
+    if (created.status === 401) throw new LoggedOut();
+    return c.html(await volumeList(c, created.error));
+  });
+
+  const stats = async (c: Context, name: string) => {
+    const s = await call<VolumeStats>(c, 'GET', `/v1/volumes/${encodeURIComponent(name)}/stats`);
+    return s.ok ? s.json : undefined;
+  };
+  ui.get('/ui/volumes/:name', async (c) => {
+    const name = c.req.param('name');
+    const path = `/v1/volumes/${encodeURIComponent(name)}`;
+    const [volume, snapshots] = await Promise.all([
+      call<VolumeInfo>(c, 'GET', path),
+      call<{ snapshots: SnapshotInfo[] }>(c, 'GET', `${path}/snapshots`),
+    ]);
+    return c.html(
+      <Layout title={name} who={await whoami(c)}>
+        <VolumeDetail
+          volume={need(c, volume)}
+          snapshots={snapshots.ok ? snapshots.json.snapshots : []}
+          stats={await stats(c, name)}
+        />
+      </Layout>,
+    );
+  });
+  ui.get('/ui/fragments/volumes/:name/stats', async (c) =>
+    c.html(<StatsTable name={c.req.param('name')} stats={await stats(c, c.req.param('name'))} />),
+  );
+  ui.post('/ui/volumes/:name/snapshots', async (c) => {
+    const name = c.req.param('name');
+    const form = await c.req.parseBody();
+    const path = `/v1/volumes/${encodeURIComponent(name)}/snapshots`;
+    const taken = await call(
+      c,
+      'POST',
+      path,
+      typeof form.name === 'string' && form.name !== '' ? { name: form.name } : {},
+    );
+    if (taken.status === 401) throw new LoggedOut();
+    const list = await call<{ snapshots: SnapshotInfo[] }>(c, 'GET', path);
+    return c.html(
+      <Snapshots
+        name={name}
+        snapshots={list.ok ? list.json.snapshots : []}
+        {...(taken.error !== undefined ? { error: taken.error } : {})}
+      />,
+    );
+  });
+
+  ui.get('/ui/events', async (c) => {
+    const events = need(c, await call<{ events: DaemonEvent[] }>(c, 'GET', '/v1/events')).events;
+    return c.html(
+      <Layout title="Events" who={await whoami(c)}>
+        <h1>Events</h1>
+        <EventTable events={[...events].reverse()} />
+      </Layout>,
+    );
+  });
+  return ui;
+}
+
+class LoggedOut extends Error {}
