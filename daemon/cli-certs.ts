@@ -5,6 +5,9 @@ import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { UsageError } from './cli-util.ts';
 
+/** `openssl req` arguments for a new P-256 key, unencrypted (the file is 0600). */
+const NEW_EC_KEY = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+
 function openssl(args: string[]): Promise<void> {
   return new Promise((resolve, reject) =>
     execFile('openssl', args, (err, _stdout, stderr) =>
@@ -46,11 +49,7 @@ export async function runCertsCommand(rest: string[]): Promise<void> {
   await openssl([
     'req',
     '-x509',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
+    ...NEW_EC_KEY,
     '-keyout',
     file('ca.key'),
     '-out',
@@ -79,11 +78,7 @@ export async function runCertsCommand(rest: string[]): Promise<void> {
     );
     await openssl([
       'req',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:P-256',
-      '-nodes',
+      ...NEW_EC_KEY,
       '-keyout',
       file(`${name}.key`),
       '-out',

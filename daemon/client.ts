@@ -26,34 +26,27 @@ export function cliToken(): string | undefined {
   if (process.env.CORRAL_TOKEN) return (token = process.env.CORRAL_TOKEN.trim());
   const named = process.env.CORRAL_TOKEN_FILE;
   const file = named ?? path.join(defaultDataDir(), ADMIN_TOKEN_FILE);
-  let st: fs.Stats;
+  let content: string;
+  let mode: number;
   try {
-    st = fs.statSync(file);
+    mode = fs.statSync(file).mode;
+    content = fs.readFileSync(file, 'utf8');
   } catch (err) {
-    if (named !== undefined)
-      throw new ApiError(
-        'BAD_TOKEN_FILE',
-        `Cannot read CORRAL_TOKEN_FILE ${file}: ${String(err)}`,
-        0,
-      );
-    return token;
-  }
-  if ((st.mode & 0o077) !== 0)
+    // The daemon's own token is only a guess (another user's daemon, or none here); a named file is not.
+    if (named === undefined) return token;
     throw new ApiError(
       'BAD_TOKEN_FILE',
-      `Token file ${file} can be read by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 ${file}`,
+      `Cannot read CORRAL_TOKEN_FILE ${file}: ${String(err)}`,
       0,
     );
-  try {
-    token = fs.readFileSync(file, 'utf8').trim();
-  } catch (err) {
-    if (named !== undefined)
-      throw new ApiError(
-        'BAD_TOKEN_FILE',
-        `Cannot read CORRAL_TOKEN_FILE ${file}: ${String(err)}`,
-        0,
-      );
   }
+  if ((mode & 0o077) !== 0)
+    throw new ApiError(
+      'BAD_TOKEN_FILE',
+      `Token file ${file} can be read by others (mode ${(mode & 0o777).toString(8)}): chmod 600 ${file}`,
+      0,
+    );
+  token = content.trim();
   return token;
 }
 

@@ -159,14 +159,16 @@ export async function startDaemon(
   const late: { nbd?: NbdServer; fuse?: FuseFrontend } = {};
   const operations = new Operations(events, 200, config.etcd?.nodeName);
   // Late-bound like the frontends: the metrics read volumes, volumes feed the metrics.
-  const lateVolumes: { manager?: VolumeManager } = {};
+  const lateVolumes: { manager?: VolumeManager; jobs?: JobScheduler } = {};
   const metrics =
     config.metrics === false
       ? undefined
       : new Metrics({
           volumes: () => lateVolumes.manager?.list() ?? Promise.resolve([]),
           node: () => cluster.self(),
+          jobs: () => lateVolumes.jobs?.list() ?? Promise.resolve([]),
         });
+  if (metrics) operations.onFinish = (op) => metrics.operationEnded(op);
   const etcdRecords = etcd ? new EtcdVolumeRecords(etcd) : undefined;
   const volumes = new VolumeManager({
     spaces,
@@ -281,6 +283,7 @@ export async function startDaemon(
     clock: systemClock,
   });
   jobs.start();
+  lateVolumes.jobs = jobs;
   const drainer = etcdRecords
     ? new Drainer({
         cluster,

@@ -1,4 +1,6 @@
-import { Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { JobInfo } from './jobs.ts';
+import type { Operation } from './operations.ts';
 import type { IoKind, IoObserver } from '../replication/supervisor.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { VolumeInfo } from './volumes.ts';
@@ -90,8 +92,58 @@ export class Metrics {
   readonly registry = new Registry();
   readonly #meters = new Map<string, VolumeMeter>();
 
-  constructor(source: { volumes: () => Promise<VolumeInfo[]>; node: () => Promise<NodeInfo> }) {
+  readonly #operations: Counter<'kind' | 'volume' | 'outcome'>;
+  readonly #operationBytes: Counter<'kind' | 'volume'>;
+  readonly #lastSuccess: Gauge<'kind' | 'volume'>;
+
+  constructor(source: {
+    volumes: () => Promise<VolumeInfo[]>;
+    node: () => Promise<NodeInfo>;
+    jobs?: () => Promise<JobInfo[]>;
+  }) {
     const registers = [this.registry];
+    // Long work (backups, restores, rebuilds, verify, scrub, deletes): counted as it ends.
+    this.#operations = new Counter({
+      name: 'corral_operations_total',
+      help: 'Long operations that ended, by kind (backup, restore, rebuild, ...), volume and outcome',
+      labelNames: ['kind', 'volume', 'outcome'],
+      registers,
+    });
+    this.#operationBytes = new Counter({
+      name: 'corral_operation_bytes_total',
+      help: 'Bytes long operations moved (a backup: bytes stored in the target; a rebuild: copied)',
+      labelNames: ['kind', 'volume'],
+      registers,
+    });
+    this.#lastSuccess = new Gauge({
+      name: 'corral_operation_last_success_timestamp_seconds',
+      help: 'When an operation of this kind last succeeded on the volume (Unix time)',
+      labelNames: ['kind', 'volume'],
+      registers,
+    });
+    const jobs = source.jobs;
+    if (jobs) {
+      const lastRun = new Gauge({
+        name: 'corral_job_last_run_timestamp_seconds',
+        help: 'When a recurring job last ran (Unix time), with its outcome',
+        labelNames: ['job', 'volume', 'task', 'outcome'],
+        registers,
+        collect: async () => {
+          lastRun.reset();
+          for (const j of await jobs())
+            if (j.lastRunAt !== undefined)
+              lastRun.set(
+                {
+                  job: j.id,
+                  volume: j.volume,
+                  task: j.task,
+                  outcome: j.lastOutcome?.startsWith('failed') === true ? 'failed' : 'succeeded',
+                },
+                Date.parse(j.lastRunAt) / 1000,
+              );
+        },
+      });
+    }
     collectDefaultMetrics({ register: this.registry });
     const perKind = (name: string, help: string, pick: (m: VolumeMeter) => Float64Array): void =>
       this.#register(name, help, 'counter', () =>
@@ -206,6 +258,16 @@ export class Metrics {
     });
   }
 
+  /** An operation ended: counted by kind, volume and outcome; its bytes and success time kept. */
+  operationEnded(op: Operation): void {
+    const volume = op.volume ?? '';
+    this.#operations.inc({ kind: op.kind, volume, outcome: op.state });
+    if (op.state !== 'succeeded') return;
+    const bytes = operationBytes(op);
+    if (bytes > 0) this.#operationBytes.inc({ kind: op.kind, volume }, bytes);
+    this.#lastSuccess.set({ kind: op.kind, volume }, Date.parse(op.endedAt ?? '') / 1000 || 0);
+  }
+
   /** A metric made from the meters when Prometheus scrapes. */
   #register(
     name: string,
@@ -256,4 +318,13 @@ export class Metrics {
       writeLatency: m.quantiles(KIND_INDEX.write),
     });
   }
+}
+
+/** What an operation moved: a backup's bytes stored, a rebuild's bytes copied, else its progress. */
+function operationBytes(op: Operation): number {
+  const r = op.result as
+    { stats?: { bytesStored?: unknown }; bytesCopied?: unknown } | undefined | null;
+  if (typeof r?.stats?.bytesStored === 'number') return r.stats.bytesStored;
+  if (typeof r?.bytesCopied === 'number') return r.bytesCopied;
+  return op.progress.bytes;
 }

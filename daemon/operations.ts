@@ -37,6 +37,8 @@ export class Operations {
 
   /** In a cluster, ids name the node (`op-n1_…`): a call on another node is sent here. */
   readonly #node: string | undefined;
+  /** Hears of every operation as it ends (the metrics count them). */
+  onFinish?: (op: Operation) => void;
 
   constructor(events: EventLog, keep = 200, node?: string) {
     this.#events = events;
@@ -102,6 +104,7 @@ export class Operations {
         op.endedAt = new Date().toISOString();
         const seconds = (Date.now() - started) / 1000;
         op.bytesPerSecond = seconds > 0 ? Math.round(op.progress.bytes / seconds) : 0;
+        this.onFinish?.(op);
       }
     })();
     // The caller may not wait; the outcome is in the operation and the events.

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { it, describe } from 'node:test';
 import fc from 'fast-check';
 import { DaemonProcess } from './helpers/daemon.ts';
-import { run } from './helpers/run.ts';
+import { verifyingFio } from './helpers/fio.ts';
 
 /** Requests per run; CORRAL_FUZZ_REQUESTS for longer local runs. */
 const REQUESTS = Number(process.env.CORRAL_FUZZ_REQUESTS ?? 3000);
@@ -167,22 +167,7 @@ describe('API fuzzing: every route, malformed bodies, huge numbers, hostile name
     const d = await DaemonProcess.start();
     try {
       await d.createVolume('steady', '64M');
-      const fio = run(
-        'fio',
-        [
-          '--name=steady',
-          '--ioengine=nbd',
-          `--uri=${d.uri('steady')}`,
-          '--rw=randwrite',
-          '--bs=4k',
-          '--iodepth=8',
-          '--size=64m',
-          '--verify=crc32c',
-          '--do_verify=1',
-          '--verify_fatal=1',
-        ],
-        { timeoutMs: 300_000 },
-      );
+      const fio = verifyingFio(d.uri('steady'), '64m');
       const failures: string[] = [];
       let sent = 0;
       await fc.assert(

@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { DaemonProcess } from './helpers/daemon.ts';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { DaemonProcess, ROOT } from './helpers/daemon.ts';
 import { parsePrometheus } from './helpers/prometheus.ts';
-import { mustRun } from './helpers/run.ts';
+import { mustRun, waitFor } from './helpers/run.ts';
 
 /** The value of the one sample of `name` whose labels include `labels`, if any. */
 function sample(text: string, name: string, labels: Record<string, string>): number | undefined {
@@ -68,6 +70,61 @@ describe('metrics', () => {
     assert.equal(stats.writeBytes, 69632);
     assert.equal(stats.readOps, 1);
     assert.ok(stats.writeLatency.p50 > 0 && stats.writeLatency.p99 >= stats.writeLatency.p50);
+
+    // Long work is counted as it ends: a backup, with the bytes it stored and when.
+    const t0 = Date.now() / 1000;
+    const backup = await d.cli(['backup', 'create', 'm', '--json']);
+    assert.equal(backup.code, 0, backup.stderr);
+    const stored = (JSON.parse(backup.stdout) as { stats: { bytesStored: number } }).stats
+      .bytesStored;
+    assert.ok(stored > 0);
+    const after = await scrape();
+    const op = { kind: 'backup', volume: 'm' };
+    assert.equal(sample(after, 'corral_operations_total', { ...op, outcome: 'succeeded' }), 1);
+    assert.equal(sample(after, 'corral_operation_bytes_total', op), stored);
+    const last = sample(after, 'corral_operation_last_success_timestamp_seconds', op) ?? 0;
+    assert.ok(last >= Math.floor(t0) && last <= Date.now() / 1000 + 1, `last success ${last}`);
+    // A recurring job's last run (every second, croner's six-field form).
+    const job = await d.cli([
+      'job',
+      'add',
+      'm',
+      '--cron',
+      '* * * * * *',
+      '--task',
+      'snapshot',
+      '--retain',
+      '1',
+      '--json',
+    ]);
+    assert.equal(job.code, 0, job.stderr);
+    const id = (JSON.parse(job.stdout) as { id: string }).id;
+    await waitFor('the job to run', async () =>
+      sample(await scrape(), 'corral_job_last_run_timestamp_seconds', {
+        job: id,
+        volume: 'm',
+        task: 'snapshot',
+        outcome: 'succeeded',
+      }),
+    );
+    assert.equal((await d.cli(['job', 'rm', id])).code, 0);
+    // The example dashboard names only metrics the daemon exports.
+    const dashboard = fs.readFileSync(
+      path.join(ROOT, 'docs', 'grafana', 'corral-dashboard.json'),
+      'utf8',
+    );
+    // Declared by a TYPE line: a gauge with no series yet (no rebuild running) still counts.
+    const exported = new Set([...(await scrape()).matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!));
+    const named = new Set(
+      [...dashboard.matchAll(/\b((?:corral|process)_[a-z_]+)/g)].map((m) =>
+        m[1]!.replace(/_(bucket|sum|count)$/, ''),
+      ),
+    );
+    assert.ok(named.size >= 10);
+    assert.deepEqual(
+      [...named].filter((n) => !exported.has(n)),
+      [],
+    );
     // A removed volume's series go with it.
     assert.equal((await d.cli(['volume', 'rm', 'm'])).code, 0);
     assert.equal(sample(await scrape(), 'corral_volume_ops_total', { volume: 'm' }), undefined);

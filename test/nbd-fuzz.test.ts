@@ -8,9 +8,10 @@ import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
 import { NbdServer } from '../nbd/server.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
+import { verifyingFio } from './helpers/fio.ts';
 import { MemoryDevice } from './helpers/memory-device.ts';
 import { RawNbd } from './helpers/nbd-client.ts';
-import { run, waitFor } from './helpers/run.ts';
+import { waitFor } from './helpers/run.ts';
 
 /** Inputs per run: ≥ 100k on CI; CORRAL_FUZZ_INPUTS for longer local runs. */
 const INPUTS = Number(process.env.CORRAL_FUZZ_INPUTS ?? 100_000);
@@ -229,22 +230,7 @@ describe('NBD fuzzing: mutated handshakes and requests', () => {
     try {
       await d.createVolume('steady', '64M');
       await d.createVolume('f', '1M');
-      const fio = run(
-        'fio',
-        [
-          '--name=steady',
-          '--ioengine=nbd',
-          `--uri=${d.uri('steady')}`,
-          '--rw=randwrite',
-          '--bs=4k',
-          '--iodepth=8',
-          '--size=64m',
-          '--verify=crc32c',
-          '--do_verify=1',
-          '--verify_fatal=1',
-        ],
-        { timeoutMs: 300_000 },
-      );
+      const fio = verifyingFio(d.uri('steady'), '64m');
       let sent = 0;
       await fc.assert(
         fc.asyncProperty(

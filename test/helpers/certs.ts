@@ -3,6 +3,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { mustRun } from './run.ts';
 
+/** `openssl req` arguments for a new P-256 key, unencrypted (the file is 0600). */
+const NEW_EC_KEY = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+
 /** A certificate and its key, as files. */
 export interface CertFiles {
   cert: string;
@@ -29,11 +32,7 @@ export class TestCa {
     await mustRun('openssl', [
       'req',
       '-x509',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:P-256',
-      '-nodes',
+      ...NEW_EC_KEY,
       '-keyout',
       ca.key,
       '-out',
@@ -80,11 +79,7 @@ export class TestCa {
     );
     await mustRun('openssl', [
       'req',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:P-256',
-      '-nodes',
+      ...NEW_EC_KEY,
       '-keyout',
       out.key,
       '-out',
