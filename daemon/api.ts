@@ -12,6 +12,7 @@ import type { Metrics } from './metrics.ts';
 import type { DaemonEvent, EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
+import { openApiDocument } from './openapi.ts';
 import { operationNode, type Operation, type Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
 
@@ -560,6 +561,9 @@ export function createApi(options: ApiOptions): Hono<Env> {
       }),
     });
   });
+
+  // Last: the document lists every route registered above (app.routes), with the role each needs.
+  app.get('/v1/openapi.json', (c) => c.json(openApiDocument(app.routes, options.version)));
 
   if (options.faultInjection) {
     app.post('/v1/debug/volumes/:name/fault', async (c) => {

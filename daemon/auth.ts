@@ -163,7 +163,7 @@ export function bearer(header: string | undefined): string | undefined {
  * default is `admin` too (checked where the body is read: api.ts).
  */
 export function accessFor(method: string, path: string): Access {
-  if (path === '/v1/health') return 'none';
+  if (path === '/v1/health' || path === '/v1/openapi.json') return 'none';
   if (path === '/v1/replicas' || path.startsWith('/v1/replicas/') || path.startsWith('/v1/peer/'))
     return 'peer';
   if (path.startsWith('/v1/tokens') || path.startsWith('/v1/debug/')) return 'admin';

@@ -325,7 +325,7 @@ export async function startDaemon(
   const http = await serveHttp(
     (request, env) => {
       const at = new URL(request.url).pathname;
-      return at === '/' || at === '/ui' || at.startsWith('/ui/')
+      return at === '/' || at === '/docs' || at === '/ui' || at.startsWith('/ui/')
         ? ui.fetch(request, env)
         : app.fetch(request, env);
     },

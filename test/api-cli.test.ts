@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as http2 from 'node:http2';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { ROUTE_DOCS } from '../daemon/openapi.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { RawNbd } from './helpers/nbd-client.ts';
 import { duBytes, mustRun, waitFor } from './helpers/run.ts';
@@ -179,6 +180,38 @@ describe('control API and CLI', () => {
     assert.ok(before - afterRm >= 128 * 1024 * 1024, `freed ${before - afterRm} bytes`);
     assert.equal((await daemon.api_('GET', '/v1/volumes/big')).status, 404);
     assert.equal(fs.readdirSync(replicas).length, 1, 'only db1 remains');
+  });
+
+  it('describes every route it serves in /v1/openapi.json and /docs, with the role each needs', async () => {
+    const r = await fetch(`${daemon.api}/v1/openapi.json`); // no token: the description is public
+    assert.equal(r.status, 200);
+    const doc = (await r.json()) as {
+      openapi: string;
+      paths: Record<string, Record<string, { summary: string; description: string }>>;
+    };
+    assert.equal(doc.openapi, '3.1.0');
+    const served = Object.entries(doc.paths).flatMap(([p, ms]) =>
+      Object.entries(ms).map(([m, op]) => ({ key: `${m.toUpperCase()} ${p}`, op })),
+    );
+    assert.deepEqual(
+      served.filter(({ op }) => op.summary === '').map(({ key }) => key),
+      [],
+      'a served route without a description in daemon/openapi.ts',
+    );
+    const documented = Object.keys(ROUTE_DOCS)
+      .filter((k) => !k.includes('/debug/'))
+      .map((k) => k.replace(/:([a-z]+)/gi, '{$1}'));
+    assert.deepEqual(
+      documented.filter((k) => !served.some((s) => s.key === k)),
+      [],
+      'a description of a route that is not served',
+    );
+    const create = doc.paths['/v1/volumes']!.post!;
+    assert.match(create.description, /operator role/);
+    assert.match(doc.paths['/v1/volumes/{name}']!.delete!.description, /admin role/);
+    const page = await fetch(`${daemon.api}/docs`);
+    assert.equal(page.status, 200);
+    assert.match(await page.text(), /<code>\/v1\/volumes\/\{name\}\/snapshots<\/code>/);
   });
 
   it('events --follow prints events as they happen (server-sent events)', async () => {

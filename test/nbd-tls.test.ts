@@ -55,6 +55,7 @@ describe('NBD over TLS (X.509): real clients, refusals, allow lists', () => {
     work = path.join(ca.dir, 'work');
     fs.mkdirSync(work);
     d = await DaemonProcess.start({
+      caFile: ca.ca.cert, // the API is https too
       args: [
         '--tls-cert',
         node.cert,
@@ -143,11 +144,20 @@ describe('NBD over TLS (X.509): real clients, refusals, allow lists', () => {
 
   it('a client refuses a server whose certificate has expired', async () => {
     const old = await ca.issue('n1-old', 'n1', { ou: 'node', ips: ['127.0.0.1'], days: -1 });
+    // Its API serves the expired certificate too: the volume comes from the command line.
     const stale = await DaemonProcess.start({
-      args: ['--tls-cert', old.cert, '--tls-key', old.key, '--nbd-tls', 'require'],
+      args: [
+        '--tls-cert',
+        old.cert,
+        '--tls-key',
+        old.key,
+        '--nbd-tls',
+        'require',
+        '--ensure-volume',
+        'v=1M',
+      ],
     });
     try {
-      await stale.createVolume('v', '1M');
       const r = await run('nbdinfo', [
         `nbds://127.0.0.1:${stale.nbdPort}/v?tls-certificates=${anonymous}`,
       ]);

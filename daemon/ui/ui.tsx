@@ -8,6 +8,7 @@ import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
 import type { VolumeInfo } from '../volumes.ts';
 import {
+  ApiDocs,
   DashboardBody,
   EventTable,
   Layout,
@@ -100,6 +101,10 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     }),
   );
   ui.get('/ui/login', (c) => c.html(<Login />));
+  ui.get('/docs', async (c) => {
+    const doc = await call<Parameters<typeof ApiDocs>[0]['document']>(c, 'GET', '/v1/openapi.json');
+    return c.html(<ApiDocs document={doc.json} />);
+  });
   // Cross-site requests may not act: the browser names the page a POST comes from.
   ui.use('/ui/*', async (c, next) => {
     if (c.req.method === 'POST') {

@@ -313,3 +313,53 @@ export function VolumeDetail(props: {
     </>
   );
 }
+
+interface OpenApiOperation {
+  summary: string;
+  description: string;
+  requestBody?: { content: { 'application/json': { schema: { properties?: object } } } };
+}
+
+/** The API described: every route, the role it needs, what it takes (from /v1/openapi.json). */
+export function ApiDocs(props: {
+  document: { paths: Record<string, Record<string, OpenApiOperation>> };
+}) {
+  const rows = Object.entries(props.document.paths).flatMap(([path, methods]) =>
+    Object.entries(methods).map(([method, op]) => ({ path, method, op })),
+  );
+  return (
+    <Layout title="API">
+      <h1>Corral API</h1>
+      <p>
+        JSON in and out under <code>/v1</code>; errors are{' '}
+        <code>{'{"error": {"code", "message"}}'}</code>; <code>Authorization: Bearer TOKEN</code> on
+        every call but the health check. Machine-readable:{' '}
+        <a href="/v1/openapi.json">/v1/openapi.json</a> (OpenAPI 3.1).
+      </p>
+      <table id="routes">
+        <tr>
+          <th>Method</th>
+          <th>Path</th>
+          <th>What</th>
+          <th>Who</th>
+          <th>Body</th>
+        </tr>
+        {rows.map(({ path, method, op }) => (
+          <tr>
+            <td>{method.toUpperCase()}</td>
+            <td>
+              <code>{path}</code>
+            </td>
+            <td>{op.summary}</td>
+            <td>{op.description}</td>
+            <td>
+              {Object.keys(
+                op.requestBody?.content['application/json'].schema.properties ?? {},
+              ).join(', ')}
+            </td>
+          </tr>
+        ))}
+      </table>
+    </Layout>
+  );
+}
