@@ -14,6 +14,7 @@ import { runCertsCommand } from './cli-certs.ts';
 import { parseHostPort, startDaemon, type DaemonConfig } from './daemon.ts';
 import { defaultDataDir } from './paths.ts';
 import { readSecretFile } from './secrets.ts';
+import { createLogger, LOG_LEVELS, type LogLevel } from './log.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeStats } from './metrics.ts';
 import type { VolumeInfo } from './volumes.ts';
@@ -31,7 +32,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
                 [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
                 [--tls-cert F --tls-key F [--tls-ca F]] [--nbd-tls off|on|require]
-                [--nbd-tls-psk FILE]
+                [--nbd-tls-psk FILE] [--log-level debug|info|warn|error] [--log-format json|text]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
                 [--failover auto] [--nbd-allow IDENTITY ...] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
@@ -108,6 +109,8 @@ async function runDaemon(args: string[]): Promise<void> {
       'tls-ca': { type: 'string' },
       'nbd-tls': { type: 'string' },
       'nbd-tls-psk': { type: 'string' },
+      'log-level': { type: 'string' },
+      'log-format': { type: 'string' },
     },
     strict: true,
   });
@@ -189,8 +192,15 @@ async function runDaemon(args: string[]): Promise<void> {
   // A daemon outlives whoever reads its output: a closed pipe must not kill it (EPIPE).
   process.stdout.on('error', () => undefined);
   process.stderr.on('error', () => undefined);
-  const log = (line: string): void => console.error(`${new Date().toISOString()} ${line}`);
-  const daemon = await startDaemon(config, log);
+  const level = values['log-level'] ?? 'info';
+  if (!(LOG_LEVELS as readonly string[]).includes(level))
+    throw new UsageError(`--log-level takes ${LOG_LEVELS.join(', ')}`);
+  const format = values['log-format'] ?? (process.stderr.isTTY ? 'text' : 'json');
+  if (format !== 'json' && format !== 'text')
+    throw new UsageError('--log-format takes json or text');
+  const logger = createLogger({ level: level as LogLevel, format });
+  const log = (line: string): void => logger.info(line);
+  const daemon = await startDaemon(config, logger);
   // One machine-readable line on stdout: tests and scripts wait for it.
   console.log(
     `ready ${JSON.stringify({ api: daemon.api, nbd: daemon.nbd, nbdSocket: daemon.nbdSocket, fuseMount: daemon.fuseMount, pid: process.pid })}`,
@@ -203,7 +213,7 @@ async function runDaemon(args: string[]): Promise<void> {
     daemon.stop().then(
       () => process.exit(0),
       (err: unknown) => {
-        log(`stop failed: ${String(err)}`);
+        logger.error(`stop failed: ${String(err)}`);
         process.exit(1);
       },
     );

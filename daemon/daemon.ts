@@ -28,6 +28,7 @@ import { Metrics } from './metrics.ts';
 import { NodeRegistry } from './node-registry.ts';
 import { EtcdVolumeRecords, LocalVolumeRecords } from './volume-records.ts';
 import { ADMIN_TOKEN_FILE } from './paths.ts';
+import { logEvent, type Logger } from './log.ts';
 import { VolumeManager } from './volumes.ts';
 
 export interface DaemonConfig {
@@ -94,24 +95,23 @@ export interface RunningDaemon {
   stop(): Promise<void>;
 }
 
-export async function startDaemon(
-  config: DaemonConfig,
-  log: (line: string) => void,
-): Promise<RunningDaemon> {
+export async function startDaemon(config: DaemonConfig, log: Logger): Promise<RunningDaemon> {
   // Volume data, metadata and the host's admin token live here: the owner's alone.
   await fs.promises.mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   if (((await fs.promises.stat(config.dataDir)).mode & 0o077) !== 0) {
     await fs.promises.chmod(config.dataDir, 0o700);
-    log(`data dir ${config.dataDir} was open to others: now 0700`);
+    log.warn(`data dir ${config.dataDir} was open to others: now 0700`);
   }
   const metaDir = path.join(config.dataDir, 'meta');
   if (config.repairMetadata) {
     const copy = await Kv.repair(metaDir, new Date());
-    log(`metadata store ${metaDir} repaired; the damaged one was copied to ${copy}`);
+    log.warn(`metadata store ${metaDir} repaired; the damaged one was copied to ${copy}`);
   }
   const kv = await Kv.open(metaDir, { reserve: true });
   const spaces = openSpaces(kv);
   const events = new EventLog();
+  // One log line per event: operations with their ids, failures, refusals; never per I/O.
+  events.follow((e) => logEvent(log, e));
   let node = await spaces.node.get('self');
   if (!node) {
     node = {
@@ -219,7 +219,7 @@ export async function startDaemon(
           },
         }
       : {}),
-    log: { warn: (m) => log(`warn: ${m}`) },
+    log: { warn: (m) => log.warn(m) },
     handshakeTimeoutMs: config.nbdHandshakeTimeoutMs,
     maxConnections: config.nbdMaxConnections,
   });
@@ -234,12 +234,12 @@ export async function startDaemon(
       fuse = await FuseFrontend.mount({
         mountpoint: config.fuseMount,
         volumes: { names: () => volumes.fuseNames(), device: (name) => volumes.fuseDevice(name) },
-        log: { warn: (m) => log(`warn: ${m}`) },
+        log: { warn: (m) => log.warn(m) },
       });
       late.fuse = fuse;
     } catch (err) {
-      log(
-        `warn: FUSE images are off: cannot mount ${config.fuseMount}: ${err instanceof Error ? err.message : String(err)}`,
+      log.warn(
+        `FUSE images are off: cannot mount ${config.fuseMount}: ${err instanceof Error ? err.message : String(err)}`,
       );
     }
   }
@@ -338,7 +338,7 @@ export async function startDaemon(
   cluster.selfUrl = config.advertise ?? `${scheme}://${config.listen.host}:${http.port}`;
   // Registered before the volumes start: placement and engines look nodes up in etcd.
   await registry?.start(cluster.selfUrl);
-  if (registry) log(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
+  if (registry) log.info(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
   await etcdRecords?.start((err) =>
     events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
   );

@@ -1,8 +1,13 @@
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium, type Browser, type Page } from 'playwright-core';
-import { DaemonProcess } from './helpers/daemon.ts';
-import { mustRun } from './helpers/run.ts';
+import { DaemonProcess, ROOT } from './helpers/daemon.ts';
+import { mustRun, waitFor } from './helpers/run.ts';
+
+/** Screenshots of what the tests saw, kept after the run (not in git). */
+const ARTIFACTS = path.join(ROOT, 'test-artifacts');
 
 /** Debian's chromium, driven by playwright-core: no browser download. */
 const CHROMIUM = process.env.CORRAL_CHROMIUM ?? '/usr/bin/chromium';
@@ -29,8 +34,16 @@ describe('the web UI in Chromium', () => {
     await d?.cleanup();
   });
 
-  async function login(token: string): Promise<Page> {
-    const page = await browser.newPage();
+  async function shot(page: Page, name: string): Promise<void> {
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    await page.screenshot({ path: path.join(ARTIFACTS, `ui-${name}.png`), fullPage: true });
+  }
+
+  async function login(
+    token: string,
+    viewport: { width: number; height: number } = { width: 1280, height: 800 },
+  ): Promise<Page> {
+    const page = await browser.newPage({ viewport });
     await page.goto(`${d.api}/`);
     // Not logged in: the login page, whatever was asked for.
     assert.match(page.url(), /\/ui\/login$/);
@@ -52,6 +65,7 @@ describe('the web UI in Chromium', () => {
     assert.match((await admin.textContent('#nodes-up')) ?? '', /1\/1/);
     assert.match((await admin.textContent('#volume-count')) ?? '', /1\s*volumes/);
     assert.match((await admin.textContent('header')) ?? '', /host-admin \(admin\)/);
+    await shot(admin, 'dashboard');
     await admin.close();
   });
 
@@ -71,7 +85,7 @@ describe('the web UI in Chromium', () => {
     await page.waitForSelector('#replicas');
     assert.match((await page.textContent('#replicas')) ?? '', /local\s*RW/);
     await page.fill('#snapshots input[name=name]', 'from-the-ui');
-    await page.click('#snapshots button');
+    await page.click('#snapshots > form button');
     await page.waitForSelector('tr[data-snapshot=from-the-ui]');
     const snaps = await d.api_<{ snapshots: Snapshot[] }>('GET', '/v1/volumes/db1/snapshots');
     assert.deepEqual(
@@ -89,6 +103,67 @@ describe('the web UI in Chromium', () => {
       undefined,
       { timeout: 10_000 },
     );
+    // ... and the chart's rate with it: the sample that saw the writes shows writes per second.
+    assert.match((await page.textContent('#iops')) ?? '', /([1-9][\d.]*|0\.[1-9]) writes\/s/);
+    await page.close();
+  });
+
+  it('reverts a snapshot, backs up with progress, restores, and deletes only after a confirmation', async () => {
+    const page = await login(d.token);
+    await page.goto(`${d.api}/ui/volumes/db1`);
+    // What the snapshot holds (0x42: the 0x43 write came after it) is overwritten, then brought back.
+    await mustRun('qemu-io', ['-f', 'raw', d.uri('db1'), '-c', 'write -P 0x44 0 1M']);
+    page.once('dialog', (dialog) => void dialog.accept());
+    await page.click('tr[data-snapshot=from-the-ui] button[data-action=revert]');
+    await page.waitForSelector('#snapshots .notice');
+    await mustRun('qemu-io', ['-f', 'raw', d.uri('db1'), '-c', 'read -P 0x42 0 1M']);
+
+    await page.click('#backups button:text("Back up now")');
+    await page.waitForSelector('#backups .operation');
+    await page.waitForSelector('#backups tr[data-backup]', { timeout: 30_000 });
+    const backups = await d.api_<{ backups: Array<{ volume: string; url: string }> }>(
+      'GET',
+      '/v1/backups?volume=db1',
+    );
+    assert.equal(backups.json.backups.length, 1);
+    await shot(page, 'volume');
+    await page.fill('#backups input[name=into]', 'db1-restored');
+    await page.click('#backups form button');
+    await page.waitForSelector('#backups .operation');
+    // The restore runs on: its volume is served once it is done.
+    await waitFor('the restored volume', async () =>
+      (await d.api_<{ state: string }>('GET', '/v1/volumes/db1-restored')).json.state === 'attached'
+        ? true
+        : undefined,
+    );
+    await mustRun('qemu-io', ['-f', 'raw', d.uri('db1-restored'), '-c', 'read -P 0x42 0 1M']);
+
+    // Delete asks first: dismissed, nothing happens; accepted, the volume goes.
+    await page.goto(`${d.api}/ui/volumes`);
+    page.once('dialog', (dialog) => void dialog.dismiss());
+    await page.click('tr[data-volume=web1] button[data-action=delete]');
+    assert.equal((await d.api_('GET', '/v1/volumes/web1')).status, 200);
+    page.once('dialog', (dialog) => void dialog.accept());
+    await page.click('tr[data-volume=web1] button[data-action=delete]');
+    await page.waitForSelector('tr[data-volume=web1]', { state: 'detached' });
+    assert.equal((await d.api_('GET', '/v1/volumes/web1')).status, 404);
+    await page.close();
+  });
+
+  it('works on a phone-sized screen', async () => {
+    const page = await login(d.token, { width: 390, height: 844 });
+    for (const at of ['/ui/', '/ui/volumes', '/ui/volumes/db1', '/ui/nodes', '/ui/backups']) {
+      await page.goto(`${d.api}${at}`);
+      const overflow = await page.evaluate<number>(
+        'document.documentElement.scrollWidth - window.innerWidth',
+      );
+      assert.ok(overflow <= 0, `${at} is ${overflow} px wider than the screen`);
+    }
+    await page.goto(`${d.api}/ui/volumes/db1`);
+    await page.fill('#snapshots input[name=name]', 'from-a-phone');
+    await page.click('#snapshots > form button');
+    await page.waitForSelector('tr[data-snapshot=from-a-phone]');
+    await shot(page, 'phone-volume');
     await page.close();
   });
 
@@ -96,7 +171,7 @@ describe('the web UI in Chromium', () => {
     const page = await login(readOnly);
     await page.goto(`${d.api}/ui/volumes/db1`);
     await page.fill('#snapshots input[name=name]', 'not-allowed');
-    await page.click('#snapshots button');
+    await page.click('#snapshots > form button');
     await page.waitForSelector('#snapshots .error');
     assert.match((await page.textContent('#snapshots .error')) ?? '', /needs the operator role/);
     const snaps = await d.api_<{ snapshots: Snapshot[] }>('GET', '/v1/volumes/db1/snapshots');

@@ -7,9 +7,15 @@ import type { DaemonEvent } from '../events.ts';
 import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
 import type { VolumeInfo } from '../volumes.ts';
+import type { BackupSummary } from '../backups.ts';
+import type { Operation } from '../operations.ts';
 import {
   ApiDocs,
+  Backups,
   DashboardBody,
+  NodeList,
+  OperationProgress,
+  type IopsSample,
   EventTable,
   Layout,
   Login,
@@ -190,49 +196,208 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     return c.html(await volumeList(c, created.error));
   });
 
+  /** Recent samples of each volume's counters, for the IOPS chart (taken as the page asks). */
+  const history = new Map<string, IopsSample[]>();
   const stats = async (c: Context, name: string) => {
     const s = await call<VolumeStats>(c, 'GET', `/v1/volumes/${encodeURIComponent(name)}/stats`);
-    return s.ok ? s.json : undefined;
+    if (!s.ok) return { stats: undefined, history: [] };
+    const samples = history.get(name) ?? [];
+    samples.push({ t: Date.now(), reads: s.json.readOps, writes: s.json.writeOps });
+    if (samples.length > 60) samples.shift();
+    history.delete(name); // re-inserted last: the map stays ordered by use
+    history.set(name, samples);
+    if (history.size > 1000) history.delete(history.keys().next().value!);
+    return { stats: s.json, history: samples };
   };
-  ui.get('/ui/volumes/:name', async (c) => {
-    const name = c.req.param('name');
-    const path = `/v1/volumes/${encodeURIComponent(name)}`;
-    const [volume, snapshots] = await Promise.all([
-      call<VolumeInfo>(c, 'GET', path),
-      call<{ snapshots: SnapshotInfo[] }>(c, 'GET', `${path}/snapshots`),
-    ]);
-    return c.html(
-      <Layout title={name} who={await whoami(c)}>
-        <VolumeDetail
-          volume={need(c, volume)}
-          snapshots={snapshots.ok ? snapshots.json.snapshots : []}
-          stats={await stats(c, name)}
-        />
-      </Layout>,
-    );
-  });
-  ui.get('/ui/fragments/volumes/:name/stats', async (c) =>
-    c.html(<StatsTable name={c.req.param('name')} stats={await stats(c, c.req.param('name'))} />),
-  );
-  ui.post('/ui/volumes/:name/snapshots', async (c) => {
-    const name = c.req.param('name');
-    const form = await c.req.parseBody();
-    const path = `/v1/volumes/${encodeURIComponent(name)}/snapshots`;
-    const taken = await call(
+  const volumePath = (name: string) => `/v1/volumes/${encodeURIComponent(name)}`;
+  const backupsOf = async (c: Context, volume: string | undefined) => {
+    const list = await call<{ backups: BackupSummary[] }>(
       c,
-      'POST',
-      path,
-      typeof form.name === 'string' && form.name !== '' ? { name: form.name } : {},
+      'GET',
+      `/v1/backups${volume !== undefined ? `?volume=${encodeURIComponent(volume)}` : ''}`,
     );
-    if (taken.status === 401) throw new LoggedOut();
-    const list = await call<{ snapshots: SnapshotInfo[] }>(c, 'GET', path);
+    return list.ok ? list.json.backups : [];
+  };
+  const detail = async (c: Context, name: string) => {
+    const [volume, snapshots, backups, s] = await Promise.all([
+      call<VolumeInfo>(c, 'GET', volumePath(name)),
+      call<{ snapshots: SnapshotInfo[] }>(c, 'GET', `${volumePath(name)}/snapshots`),
+      backupsOf(c, name),
+      stats(c, name),
+    ]);
+    return (
+      <VolumeDetail
+        volume={need(c, volume)}
+        snapshots={snapshots.ok ? snapshots.json.snapshots : []}
+        stats={s.stats}
+        history={s.history}
+        backups={backups}
+      />
+    );
+  };
+  ui.get('/ui/volumes/:name', async (c) =>
+    c.html(
+      <Layout title={c.req.param('name')} who={await whoami(c)}>
+        {await detail(c, c.req.param('name'))}
+      </Layout>,
+    ),
+  );
+  ui.get('/ui/fragments/volumes/:name/stats', async (c) => {
+    const s = await stats(c, c.req.param('name'));
+    return c.html(<StatsTable name={c.req.param('name')} stats={s.stats} history={s.history} />);
+  });
+  // Attach, detach, delete: from the list (the list is redrawn) or the volume's page.
+  ui.post('/ui/volumes/:name/:action{attach|detach|delete}', async (c) => {
+    const name = c.req.param('name');
+    const action = c.req.param('action');
+    const done =
+      action === 'delete'
+        ? await call(c, 'DELETE', volumePath(name))
+        : await call(c, 'POST', `${volumePath(name)}/${action}`, {});
+    if (done.status === 401) throw new LoggedOut();
+    if (c.req.header('hx-target') === 'volume-list') return c.html(await volumeList(c, done.error));
+    if (action === 'delete' && done.ok) {
+      c.header('HX-Redirect', '/ui/volumes');
+      return c.body(null, 200);
+    }
+    if (!done.ok) return c.html(<p class="error">{done.error}</p>, 200);
+    return c.html(await detail(c, name));
+  });
+
+  const snapshotList = async (
+    c: Context,
+    name: string,
+    answer: Answer<unknown>,
+    notice?: string,
+  ) => {
+    if (answer.status === 401) throw new LoggedOut();
+    const list = await call<{ snapshots: SnapshotInfo[] }>(
+      c,
+      'GET',
+      `${volumePath(name)}/snapshots`,
+    );
     return c.html(
       <Snapshots
         name={name}
         snapshots={list.ok ? list.json.snapshots : []}
-        {...(taken.error !== undefined ? { error: taken.error } : {})}
+        {...(answer.error !== undefined ? { error: answer.error } : {})}
+        {...(answer.ok && notice !== undefined ? { notice } : {})}
       />,
     );
+  };
+  ui.post('/ui/volumes/:name/snapshots', async (c) => {
+    const name = c.req.param('name');
+    const form = await c.req.parseBody();
+    const taken = await call(
+      c,
+      'POST',
+      `${volumePath(name)}/snapshots`,
+      typeof form.name === 'string' && form.name !== '' ? { name: form.name } : {},
+    );
+    return snapshotList(c, name, taken);
+  });
+  ui.post('/ui/volumes/:name/snapshots/:snapshot/:action{revert|delete|clone}', async (c) => {
+    const name = c.req.param('name');
+    const snapshot = c.req.param('snapshot');
+    const at = `${volumePath(name)}/snapshots/${encodeURIComponent(snapshot)}`;
+    switch (c.req.param('action')) {
+      case 'revert':
+        return snapshotList(
+          c,
+          name,
+          await call(c, 'POST', `${at}/revert`, {}),
+          `Reverted to ${snapshot}`,
+        );
+      case 'delete':
+        return snapshotList(c, name, await call(c, 'DELETE', at));
+      default: {
+        const form = await c.req.parseBody();
+        const clone = typeof form.clone === 'string' ? form.clone : '';
+        const made = await call(c, 'POST', '/v1/volumes', {
+          name: clone,
+          fromSnapshot: `${name}@${snapshot}`,
+        });
+        return snapshotList(c, name, made, `Cloned into volume ${clone}`);
+      }
+    }
+  });
+
+  // Backups: started as operations, whose progress the page follows.
+  ui.post('/ui/volumes/:name/backups', async (c) => {
+    const name = c.req.param('name');
+    const started = await call<{ operation: Operation }>(c, 'POST', '/v1/backups', {
+      volume: name,
+    });
+    if (started.status === 401) throw new LoggedOut();
+    return c.html(
+      <Backups
+        volume={name}
+        backups={await backupsOf(c, name)}
+        {...(started.ok ? { started: started.json.operation } : { error: started.error! })}
+      />,
+    );
+  });
+  ui.post('/ui/restores', async (c) => {
+    const form = await c.req.parseBody();
+    const volume = typeof form.volume === 'string' && form.volume !== '' ? form.volume : undefined;
+    const started = await call<{ operation: Operation }>(c, 'POST', '/v1/restores', {
+      backup: form.backup,
+      volume: form.into,
+    });
+    if (started.status === 401) throw new LoggedOut();
+    return c.html(
+      <Backups
+        {...(volume !== undefined ? { volume } : {})}
+        backups={await backupsOf(c, volume)}
+        {...(started.ok ? { started: started.json.operation } : { error: started.error! })}
+      />,
+    );
+  });
+  ui.get('/ui/fragments/volumes/:name/backups', async (c) =>
+    c.html(
+      <Backups volume={c.req.param('name')} backups={await backupsOf(c, c.req.param('name'))} />,
+    ),
+  );
+  ui.get('/ui/fragments/operations/:id', async (c) => {
+    const op = need(
+      c,
+      await call<Operation>(c, 'GET', `/v1/operations/${encodeURIComponent(c.req.param('id'))}`),
+    );
+    return c.html(<OperationProgress op={op} />);
+  });
+  ui.get('/ui/backups', async (c) =>
+    c.html(
+      <Layout title="Backups" who={await whoami(c)}>
+        <h1>Backups</h1>
+        <p>In the daemon's default target; restore one into a new volume.</p>
+        <Backups backups={await backupsOf(c, undefined)} />
+      </Layout>,
+    ),
+  );
+
+  const nodeList = async (c: Context, error?: string) => (
+    <NodeList
+      nodes={need(c, await call<{ nodes: NodeInfo[] }>(c, 'GET', '/v1/nodes')).nodes}
+      {...(error !== undefined ? { error } : {})}
+    />
+  );
+  ui.get('/ui/nodes', async (c) =>
+    c.html(
+      <Layout title="Nodes" who={await whoami(c)}>
+        <h1>Nodes</h1>
+        {await nodeList(c)}
+      </Layout>,
+    ),
+  );
+  ui.post('/ui/nodes/:name/:action{cordon|uncordon|drain}', async (c) => {
+    const done = await call(
+      c,
+      'POST',
+      `/v1/nodes/${encodeURIComponent(c.req.param('name'))}/${c.req.param('action')}`,
+      {},
+    );
+    if (done.status === 401) throw new LoggedOut();
+    return c.html(await nodeList(c, done.error));
   });
 
   ui.get('/ui/events', async (c) => {

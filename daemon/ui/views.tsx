@@ -1,7 +1,9 @@
 import type { Child } from 'hono/jsx';
 import { formatSize } from '../../common/size.ts';
 import type { SnapshotInfo } from '../../replication/replica.ts';
+import type { BackupSummary } from '../backups.ts';
 import type { DaemonEvent } from '../events.ts';
+import type { Operation } from '../operations.ts';
 import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
 import type { VolumeInfo } from '../volumes.ts';
@@ -18,6 +20,12 @@ th,td{text-align:left;padding:.3em .8em;border-bottom:1px solid #dcdcde}th{backg
 .state-attached,.mode-RW{color:#007017}.state-failed,.mode-ERR{color:#b32d2e}.mode-WO{color:#996800}
 .error{color:#b32d2e;margin:.4em 0}form.inline{display:inline}
 input,select,button{font:inherit;margin-right:.4em}
+.scroll{overflow-x:auto}.actions button{margin:0 .2em}
+.progress{background:#dcdcde;height:.8em;width:16em;display:inline-block;vertical-align:middle}
+.progress>div{background:#2271b1;height:100%}
+svg.chart{background:#fff;border:1px solid #dcdcde}
+@media (max-width:40em){main{padding:.5em}header{flex-wrap:wrap;gap:.8em}
+table{min-width:0;display:block;overflow-x:auto;max-width:100%}}
 `;
 
 /** The page around every view: the menu, and htmx for the forms and the live parts. */
@@ -26,6 +34,7 @@ export function Layout(props: { title: string; children: Child; who?: string }) 
     <html lang="en">
       <head>
         <meta charset="utf-8" />
+        <meta name="viewport" content="width=device-width, initial-scale=1" />
         <title>{props.title} · Corral</title>
         <style>{STYLE}</style>
         <script src="/ui/htmx.min.js"></script>
@@ -35,6 +44,8 @@ export function Layout(props: { title: string; children: Child; who?: string }) 
           <b>Corral</b>
           <a href="/ui/">Dashboard</a>
           <a href="/ui/volumes">Volumes</a>
+          <a href="/ui/backups">Backups</a>
+          <a href="/ui/nodes">Nodes</a>
           <a href="/ui/events">Events</a>
           {props.who !== undefined ? (
             <span style="margin-left:auto">
@@ -155,9 +166,36 @@ export function EventTable(props: { events: DaemonEvent[] }) {
   );
 }
 
+/** Attach or detach, and delete (after a confirmation): each answers with `target` redrawn. */
+export function VolumeActions(props: { volume: VolumeInfo; target: string }) {
+  const base = `/ui/volumes/${encodeURIComponent(props.volume.name)}`;
+  const hx = { 'hx-target': props.target, 'hx-swap': 'outerHTML' };
+  return (
+    <>
+      {props.volume.attached ? (
+        <button hx-post={`${base}/detach`} {...hx} data-action="detach">
+          Detach
+        </button>
+      ) : (
+        <button hx-post={`${base}/attach`} {...hx} data-action="attach">
+          Attach
+        </button>
+      )}
+      <button
+        hx-post={`${base}/delete`}
+        hx-confirm={`Delete volume ${props.volume.name} and all its data?`}
+        {...hx}
+        data-action="delete"
+      >
+        Delete
+      </button>
+    </>
+  );
+}
+
 export function VolumeList(props: { volumes: VolumeInfo[]; error?: string }) {
   return (
-    <div id="volume-list">
+    <div id="volume-list" class="scroll">
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
       <table>
         <tr>
@@ -168,6 +206,7 @@ export function VolumeList(props: { volumes: VolumeInfo[]; error?: string }) {
           <th>State</th>
           <th>Node</th>
           <th>Connections</th>
+          <th></th>
         </tr>
         {props.volumes.map((v) => (
           <tr data-volume={v.name}>
@@ -182,6 +221,9 @@ export function VolumeList(props: { volumes: VolumeInfo[]; error?: string }) {
             <td class={`state-${v.state}`}>{v.state}</td>
             <td>{v.node ?? ''}</td>
             <td>{v.nbdConnections}</td>
+            <td class="actions">
+              <VolumeActions volume={v} target="#volume-list" />
+            </td>
           </tr>
         ))}
       </table>
@@ -204,7 +246,11 @@ function ms(seconds: number): string {
   return seconds === Infinity ? '>2.5 s' : `${(seconds * 1000).toFixed(2)} ms`;
 }
 
-export function StatsTable(props: { name: string; stats: VolumeStats | undefined }) {
+export function StatsTable(props: {
+  name: string;
+  stats: VolumeStats | undefined;
+  history: IopsSample[];
+}) {
   const s = props.stats;
   return (
     <div
@@ -213,6 +259,7 @@ export function StatsTable(props: { name: string; stats: VolumeStats | undefined
       hx-trigger="every 2s"
       hx-swap="outerHTML"
     >
+      <IopsChart history={props.history} />
       {s ? (
         <table>
           <tr>
@@ -245,24 +292,57 @@ export function StatsTable(props: { name: string; stats: VolumeStats | undefined
   );
 }
 
-export function Snapshots(props: { name: string; snapshots: SnapshotInfo[]; error?: string }) {
+export function Snapshots(props: {
+  name: string;
+  snapshots: SnapshotInfo[];
+  error?: string;
+  notice?: string;
+}) {
   const base = `/ui/volumes/${encodeURIComponent(props.name)}`;
   return (
     <div id="snapshots">
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
+      {props.notice !== undefined ? <p class="notice">{props.notice}</p> : null}
       <table>
         <tr>
           <th>Snapshot</th>
           <th>Taken</th>
           <th>Holds</th>
+          <th></th>
         </tr>
-        {props.snapshots.map((s) => (
-          <tr data-snapshot={s.name}>
-            <td>{s.name}</td>
-            <td>{s.createdAt}</td>
-            <td>{formatSize(s.allocatedBytes)}</td>
-          </tr>
-        ))}
+        {props.snapshots.map((s) => {
+          const at = `${base}/snapshots/${encodeURIComponent(s.name)}`;
+          const hx = { 'hx-target': '#snapshots', 'hx-swap': 'outerHTML' };
+          return (
+            <tr data-snapshot={s.name}>
+              <td>{s.name}</td>
+              <td>{s.createdAt}</td>
+              <td>{formatSize(s.allocatedBytes)}</td>
+              <td class="actions">
+                <button
+                  hx-post={`${at}/revert`}
+                  hx-confirm={`Revert ${props.name} to ${s.name}? Writes since then are lost.`}
+                  {...hx}
+                  data-action="revert"
+                >
+                  Revert
+                </button>
+                <button
+                  hx-post={`${at}/delete`}
+                  hx-confirm={`Delete snapshot ${s.name}?`}
+                  {...hx}
+                  data-action="delete"
+                >
+                  Delete
+                </button>
+                <form class="inline" hx-post={`${at}/clone`} {...hx}>
+                  <input name="clone" placeholder="new volume" size={10} required />
+                  <button>Clone</button>
+                </form>
+              </td>
+            </tr>
+          );
+        })}
       </table>
       <form hx-post={`${base}/snapshots`} hx-target="#snapshots" hx-swap="outerHTML">
         <input name="name" placeholder="name (optional)" />
@@ -276,17 +356,22 @@ export function VolumeDetail(props: {
   volume: VolumeInfo;
   snapshots: SnapshotInfo[];
   stats: VolumeStats | undefined;
+  history: IopsSample[];
+  backups: BackupSummary[];
 }) {
   const v = props.volume;
   return (
-    <>
+    <div id="volume">
       <h1>{v.name}</h1>
+      <p class="actions">
+        <VolumeActions volume={v} target="#volume" />
+      </p>
       <p>
         {formatSize(v.sizeBytes)}, {v.frontend}, <span class={`state-${v.state}`}>{v.state}</span>
         {v.node !== undefined ? ` on ${v.node}` : ''}, {v.nbdConnections} NBD connection(s)
       </p>
       <h2>I/O</h2>
-      <StatsTable name={v.name} stats={props.stats} />
+      <StatsTable name={v.name} stats={props.stats} history={props.history} />
       <h2>Replicas</h2>
       <table id="replicas">
         <tr>
@@ -310,7 +395,202 @@ export function VolumeDetail(props: {
       </table>
       <h2>Snapshots</h2>
       <Snapshots name={v.name} snapshots={props.snapshots} />
-    </>
+      <h2>Backups</h2>
+      <Backups volume={v.name} backups={props.backups} />
+    </div>
+  );
+}
+
+/** A running operation's progress, polled until it ends (then it stops asking). */
+export function OperationProgress(props: { op: Operation }) {
+  const op = props.op;
+  const running = op.state === 'running';
+  const pct = op.progress.total > 0 ? Math.floor((100 * op.progress.done) / op.progress.total) : 0;
+  return (
+    <div
+      class="operation"
+      data-state={op.state}
+      {...(running
+        ? {
+            'hx-get': `/ui/fragments/operations/${encodeURIComponent(op.id)}`,
+            'hx-trigger': 'every 1s',
+            'hx-swap': 'outerHTML',
+          }
+        : op.state === 'succeeded' && op.kind === 'backup' && op.volume !== undefined
+          ? {
+              // Done: the volume's backup list is drawn again, the new one in it.
+              'hx-get': `/ui/fragments/volumes/${encodeURIComponent(op.volume)}/backups`,
+              'hx-trigger': 'load delay:1s',
+              'hx-target': '#backups',
+              'hx-swap': 'outerHTML',
+            }
+          : {})}
+    >
+      {op.kind} {op.subject}: {op.state}
+      {running ? (
+        <>
+          {' '}
+          {op.progress.phase}{' '}
+          <span class="progress">
+            <div style={`width:${pct}%`}></div>
+          </span>{' '}
+          {pct} %
+        </>
+      ) : op.error ? (
+        <span class="error"> {op.error.message}</span>
+      ) : null}
+    </div>
+  );
+}
+
+export function Backups(props: {
+  volume?: string;
+  backups: BackupSummary[];
+  started?: Operation;
+  error?: string;
+}) {
+  const base = props.volume !== undefined ? `/ui/volumes/${encodeURIComponent(props.volume)}` : '';
+  return (
+    <div id="backups" class="scroll">
+      {props.error !== undefined ? <p class="error">{props.error}</p> : null}
+      {props.started ? <OperationProgress op={props.started} /> : null}
+      <table>
+        <tr>
+          {props.volume === undefined ? <th>Volume</th> : null}
+          <th>Backup</th>
+          <th>Snapshot</th>
+          <th>Created</th>
+          <th>Stored</th>
+          <th>Restore into</th>
+        </tr>
+        {props.backups.map((b) => (
+          <tr data-backup={b.name}>
+            {props.volume === undefined ? <td>{b.volume}</td> : null}
+            <td>{b.name}</td>
+            <td>{b.snapshot}</td>
+            <td>{b.createdAt}</td>
+            <td>{formatSize(b.stats.bytesStored)}</td>
+            <td>
+              <form class="inline" hx-post="/ui/restores" hx-target="#backups" hx-swap="outerHTML">
+                <input type="hidden" name="backup" value={b.url} />
+                <input type="hidden" name="volume" value={props.volume ?? ''} />
+                <input name="into" placeholder="new volume" size={10} required />
+                <button>Restore</button>
+              </form>
+            </td>
+          </tr>
+        ))}
+      </table>
+      {props.volume !== undefined ? (
+        <button hx-post={`${base}/backups`} hx-target="#backups" hx-swap="outerHTML">
+          Back up now
+        </button>
+      ) : null}
+    </div>
+  );
+}
+
+export function NodeList(props: { nodes: NodeInfo[]; error?: string }) {
+  return (
+    <div id="node-list" class="scroll">
+      {props.error !== undefined ? <p class="error">{props.error}</p> : null}
+      <table>
+        <tr>
+          <th>Node</th>
+          <th>Address</th>
+          <th>State</th>
+          <th>Free</th>
+          <th>Total</th>
+          <th>Replicas</th>
+          <th>Version</th>
+          <th></th>
+        </tr>
+        {props.nodes.map((n) => {
+          const name = n.name;
+          const at = name !== undefined ? `/ui/nodes/${encodeURIComponent(name)}` : '';
+          const hx = { 'hx-target': '#node-list', 'hx-swap': 'outerHTML' };
+          return (
+            <tr data-node={name ?? n.url}>
+              <td>{name ?? n.id}</td>
+              <td>{n.url}</td>
+              <td>
+                {n.state}
+                {n.cordoned === true ? ' (cordoned)' : ''}
+              </td>
+              <td>{formatSize(n.freeBytes)}</td>
+              <td>{formatSize(n.totalBytes)}</td>
+              <td>{n.replicas}</td>
+              <td>{n.version ?? ''}</td>
+              <td class="actions">
+                {name !== undefined ? (
+                  <>
+                    <button
+                      hx-post={`${at}/${n.cordoned === true ? 'uncordon' : 'cordon'}`}
+                      {...hx}
+                    >
+                      {n.cordoned === true ? 'Uncordon' : 'Cordon'}
+                    </button>
+                    <button
+                      hx-post={`${at}/drain`}
+                      hx-confirm={`Drain ${name}: move its engines and rebuild its replicas elsewhere?`}
+                      {...hx}
+                    >
+                      Drain
+                    </button>
+                  </>
+                ) : null}
+              </td>
+            </tr>
+          );
+        })}
+      </table>
+    </div>
+  );
+}
+
+/** One sample of a volume's counters, for the chart: when, and the totals then. */
+export interface IopsSample {
+  t: number;
+  reads: number;
+  writes: number;
+}
+
+/** Reads and writes per second over the last samples, as an SVG (no client script). */
+export function IopsChart(props: { history: IopsSample[] }) {
+  const h = props.history;
+  const rates = h.slice(1).map((s, i) => {
+    const dt = Math.max(0.001, (s.t - h[i]!.t) / 1000);
+    return { r: (s.reads - h[i]!.reads) / dt, w: (s.writes - h[i]!.writes) / dt };
+  });
+  const W = 300;
+  const H = 60;
+  const max = Math.max(1, ...rates.map((x) => Math.max(x.r, x.w)));
+  const line = (pick: (x: { r: number; w: number }) => number) =>
+    rates
+      .map((x, i) => `${((i + 1) * W) / Math.max(1, rates.length)},${H - (pick(x) / max) * H}`)
+      .join(' ');
+  const last = rates[rates.length - 1];
+  const per = (x: number) => (x < 10 ? x.toFixed(1) : String(Math.round(x)));
+  return (
+    <div>
+      <svg class="chart" width={W} height={H} viewBox={`0 0 ${W} ${H}`}>
+        <polyline
+          fill="none"
+          stroke="#2271b1"
+          stroke-width="2"
+          points={`0,${H} ${line((x) => x.r)}`}
+        />
+        <polyline
+          fill="none"
+          stroke="#b32d2e"
+          stroke-width="2"
+          points={`0,${H} ${line((x) => x.w)}`}
+        />
+      </svg>
+      <div id="iops">
+        {last ? `${per(last.r)} reads/s, ${per(last.w)} writes/s (peak ${per(max)})` : 'measuring…'}
+      </div>
+    </div>
   );
 }
 
