@@ -12,7 +12,7 @@ import type { Metrics } from './metrics.ts';
 import type { DaemonEvent, EventLog } from './events.ts';
 import type { HostedReplicas } from './hosted.ts';
 import type { JobScheduler } from './jobs.ts';
-import { openApiDocument } from './openapi.ts';
+import { checkBody, openApiDocument } from './openapi.ts';
 import { operationNode, type Operation, type Operations } from './operations.ts';
 import type { VolumeManager } from './volumes.ts';
 
@@ -87,16 +87,16 @@ function decodedSegment(segment: string): string {
 
 async function jsonBody(c: Context): Promise<Record<string, unknown>> {
   const text = await c.req.text();
-  if (text.trim() === '') return {};
-  let body: unknown;
+  let body: unknown = {};
   try {
-    body = JSON.parse(text);
+    if (text.trim() !== '') body = JSON.parse(text);
   } catch {
     throw new CorralError('INVALID_ARGUMENT', 'Request body is not valid JSON');
   }
   if (typeof body !== 'object' || body === null || Array.isArray(body)) {
     throw new CorralError('INVALID_ARGUMENT', 'Request body must be a JSON object');
   }
+  checkBody(c.req.method, c.req.routePath, body);
   return body as Record<string, unknown>;
 }
 

@@ -1,3 +1,5 @@
+import { Ajv, type ValidateFunction } from 'ajv';
+import { CorralError } from '../common/errors.ts';
 import { accessFor } from './auth.ts';
 
 /** A JSON Schema, as OpenAPI 3.1 takes it. */
@@ -13,9 +15,14 @@ interface RouteDoc {
 }
 
 const str = { type: 'string' };
-const bool = { type: 'boolean' };
 const int = { type: 'integer' };
-const size = { type: 'string', description: 'a size such as 10G, 512M or 4096', examples: ['10G'] };
+/** Booleans may come as strings from forms and query-minded clients ("true", "1"). */
+const flag = { type: ['boolean', 'string'] };
+const size = {
+  type: ['string', 'integer'],
+  description: 'bytes, or a size such as 10G, 512M',
+  examples: ['10G'],
+};
 const target = {
   type: 'string',
   description: 'a backup target URL (file:///path, s3://bucket/prefix?endpoint=...); admin only',
@@ -50,7 +57,7 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
         replicas: { type: 'integer', minimum: 1, maximum: 16 },
         frontend: { enum: ['nbd', 'fuse'] },
         fromSnapshot: { type: 'string', description: 'VOLUME@SNAPSHOT' },
-        allowSameHost: bool,
+        allowSameHost: flag,
         failover: { enum: ['off', 'auto'] },
         nbdAllow: { type: 'array', items: str, description: 'TLS identities that may open it' },
       },
@@ -69,7 +76,7 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   },
   'POST /v1/volumes/:name/detach': {
     summary: 'Detach; refused while clients are connected unless forced',
-    body: object({ force: bool }),
+    body: object({ force: flag }),
   },
   'GET /v1/volumes/:name/snapshots': { summary: "A volume's snapshots, oldest first" },
   'POST /v1/volumes/:name/snapshots': {
@@ -79,7 +86,7 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   'DELETE /v1/volumes/:name/snapshots/:snapshot': { summary: 'Delete a snapshot (online merge)' },
   'POST /v1/volumes/:name/snapshots/:snapshot/revert': {
     summary: 'Revert the volume to a snapshot (online)',
-    body: object({ discardNewer: bool }),
+    body: object({ discardNewer: flag }),
   },
   'GET /v1/volumes/:name/replicas': { summary: 'Replicas: location, mode, revision, rebuild' },
   'DELETE /v1/volumes/:name/replicas/:id': {
@@ -179,6 +186,31 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
     body: object({ mode: { enum: ['none', 'throw', 'hang'] } }, ['mode']),
   },
 };
+
+const ajv = new Ajv({ allErrors: false, strict: false });
+const validators = new Map<string, ValidateFunction | undefined>();
+
+/**
+ * Checks a request body against its route's schema above: the document and
+ * the validation are one (a field the document does not name is refused).
+ * The services still check meaning (names, sizes, states) themselves.
+ */
+export function checkBody(method: string, routePath: string, body: unknown): void {
+  const key = `${method} ${routePath}`;
+  if (!validators.has(key)) {
+    const schema = ROUTE_DOCS[key]?.body;
+    validators.set(key, schema ? ajv.compile(schema) : undefined);
+  }
+  const validate = validators.get(key);
+  if (!validate || validate(body)) return;
+  const e = validate.errors?.[0];
+  const where = e?.instancePath ? `field ${e.instancePath.slice(1)}` : 'the body';
+  const detail =
+    e?.keyword === 'additionalProperties'
+      ? `unknown field "${String((e.params as { additionalProperty?: unknown }).additionalProperty)}"`
+      : `${where} ${e?.message ?? 'is not valid'}`;
+  throw new CorralError('INVALID_ARGUMENT', `Request body: ${detail} (see /v1/openapi.json)`);
+}
 
 const ERROR = {
   description: 'An error',

@@ -209,6 +209,19 @@ describe('control API and CLI', () => {
     const create = doc.paths['/v1/volumes']!.post!;
     assert.match(create.description, /operator role/);
     assert.match(doc.paths['/v1/volumes/{name}']!.delete!.description, /admin role/);
+    // The schemas are the validation: a body they refuse gets the error format, naming why.
+    for (const [body, why] of [
+      [{ name: 'x', size: '1M', bogus: 1 }, /unknown field "bogus"/],
+      [{ name: 5, size: '1M' }, /field name must be string/],
+      [{ size: '1M' }, /must have required property 'name'/],
+      [{ name: 'x', size: '1M', replicas: 'three' }, /field replicas must be integer/],
+    ] as const) {
+      const r = await daemon.api_<ApiErrorBody>('POST', '/v1/volumes', body);
+      assert.equal(r.status, 400, JSON.stringify(body));
+      assert.equal(r.json.error.code, 'INVALID_ARGUMENT');
+      assert.match(r.json.error.message, why);
+    }
+    assert.equal((await daemon.api_('GET', '/v1/volumes/x')).status, 404);
     const page = await fetch(`${daemon.api}/docs`);
     assert.equal(page.status, 200);
     assert.match(await page.text(), /<code>\/v1\/volumes\/\{name\}\/snapshots<\/code>/);
