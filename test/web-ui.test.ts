@@ -138,6 +138,27 @@ describe('the web UI in Chromium', () => {
     );
     await mustRun('qemu-io', ['-f', 'raw', d.uri('db1-restored'), '-c', 'read -P 0x42 0 1M']);
 
+    // A recurring job, added and removed from the page.
+    await page.selectOption('#jobs select[name=task]', 'snapshot');
+    await page.fill('#jobs input[name=cron]', '0 3 * * *');
+    await page.fill('#jobs input[name=retain]', '7');
+    await page.click('#jobs form button');
+    await page.waitForSelector('#jobs tr[data-job]');
+    const jobs = await d.api_<{ jobs: Array<{ id: string; cron: string; retain: number }> }>(
+      'GET',
+      '/v1/jobs',
+    );
+    assert.deepEqual(
+      jobs.json.jobs.map((j) => `${j.cron}/${j.retain}`),
+      ['0 3 * * */7'],
+    );
+    page.once('dialog', (dialog) => void dialog.accept());
+    await page.click('#jobs button[data-action=delete]');
+    await page.waitForSelector('#jobs tr[data-job]', { state: 'detached' });
+    assert.deepEqual((await d.api_<{ jobs: unknown[] }>('GET', '/v1/jobs')).json.jobs, []);
+    // Removing the job removed the job, not the volume (a route pattern once matched both).
+    assert.equal((await d.api_('GET', '/v1/volumes/db1')).status, 200);
+
     // Delete asks first: dismissed, nothing happens; accepted, the volume goes.
     await page.goto(`${d.api}/ui/volumes`);
     page.once('dialog', (dialog) => void dialog.dismiss());

@@ -8,11 +8,13 @@ import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
 import type { VolumeInfo } from '../volumes.ts';
 import type { BackupSummary } from '../backups.ts';
+import type { JobInfo } from '../jobs.ts';
 import type { Operation } from '../operations.ts';
 import {
   ApiDocs,
   Backups,
   DashboardBody,
+  Jobs,
   NodeList,
   OperationProgress,
   type IopsSample,
@@ -218,12 +220,17 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     );
     return list.ok ? list.json.backups : [];
   };
+  const jobsOf = async (c: Context, volume: string) => {
+    const list = await call<{ jobs: JobInfo[] }>(c, 'GET', '/v1/jobs');
+    return list.ok ? list.json.jobs.filter((j) => j.volume === volume) : [];
+  };
   const detail = async (c: Context, name: string) => {
-    const [volume, snapshots, backups, s] = await Promise.all([
+    const [volume, snapshots, backups, s, jobs] = await Promise.all([
       call<VolumeInfo>(c, 'GET', volumePath(name)),
       call<{ snapshots: SnapshotInfo[] }>(c, 'GET', `${volumePath(name)}/snapshots`),
       backupsOf(c, name),
       stats(c, name),
+      jobsOf(c, name),
     ]);
     return (
       <VolumeDetail
@@ -232,6 +239,7 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
         stats={s.stats}
         history={s.history}
         backups={backups}
+        jobs={jobs}
       />
     );
   };
@@ -246,10 +254,12 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     const s = await stats(c, c.req.param('name'));
     return c.html(<StatsTable name={c.req.param('name')} stats={s.stats} history={s.history} />);
   });
-  // Attach, detach, delete: from the list (the list is redrawn) or the volume's page.
-  ui.post('/ui/volumes/:name/:action{attach|detach|delete}', async (c) => {
-    const name = c.req.param('name');
-    const action = c.req.param('action');
+  // Attach, detach, delete: from the list (the list is redrawn) or the volume's page. Routes of
+  // their own, not a `:action{a|b}` pattern: Hono's pattern is a regular expression that is not
+  // bounded by the path's slashes, and `{...|delete}` matched `/jobs/ID/delete` — which then
+  // deleted the volume (caught by the UI test).
+  const volumeAction = async (c: Context, action: 'attach' | 'detach' | 'delete') => {
+    const name = c.req.param('name')!;
     const done =
       action === 'delete'
         ? await call(c, 'DELETE', volumePath(name))
@@ -262,7 +272,9 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     }
     if (!done.ok) return c.html(<p class="error">{done.error}</p>, 200);
     return c.html(await detail(c, name));
-  });
+  };
+  for (const action of ['attach', 'detach', 'delete'] as const)
+    ui.post(`/ui/volumes/:name/${action}`, (c) => volumeAction(c, action));
 
   const snapshotList = async (
     c: Context,
@@ -296,11 +308,11 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     );
     return snapshotList(c, name, taken);
   });
-  ui.post('/ui/volumes/:name/snapshots/:snapshot/:action{revert|delete|clone}', async (c) => {
-    const name = c.req.param('name');
-    const snapshot = c.req.param('snapshot');
+  const snapshotAction = async (c: Context, action: 'revert' | 'delete' | 'clone') => {
+    const name = c.req.param('name')!;
+    const snapshot = c.req.param('snapshot')!;
     const at = `${volumePath(name)}/snapshots/${encodeURIComponent(snapshot)}`;
-    switch (c.req.param('action')) {
+    switch (action) {
       case 'revert':
         return snapshotList(
           c,
@@ -320,7 +332,41 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
         return snapshotList(c, name, made, `Cloned into volume ${clone}`);
       }
     }
+  };
+  for (const action of ['revert', 'delete', 'clone'] as const)
+    ui.post(`/ui/volumes/:name/snapshots/:snapshot/${action}`, (c) => snapshotAction(c, action));
+
+  // Recurring jobs of a volume: added and removed in place.
+  const jobList = async (c: Context, volume: string, answer: Answer<unknown>) => {
+    if (answer.status === 401) throw new LoggedOut();
+    return c.html(
+      <Jobs
+        volume={volume}
+        jobs={await jobsOf(c, volume)}
+        {...(answer.error !== undefined ? { error: answer.error } : {})}
+      />,
+    );
+  };
+  ui.post('/ui/volumes/:name/jobs', async (c) => {
+    const name = c.req.param('name');
+    const form = await c.req.parseBody();
+    const retain =
+      typeof form.retain === 'string' && form.retain !== '' ? Number(form.retain) : undefined;
+    const added = await call(c, 'POST', '/v1/jobs', {
+      volume: name,
+      cron: form.cron,
+      task: form.task,
+      ...(retain !== undefined ? { retain } : {}),
+    });
+    return jobList(c, name, added);
   });
+  ui.post('/ui/volumes/:name/jobs/:id/delete', async (c) =>
+    jobList(
+      c,
+      c.req.param('name'),
+      await call(c, 'DELETE', `/v1/jobs/${encodeURIComponent(c.req.param('id'))}`),
+    ),
+  );
 
   // Backups: started as operations, whose progress the page follows.
   ui.post('/ui/volumes/:name/backups', async (c) => {
@@ -389,16 +435,17 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       </Layout>,
     ),
   );
-  ui.post('/ui/nodes/:name/:action{cordon|uncordon|drain}', async (c) => {
-    const done = await call(
-      c,
-      'POST',
-      `/v1/nodes/${encodeURIComponent(c.req.param('name'))}/${c.req.param('action')}`,
-      {},
-    );
-    if (done.status === 401) throw new LoggedOut();
-    return c.html(await nodeList(c, done.error));
-  });
+  for (const action of ['cordon', 'uncordon', 'drain'] as const)
+    ui.post(`/ui/nodes/:name/${action}`, async (c) => {
+      const done = await call(
+        c,
+        'POST',
+        `/v1/nodes/${encodeURIComponent(c.req.param('name'))}/${action}`,
+        {},
+      );
+      if (done.status === 401) throw new LoggedOut();
+      return c.html(await nodeList(c, done.error));
+    });
 
   ui.get('/ui/events', async (c) => {
     const events = need(c, await call<{ events: DaemonEvent[] }>(c, 'GET', '/v1/events')).events;

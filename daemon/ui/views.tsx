@@ -3,6 +3,7 @@ import { formatSize } from '../../common/size.ts';
 import type { SnapshotInfo } from '../../replication/replica.ts';
 import type { BackupSummary } from '../backups.ts';
 import type { DaemonEvent } from '../events.ts';
+import type { JobInfo } from '../jobs.ts';
 import type { Operation } from '../operations.ts';
 import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
@@ -358,6 +359,7 @@ export function VolumeDetail(props: {
   stats: VolumeStats | undefined;
   history: IopsSample[];
   backups: BackupSummary[];
+  jobs: JobInfo[];
 }) {
   const v = props.volume;
   return (
@@ -397,6 +399,61 @@ export function VolumeDetail(props: {
       <Snapshots name={v.name} snapshots={props.snapshots} />
       <h2>Backups</h2>
       <Backups volume={v.name} backups={props.backups} />
+      <h2>Recurring jobs</h2>
+      <Jobs volume={v.name} jobs={props.jobs} />
+    </div>
+  );
+}
+
+export function Jobs(props: { volume: string; jobs: JobInfo[]; error?: string }) {
+  const base = `/ui/volumes/${encodeURIComponent(props.volume)}/jobs`;
+  const hx = { 'hx-target': '#jobs', 'hx-swap': 'outerHTML' };
+  return (
+    <div id="jobs" class="scroll">
+      {props.error !== undefined ? <p class="error">{props.error}</p> : null}
+      <table>
+        <tr>
+          <th>Task</th>
+          <th>When (cron)</th>
+          <th>Keeps</th>
+          <th>Next run</th>
+          <th>Last run</th>
+          <th></th>
+        </tr>
+        {props.jobs.map((j) => (
+          <tr data-job={j.id}>
+            <td>{j.task}</td>
+            <td>
+              <code>{j.cron}</code>
+            </td>
+            <td>{j.task === 'scrub' ? '' : j.retain}</td>
+            <td>{j.nextRunAt ?? ''}</td>
+            <td>
+              {j.lastRunAt !== undefined ? `${j.lastRunAt}: ${j.lastOutcome ?? ''}` : 'never'}
+            </td>
+            <td>
+              <button
+                hx-post={`${base}/${encodeURIComponent(j.id)}/delete`}
+                hx-confirm={`Remove the ${j.task} job (${j.cron})?`}
+                {...hx}
+                data-action="delete"
+              >
+                Remove
+              </button>
+            </td>
+          </tr>
+        ))}
+      </table>
+      <form hx-post={base} {...hx}>
+        <select name="task">
+          <option>snapshot</option>
+          <option>backup</option>
+          <option>scrub</option>
+        </select>
+        <input name="cron" placeholder="0 * * * *" size={12} required />
+        <input name="retain" placeholder="keep" size={4} />
+        <button>Add job</button>
+      </form>
     </div>
   );
 }
