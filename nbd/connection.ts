@@ -6,6 +6,7 @@ import {
   type Extent,
 } from '../replication/block-device.ts';
 import type { BufferPool } from '../common/buffer-pool.ts';
+import { TurnBatch } from '../common/turn-batch.ts';
 import type { ByteQueue } from './byte-queue.ts';
 import type { Negotiated } from './handshake.ts';
 import * as P from './protocol.ts';
@@ -56,6 +57,7 @@ export interface ConnectionLog {
  */
 export class NbdConnection {
   readonly #socket: Socket;
+  readonly #batch: TurnBatch;
   readonly #queue: ByteQueue;
   readonly #device: BlockDevice;
   readonly #structured: boolean;
@@ -78,6 +80,7 @@ export class NbdConnection {
   ) {
     this.#pool = pool;
     this.#socket = socket;
+    this.#batch = new TurnBatch(socket);
     this.#queue = queue;
     this.#device = negotiated.device;
     this.#structured = negotiated.structured;
@@ -279,8 +282,6 @@ export class NbdConnection {
     }
   }
 
-  #corked = false;
-
   /**
    * Replies finished in the same turn of the event loop leave together in
    * one writev: the socket is corked at the first and uncorked once the turn
@@ -289,14 +290,7 @@ export class NbdConnection {
   #send(parts: Uint8Array[], written?: () => void): void {
     const socket = this.#socket;
     if (socket.destroyed || !socket.writable) return;
-    if (!this.#corked) {
-      this.#corked = true;
-      socket.cork();
-      setImmediate(() => {
-        this.#corked = false;
-        socket.uncork();
-      });
-    }
+    this.#batch.hold();
     const last = parts.length - 1;
     parts.forEach((p, i) => {
       if (i === last && written) socket.write(p, (err) => (err ? undefined : written()));

@@ -2,6 +2,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
+import { TurnBatch } from '../common/turn-batch.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
 import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 import type { RemoteInfo } from './replica-server.ts';
@@ -61,6 +62,7 @@ export class RemoteReplica implements Replica {
   sizeBytes = 0;
   readonly #o: RemoteReplicaOptions;
   #socket: net.Socket | undefined;
+  #batch: TurnBatch | undefined;
   #pingOut = false;
   readonly #pending = new Map<number, Pending>();
   readonly #reader = new FrameReader();
@@ -69,7 +71,6 @@ export class RemoteReplica implements Replica {
   #snapshots: SnapshotInfo[] = [];
   #dead: CorralError | undefined;
   #pinger: NodeJS.Timeout | undefined;
-  #corked = false;
   /** Large replies are assembled into reused buffers (reads copy out and give them back). */
   readonly #pool = new BufferPool(64 * 1024 * 1024);
 
@@ -87,7 +88,7 @@ export class RemoteReplica implements Replica {
     const r = new RemoteReplica(options);
     try {
       await r.#open();
-      r.#apply(JSON.parse((await r.#call('info')).toString('utf8')) as RemoteInfo);
+      r.#apply(await r.#call<RemoteInfo>('info'));
     } catch (err) {
       r.#die(
         err instanceof CorralError
@@ -129,6 +130,7 @@ export class RemoteReplica implements Replica {
           })
         : net.connect(endpoint);
       this.#socket = socket;
+      this.#batch = new TurnBatch(socket);
       const timer = setTimeout(() => {
         reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
         this.#die(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
@@ -256,14 +258,7 @@ export class RemoteReplica implements Replica {
         sentAt: performance.now(),
       });
       // Requests of one loop turn leave together: one DATA frame for many small writes.
-      if (!this.#corked) {
-        this.#corked = true;
-        stream.cork();
-        setImmediate(() => {
-          this.#corked = false;
-          stream.uncork();
-        });
-      }
+      this.#batch!.hold();
       const header = requestHeader(op, id, flags, offset, count, payload);
       if (payload.length === 0) stream.write(header);
       else if (payload.length <= SMALL_PAYLOAD) stream.write(Buffer.concat([header, payload]));
@@ -274,9 +269,10 @@ export class RemoteReplica implements Replica {
     });
   }
 
-  #call(method: string, args?: Record<string, unknown>): Promise<Buffer> {
+  /** A control call: JSON out, the replica server's JSON answer back as `T`. */
+  async #call<T>(method: string, args?: Record<string, unknown>): Promise<T> {
     const body = Buffer.from(JSON.stringify({ method, ...(args ? { args } : {}) }));
-    return this.#send(Op.CONTROL, 0, 0, 0, body);
+    return parseJson<T>(await this.#send(Op.CONTROL, 0, 0, 0, body));
   }
 
   #apply(info: RemoteInfo): void {
@@ -317,9 +313,7 @@ export class RemoteReplica implements Replica {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
-    return JSON.parse(
-      (await this.#send(Op.EXTENTS, 0, offset, length, EMPTY)).toString('utf8'),
-    ) as Extent[];
+    return parseJson<Extent[]>(await this.#send(Op.EXTENTS, 0, offset, length, EMPTY));
   }
 
   snapshots(): SnapshotInfo[] {
@@ -327,29 +321,19 @@ export class RemoteReplica implements Replica {
   }
 
   async snapshot(name: string, now: Date): Promise<void> {
-    this.#apply(
-      JSON.parse(
-        (await this.#call('snapshot', { name, now: now.toISOString() })).toString('utf8'),
-      ) as RemoteInfo,
-    );
+    this.#apply(await this.#call<RemoteInfo>('snapshot', { name, now: now.toISOString() }));
   }
 
   async deleteSnapshot(name: string): Promise<void> {
-    this.#apply(
-      JSON.parse((await this.#call('deleteSnapshot', { name })).toString('utf8')) as RemoteInfo,
-    );
+    this.#apply(await this.#call<RemoteInfo>('deleteSnapshot', { name }));
   }
 
   async revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]> {
-    const out = JSON.parse(
-      (
-        await this.#call('revert', {
-          name,
-          now: now.toISOString(),
-          discardNewer: options?.discardNewer === true,
-        })
-      ).toString('utf8'),
-    ) as RemoteInfo & { removed: string[] };
+    const out = await this.#call<RemoteInfo & { removed: string[] }>('revert', {
+      name,
+      now: now.toISOString(),
+      discardNewer: options?.discardNewer === true,
+    });
     this.#apply(out);
     return out.removed;
   }
@@ -367,9 +351,7 @@ export class RemoteReplica implements Replica {
   }
 
   async extentsSnapshot(name: string, offset: number, length: number): Promise<Extent[]> {
-    return JSON.parse(
-      (await this.#call('extentsSnapshot', { name, offset, length })).toString('utf8'),
-    ) as Extent[];
+    return this.#call<Extent[]>('extentsSnapshot', { name, offset, length });
   }
 
   async touchedBlocks(
@@ -377,15 +359,11 @@ export class RemoteReplica implements Replica {
     top: string,
     granuleBytes: number,
   ): Promise<Set<number>> {
-    const list = JSON.parse(
-      (
-        await this.#call('touchedBlocks', {
-          ...(base !== undefined ? { base } : {}),
-          top,
-          granule: granuleBytes,
-        })
-      ).toString('utf8'),
-    ) as number[];
+    const list = await this.#call<number[]>('touchedBlocks', {
+      ...(base !== undefined ? { base } : {}),
+      top,
+      granule: granuleBytes,
+    });
     return new Set(list);
   }
 
@@ -395,11 +373,12 @@ export class RemoteReplica implements Replica {
     length: number,
     granuleBytes: number,
   ): Promise<Array<[number, string]>> {
-    return JSON.parse(
-      (await this.#call('layerDigests', { name, offset, length, granule: granuleBytes })).toString(
-        'utf8',
-      ),
-    ) as Array<[number, string]>;
+    return this.#call<Array<[number, string]>>('layerDigests', {
+      name,
+      offset,
+      length,
+      granule: granuleBytes,
+    });
   }
 
   async readLayerChunk(
@@ -430,11 +409,7 @@ export class RemoteReplica implements Replica {
   }
 
   async setRevision(revision: bigint): Promise<void> {
-    this.#apply(
-      JSON.parse(
-        (await this.#call('setRevision', { revision: revision.toString() })).toString('utf8'),
-      ) as RemoteInfo,
-    );
+    this.#apply(await this.#call<RemoteInfo>('setRevision', { revision: revision.toString() }));
   }
 
   async viewDigests(
@@ -443,22 +418,16 @@ export class RemoteReplica implements Replica {
     length: number,
     granuleBytes: number,
   ): Promise<string[]> {
-    return JSON.parse(
-      (
-        await this.#call('viewDigests', {
-          ...(snapshot !== undefined ? { snapshot } : {}),
-          offset,
-          length,
-          granule: granuleBytes,
-        })
-      ).toString('utf8'),
-    ) as string[];
+    return this.#call<string[]>('viewDigests', {
+      ...(snapshot !== undefined ? { snapshot } : {}),
+      offset,
+      length,
+      granule: granuleBytes,
+    });
   }
 
   async checkBlocks(offset: number, length: number): Promise<BadBlock[]> {
-    return JSON.parse(
-      (await this.#call('checkBlocks', { offset, length })).toString('utf8'),
-    ) as BadBlock[];
+    return this.#call<BadBlock[]>('checkBlocks', { offset, length });
   }
 
   async close(): Promise<void> {
@@ -473,3 +442,7 @@ export class RemoteReplica implements Replica {
 }
 
 const EMPTY = Buffer.alloc(0);
+
+function parseJson<T>(frame: Buffer): T {
+  return JSON.parse(frame.toString('utf8')) as T;
+}

@@ -1,3 +1,4 @@
+import { TurnBatch, type Corkable } from '../common/turn-batch.ts';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Replica } from './replica.ts';
@@ -13,10 +14,8 @@ import {
   type Request,
 } from './wire.ts';
 
-export interface StreamOut {
+export interface StreamOut extends Corkable {
   write(chunk: Buffer): void;
-  cork(): void;
-  uncork(): void;
 }
 
 /**
@@ -27,9 +26,9 @@ export interface StreamOut {
 export class ReplicaSession {
   readonly #replica: Replica;
   readonly #out: StreamOut;
+  readonly #batch: TurnBatch;
   readonly #reader = new FrameReader();
   readonly #onFatal: (err: Error) => void;
-  #corked = false;
   #closed = false;
   /** Large frames are assembled into reused buffers, given back once their request is done. */
   readonly #pool = new BufferPool(64 * 1024 * 1024);
@@ -37,6 +36,7 @@ export class ReplicaSession {
   constructor(replica: Replica, out: StreamOut, onFatal: (err: Error) => void) {
     this.#replica = replica;
     this.#out = out;
+    this.#batch = new TurnBatch(out);
     this.#onFatal = onFatal;
   }
 
@@ -83,14 +83,7 @@ export class ReplicaSession {
 
   #reply(id: number, ok: boolean, payload: Buffer): void {
     if (this.#closed) return;
-    if (!this.#corked) {
-      this.#corked = true;
-      this.#out.cork();
-      setImmediate(() => {
-        this.#corked = false;
-        this.#out.uncork();
-      });
-    }
+    this.#batch.hold();
     this.#out.write(replyHeader(id, ok, this.#replica.revision(), payload));
     if (payload.length > 0) this.#out.write(payload);
   }
