@@ -29,6 +29,17 @@ svg.chart{background:#fff;border:1px solid #dcdcde}
 table{min-width:0;display:block;overflow-x:auto;max-width:100%}}
 `;
 
+/** A table's header row. */
+function Head(props: { cols: string[] }) {
+  return (
+    <tr>
+      {props.cols.map((c) => (
+        <th>{c}</th>
+      ))}
+    </tr>
+  );
+}
+
 /** The page around every view: the menu, and htmx for the forms and the live parts. */
 export function Layout(props: { title: string; children: Child; who?: string }) {
   return (
@@ -120,13 +131,7 @@ export function DashboardBody(props: {
       </div>
       <h2>Nodes</h2>
       <table>
-        <tr>
-          <th>Node</th>
-          <th>State</th>
-          <th>Free</th>
-          <th>Total</th>
-          <th>Replicas</th>
-        </tr>
+        <Head cols={['Node', 'State', 'Free', 'Total', 'Replicas']} />
         {props.nodes.map((n) => (
           <tr>
             <td>{n.name ?? n.url}</td>
@@ -149,12 +154,7 @@ export function DashboardBody(props: {
 export function EventTable(props: { events: DaemonEvent[] }) {
   return (
     <table id="events">
-      <tr>
-        <th>Time</th>
-        <th>Type</th>
-        <th>Volume</th>
-        <th>Message</th>
-      </tr>
+      <Head cols={['Time', 'Type', 'Volume', 'Message']} />
       {props.events.map((e) => (
         <tr>
           <td>{e.time}</td>
@@ -199,16 +199,7 @@ export function VolumeList(props: { volumes: VolumeInfo[]; error?: string }) {
     <div id="volume-list" class="scroll">
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
       <table>
-        <tr>
-          <th>Name</th>
-          <th>Size</th>
-          <th>Replicas</th>
-          <th>Frontend</th>
-          <th>State</th>
-          <th>Node</th>
-          <th>Connections</th>
-          <th></th>
-        </tr>
+        <Head cols={['Name', 'Size', 'Replicas', 'Frontend', 'State', 'Node', 'Connections', '']} />
         {props.volumes.map((v) => (
           <tr data-volume={v.name}>
             <td>
@@ -263,15 +254,17 @@ export function StatsTable(props: {
       <IopsChart history={props.history} />
       {s ? (
         <table>
-          <tr>
-            <th>Reads</th>
-            <th>Writes</th>
-            <th>Read</th>
-            <th>Written</th>
-            <th>Read p50 / p99</th>
-            <th>Write p50 / p99</th>
-            <th>Errors</th>
-          </tr>
+          <Head
+            cols={[
+              'Reads',
+              'Writes',
+              'Read',
+              'Written',
+              'Read p50 / p99',
+              'Write p50 / p99',
+              'Errors',
+            ]}
+          />
           <tr>
             <td>{s.readOps}</td>
             <td>{s.writeOps}</td>
@@ -305,12 +298,7 @@ export function Snapshots(props: {
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
       {props.notice !== undefined ? <p class="notice">{props.notice}</p> : null}
       <table>
-        <tr>
-          <th>Snapshot</th>
-          <th>Taken</th>
-          <th>Holds</th>
-          <th></th>
-        </tr>
+        <Head cols={['Snapshot', 'Taken', 'Holds', '']} />
         {props.snapshots.map((s) => {
           const at = `${base}/snapshots/${encodeURIComponent(s.name)}`;
           const hx = { 'hx-target': '#snapshots', 'hx-swap': 'outerHTML' };
@@ -376,12 +364,7 @@ export function VolumeDetail(props: {
       <StatsTable name={v.name} stats={props.stats} history={props.history} />
       <h2>Replicas</h2>
       <table id="replicas">
-        <tr>
-          <th>Replica</th>
-          <th>Where</th>
-          <th>Mode</th>
-          <th>Rebuild</th>
-        </tr>
+        <Head cols={['Replica', 'Where', 'Mode', 'Rebuild']} />
         {v.replicas.map((r) => (
           <tr>
             <td>{r.id}</td>
@@ -412,14 +395,7 @@ export function Jobs(props: { volume: string; jobs: JobInfo[]; error?: string })
     <div id="jobs" class="scroll">
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
       <table>
-        <tr>
-          <th>Task</th>
-          <th>When (cron)</th>
-          <th>Keeps</th>
-          <th>Next run</th>
-          <th>Last run</th>
-          <th></th>
-        </tr>
+        <Head cols={['Task', 'When (cron)', 'Keeps', 'Next run', 'Last run', '']} />
         {props.jobs.map((j) => (
           <tr data-job={j.id}>
             <td>{j.task}</td>
@@ -552,16 +528,7 @@ export function NodeList(props: { nodes: NodeInfo[]; error?: string }) {
     <div id="node-list" class="scroll">
       {props.error !== undefined ? <p class="error">{props.error}</p> : null}
       <table>
-        <tr>
-          <th>Node</th>
-          <th>Address</th>
-          <th>State</th>
-          <th>Free</th>
-          <th>Total</th>
-          <th>Replicas</th>
-          <th>Version</th>
-          <th></th>
-        </tr>
+        <Head cols={['Node', 'Address', 'State', 'Free', 'Total', 'Replicas', 'Version', '']} />
         {props.nodes.map((n) => {
           const name = n.name;
           const at = name !== undefined ? `/ui/nodes/${encodeURIComponent(name)}` : '';
@@ -674,13 +641,7 @@ export function ApiDocs(props: {
         <a href="/v1/openapi.json">/v1/openapi.json</a> (OpenAPI 3.1).
       </p>
       <table id="routes">
-        <tr>
-          <th>Method</th>
-          <th>Path</th>
-          <th>What</th>
-          <th>Who</th>
-          <th>Body</th>
-        </tr>
+        <Head cols={['Method', 'Path', 'What', 'Who', 'Body']} />
         {rows.map(({ path, method, op }) => (
           <tr>
             <td>{method.toUpperCase()}</td>
