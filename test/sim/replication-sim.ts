@@ -2,8 +2,10 @@
  * A seeded simulation of one engine and three replicas in one process
  * (docs/CONTRIBUTING.md, after TigerBeetle's VOPR): a random workload of writes, trims,
  * flushes and reads against a model, while faults hit the replicas — error
- * replies, timeouts, dropped connections, crashes that lose what was not
- * flushed, and crashes of the engine's host. Checks that a read always sees
+ * replies, timeouts (late failures: other requests go on meanwhile), replies
+ * lost after the replica applied the request (the hard case for revision
+ * counters), dropped connections, crashes that lose what was not flushed, and
+ * crashes of the engine's host. Checks that a read always sees
  * the last acknowledged write while a healthy replica remains, that a flushed
  * write survives any crash, and that replicas converge after rebuilds.
  * Every failure names its seed: CORRAL_SIM_SEED=N replays it.
@@ -21,7 +23,7 @@ const BLOCKS = 256;
 const SIZE = BLOCKS * BLOCK;
 const REPLICAS = 3;
 
-type Fault = 'error' | 'timeout' | 'drop' | 'crash';
+type Fault = 'error' | 'timeout' | 'lost-reply' | 'drop' | 'crash';
 
 /** Faults allowed in the current step, shared by all links: never more than the spare replicas. */
 const budget = { faults: 0 };
@@ -52,6 +54,15 @@ class Link {
         return async (...args: unknown[]) => {
           if (self.dead) throw new CorralError('IO_ERROR', `link ${self.slot} is down`);
           const fault = self.#maybeFault();
+          if (fault === 'lost-reply') {
+            // Done on the replica, but the engine never hears so.
+            await fn.apply(target, args);
+            throw new CorralError('IO_ERROR', `link ${self.slot}: reply lost`);
+          }
+          if (fault === 'timeout')
+            // Late, not at once: the requests behind it go on for a few turns first.
+            for (let turns = 1 + Math.floor(self.random() * 4); turns > 0; turns--)
+              await new Promise<void>((resolve) => setImmediate(resolve));
           if (fault) throw new CorralError('IO_ERROR', `link ${self.slot}: injected ${fault}`);
           return await fn.apply(target, args);
         };
@@ -63,7 +74,7 @@ class Link {
     if (this.faultRate === 0 || budget.faults === 0 || this.random() >= this.faultRate)
       return undefined;
     budget.faults--;
-    const kinds: Fault[] = ['error', 'timeout', 'drop', 'crash'];
+    const kinds: Fault[] = ['error', 'timeout', 'lost-reply', 'drop', 'crash'];
     const fault = kinds[Math.floor(this.random() * kinds.length)]!;
     this.onFault(fault, this);
     return fault;
