@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ADMIN_TOKEN_FILE, defaultDataDir } from './paths.ts';
+import { openToOthers } from './secrets.ts';
 
 /** The CLI's view of the API: one call, JSON back, API errors thrown with their code. */
 export class ApiError extends Error {
@@ -40,12 +41,8 @@ export function cliToken(): string | undefined {
       0,
     );
   }
-  if ((mode & 0o077) !== 0)
-    throw new ApiError(
-      'BAD_TOKEN_FILE',
-      `Token file ${file} can be read by others (mode ${(mode & 0o777).toString(8)}): chmod 600 ${file}`,
-      0,
-    );
+  const loose = openToOthers('Token file', file, mode);
+  if (loose !== undefined) throw new ApiError('BAD_TOKEN_FILE', loose, 0);
   token = content.trim();
   return token;
 }

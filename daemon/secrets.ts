@@ -17,12 +17,16 @@ export async function readSecretFile(file: string, what: string): Promise<Buffer
       `Cannot read ${what} ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`,
     );
   }
-  if ((st.mode & 0o077) !== 0)
-    throw new CorralError(
-      'INVALID_ARGUMENT',
-      `${what} ${file} can be read by others (mode ${(st.mode & 0o777).toString(8)}): chmod 600 ${file}`,
-    );
+  const loose = openToOthers(what, file, st.mode);
+  if (loose !== undefined) throw new CorralError('INVALID_ARGUMENT', loose);
   return fs.promises.readFile(file);
+}
+
+/** Why a secret file with this mode is refused (group or others may read it), or undefined. */
+export function openToOthers(what: string, file: string, mode: number): string | undefined {
+  return (mode & 0o077) !== 0
+    ? `${what} ${file} can be read by others (mode ${(mode & 0o777).toString(8)}): chmod 600 ${file}`
+    : undefined;
 }
 
 /** Writes a secret to a file only its owner can read, whole or not at all. */

@@ -55,8 +55,10 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     method: string,
     path: string,
     body?: unknown,
-    token = getCookie(c, COOKIE) ?? '',
+    /** Given only at login; else the session's, whose refusal ends the session. */
+    explicitToken?: string,
   ): Promise<Answer<T>> => {
+    const token = explicitToken ?? getCookie(c, COOKIE) ?? '';
     const response = await api(
       new Request(`http://ui.invalid${path}`, {
         method,
@@ -68,6 +70,8 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       }),
       c.env,
     );
+    // A session token the API no longer takes (removed, or the store lost): back to the login.
+    if (response.status === 401 && explicitToken === undefined) throw new LoggedOut();
     const text = await response.text();
     const json = (text ? JSON.parse(text) : undefined) as T & { error?: { message: string } };
     return {
@@ -77,9 +81,8 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       ...(response.ok ? {} : { error: json.error?.message ?? `HTTP ${response.status}` }),
     };
   };
-  /** An answer the page cannot do without: a lost login goes back to the login page. */
-  const need = <T,>(c: Context, a: Answer<T>): T => {
-    if (a.status === 401) throw new LoggedOut();
+  /** An answer the page cannot do without. */
+  const need = <T,>(a: Answer<T>): T => {
     if (!a.ok) throw new Error(a.error);
     return a.json;
   };
@@ -146,7 +149,7 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
   });
 
   const whoami = async (c: Context): Promise<string> => {
-    const w = need(c, await call<{ name?: string; role?: string }>(c, 'GET', '/v1/whoami'));
+    const w = need(await call<{ name?: string; role?: string }>(c, 'GET', '/v1/whoami'));
     return w.name !== undefined ? `${w.name} (${w.role})` : 'peer';
   };
   const dashboard = async (c: Context) => {
@@ -157,9 +160,9 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     ]);
     return (
       <DashboardBody
-        nodes={need(c, nodes).nodes}
-        volumes={need(c, volumes).volumes}
-        events={need(c, events).events}
+        nodes={need(nodes).nodes}
+        volumes={need(volumes).volumes}
+        events={need(events).events}
       />
     );
   };
@@ -175,7 +178,7 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
 
   const volumeList = async (c: Context, error?: string) => (
     <VolumeList
-      volumes={need(c, await call<{ volumes: VolumeInfo[] }>(c, 'GET', '/v1/volumes')).volumes}
+      volumes={need(await call<{ volumes: VolumeInfo[] }>(c, 'GET', '/v1/volumes')).volumes}
       {...(error !== undefined ? { error } : {})}
     />
   );
@@ -194,7 +197,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       size: form.size,
       replicas: Number(form.replicas ?? 1),
     });
-    if (created.status === 401) throw new LoggedOut();
     return c.html(await volumeList(c, created.error));
   });
 
@@ -234,7 +236,7 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     ]);
     return (
       <VolumeDetail
-        volume={need(c, volume)}
+        volume={need(volume)}
         snapshots={snapshots.ok ? snapshots.json.snapshots : []}
         stats={s.stats}
         history={s.history}
@@ -264,7 +266,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       action === 'delete'
         ? await call(c, 'DELETE', volumePath(name))
         : await call(c, 'POST', `${volumePath(name)}/${action}`, {});
-    if (done.status === 401) throw new LoggedOut();
     if (c.req.header('hx-target') === 'volume-list') return c.html(await volumeList(c, done.error));
     if (action === 'delete' && done.ok) {
       c.header('HX-Redirect', '/ui/volumes');
@@ -282,7 +283,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     answer: Answer<unknown>,
     notice?: string,
   ) => {
-    if (answer.status === 401) throw new LoggedOut();
     const list = await call<{ snapshots: SnapshotInfo[] }>(
       c,
       'GET',
@@ -338,7 +338,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
 
   // Recurring jobs of a volume: added and removed in place.
   const jobList = async (c: Context, volume: string, answer: Answer<unknown>) => {
-    if (answer.status === 401) throw new LoggedOut();
     return c.html(
       <Jobs
         volume={volume}
@@ -374,7 +373,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
     const started = await call<{ operation: Operation }>(c, 'POST', '/v1/backups', {
       volume: name,
     });
-    if (started.status === 401) throw new LoggedOut();
     return c.html(
       <Backups
         volume={name}
@@ -390,7 +388,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
       backup: form.backup,
       volume: form.into,
     });
-    if (started.status === 401) throw new LoggedOut();
     return c.html(
       <Backups
         {...(volume !== undefined ? { volume } : {})}
@@ -406,7 +403,6 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
   );
   ui.get('/ui/fragments/operations/:id', async (c) => {
     const op = need(
-      c,
       await call<Operation>(c, 'GET', `/v1/operations/${encodeURIComponent(c.req.param('id'))}`),
     );
     return c.html(<OperationProgress op={op} />);
@@ -423,7 +419,7 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
 
   const nodeList = async (c: Context, error?: string) => (
     <NodeList
-      nodes={need(c, await call<{ nodes: NodeInfo[] }>(c, 'GET', '/v1/nodes')).nodes}
+      nodes={need(await call<{ nodes: NodeInfo[] }>(c, 'GET', '/v1/nodes')).nodes}
       {...(error !== undefined ? { error } : {})}
     />
   );
@@ -443,12 +439,11 @@ export function createUi(api: ApiFetch, options: { secure: boolean }): Hono {
         `/v1/nodes/${encodeURIComponent(c.req.param('name'))}/${action}`,
         {},
       );
-      if (done.status === 401) throw new LoggedOut();
       return c.html(await nodeList(c, done.error));
     });
 
   ui.get('/ui/events', async (c) => {
-    const events = need(c, await call<{ events: DaemonEvent[] }>(c, 'GET', '/v1/events')).events;
+    const events = need(await call<{ events: DaemonEvent[] }>(c, 'GET', '/v1/events')).events;
     return c.html(
       <Layout title="Events" who={await whoami(c)}>
         <h1>Events</h1>
