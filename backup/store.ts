@@ -1,5 +1,6 @@
 import * as os from 'node:os';
 import { randomBytes } from 'node:crypto';
+import { systemClock, type Clock } from '../common/clock.ts';
 import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import {
@@ -62,9 +63,11 @@ function pidAlive(pid: number): boolean {
 export class BackupStore {
   readonly target: BackupTarget;
   readonly #host = os.hostname();
+  readonly #clock: Clock;
 
-  constructor(target: BackupTarget) {
+  constructor(target: BackupTarget, clock: Clock = systemClock) {
     this.target = target;
+    this.#clock = clock;
   }
 
   get url(): string {
@@ -153,9 +156,9 @@ export class BackupStore {
   ): Promise<StoreLock> {
     const id = randomBytes(8).toString('hex');
     const key = `${locksPrefix}/${kind}-${id}.lck`;
-    const deadline = Date.now() + (options.waitMs ?? 30_000);
+    const deadline = this.#clock.nowMs() + (options.waitMs ?? 30_000);
     const write = async (): Promise<void> => {
-      const now = new Date().toISOString();
+      const now = new Date(this.#clock.nowMs()).toISOString();
       const record: LockRecord = {
         v: 1,
         kind,
@@ -172,25 +175,24 @@ export class BackupStore {
       const blocking = await this.#conflicts(kind, id, options.onStale);
       if (blocking === undefined) break;
       await this.target.delete(key);
-      if (Date.now() >= deadline) {
+      if (this.#clock.nowMs() >= deadline) {
         throw new CorralError(
           'BUSY',
           `The backupstore ${this.url} is busy: a ${blocking.kind} job (host ${blocking.host}, pid ${blocking.pid}, since ${blocking.createdAt}) holds it; try again when it ends`,
         );
       }
-      await new Promise((r) => setTimeout(r, 100 + Math.random() * 400));
+      await this.#clock.sleep(100 + Math.random() * 400);
     }
-    const timer = setInterval(() => {
+    const timer = this.#clock.setInterval(() => {
       write().catch(() => undefined);
     }, LOCK_REFRESH_MS);
-    timer.unref();
     let released = false;
     return {
       kind,
       release: async () => {
         if (released) return;
         released = true;
-        clearInterval(timer);
+        timer.cancel();
         await this.target.delete(key);
       },
     };
@@ -216,7 +218,7 @@ export class BackupStore {
       const stale =
         record === undefined ||
         typeof record.refreshedAt !== 'string' ||
-        Date.now() - Date.parse(record.refreshedAt) > LOCK_STALE_MS ||
+        this.#clock.nowMs() - Date.parse(record.refreshedAt) > LOCK_STALE_MS ||
         (record.host === this.#host && record.pid !== process.pid && !pidAlive(record.pid));
       if (stale) {
         await this.target.delete(key);

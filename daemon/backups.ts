@@ -103,7 +103,7 @@ export class BackupService {
     if (!store) {
       const delayMs = this.#o.delayMs;
       store = openTarget(url, this.#o.targetPolicy).then(
-        (t) => new BackupStore(delayMs ? delayed(t, delayMs) : t),
+        (t) => new BackupStore(delayMs ? delayed(t, delayMs) : t, this.#o.clock),
       );
       store.catch(() => this.#stores.delete(url));
       this.#stores.set(url, store);

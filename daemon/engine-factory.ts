@@ -2,7 +2,7 @@ import type { Clock } from '../common/clock.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Spaces, VolumeRecord } from '../kv/spaces.ts';
 import { Engine } from '../replication/engine.ts';
-import { FaultFilter } from '../replication/fault-filter.ts';
+import { faultFilter, type FaultFilter } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import { RemoteReplica } from '../replication/remote-replica.ts';
 import type { Replica } from '../replication/replica.ts';
@@ -116,7 +116,7 @@ export class EngineFactory {
       // writes: recorded before any I/O.
       for (const m of engine.replicaModes()) if (m.mode === 'ERR') await markFailed(m.id, true);
       if (!this.#o.faultInjection) return engine;
-      const fault = new FaultFilter(engine);
+      const fault = faultFilter(engine);
       input.onFault(fault);
       return fault;
     };
@@ -155,6 +155,7 @@ export class EngineFactory {
       ...(this.#o.cluster!.tls ? { tls: this.#o.cluster!.tls } : {}),
       epoch,
       timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+      clock: this.#o.clock,
     });
   }
 

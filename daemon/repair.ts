@@ -143,6 +143,7 @@ export class Repairs {
         ...(cluster.tls ? { tls: cluster.tls } : {}),
         epoch: record.epoch ?? 1,
         timeoutMs: this.#o.replicaTimeoutMs ?? 5000,
+        clock: this.#o.clock,
       });
     // A local replica that failed (a disk error, a full disk) is replaced by a new replica on
     // another host if one is free (its files go once that one is rebuilt); else it is rebuilt

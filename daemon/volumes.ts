@@ -1175,7 +1175,7 @@ export class VolumeManager {
     if (!entry) throw new CorralError('NOT_FOUND', `Volume ${name} is not attached`);
     if (!entry.fault)
       throw new CorralError('INVALID_ARGUMENT', 'fault injection is not enabled on this daemon');
-    entry.fault.mode = mode;
+    entry.fault.setMode(mode);
   }
 
   /** Flushes and closes every engine (graceful stop). */

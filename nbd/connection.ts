@@ -5,6 +5,7 @@ import {
   type BlockDevice,
   type Extent,
 } from '../replication/block-device.ts';
+import { assert } from '../common/assert.ts';
 import type { BufferPool } from '../common/buffer-pool.ts';
 import { TurnBatch } from '../common/turn-batch.ts';
 import type { ByteQueue } from './byte-queue.ts';
@@ -14,6 +15,8 @@ import * as P from './protocol.ts';
 /** Requests one connection may have in flight, and the bytes they may hold. */
 const MAX_INFLIGHT = 128;
 const MAX_INFLIGHT_BYTES = 128 * 1024 * 1024;
+// One request of the largest size must always be admitted.
+assert(MAX_INFLIGHT_BYTES >= MAX_REQUEST_BYTES, 'MAX_INFLIGHT_BYTES below one request');
 /** Replies waiting in the socket beyond this stop us reading new requests. */
 const MAX_UNSENT_REPLY_BYTES = 64 * 1024 * 1024;
 /** A BLOCK_STATUS reply lists at most this many extents. */

@@ -80,6 +80,28 @@ export function readOnlyDevice(
   };
 }
 
+/**
+ * A filter after nbdkit's (`server/filters.c`): the methods `over` names
+ * replace `next`'s (or add to them), every other one falls through to
+ * `next`, called on it.
+ * For control and test paths: the Proxy costs a lookup per call, so the
+ * data path's layers are written out by hand.
+ */
+export function filter<T extends object, X extends object = object>(
+  next: T,
+  over: Partial<T> & X,
+): T & X {
+  return new Proxy(next, {
+    get(target, key) {
+      if (Object.hasOwn(over, key)) return (over as Record<PropertyKey, unknown>)[key];
+      const value: unknown = Reflect.get(target, key, target);
+      return typeof value === 'function'
+        ? (value as (...a: unknown[]) => unknown).bind(target)
+        : value;
+    },
+  }) as T & X;
+}
+
 /** The errno a frontend answers for a failed BlockDevice request. */
 export type DeviceErrno = 'EIO' | 'EINVAL' | 'ENOSPC' | 'EPERM' | 'ESHUTDOWN';
 

@@ -758,9 +758,18 @@ export class Engine implements SupervisedEngine {
     for (const m of this.#members) m.replica.abandon();
   }
 
-  /** Flushes what it can and closes every replica. */
+  /**
+   * Flushes and closes every replica still in use; one in ERR is only let go
+   * (nothing on it is trusted until a rebuild). Rejects if a flush failed.
+   */
   async close(): Promise<void> {
-    const results = await Promise.allSettled(this.#members.map((m) => m.replica.close()));
+    const results = await Promise.allSettled(
+      this.#members.map((m) => {
+        if (m.mode !== 'ERR') return m.replica.close();
+        m.replica.abandon();
+        return Promise.resolve();
+      }),
+    );
     const failed = results.find((r) => r.status === 'rejected');
     if (failed && failed.status === 'rejected') throw failed.reason;
   }

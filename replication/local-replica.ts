@@ -53,6 +53,8 @@ interface OpenLayer {
  * MAX_LAYERS; 500 is well past what the chain must serve in constant time.
  */
 export const MAX_SNAPSHOTS = 500;
+// The head and the base layer take slots too.
+assert(MAX_SNAPSHOTS + 2 < MAX_LAYERS, 'MAX_SNAPSHOTS must leave layer slots free');
 
 /** Blocks copied per step when a snapshot is merged away: big enough to stream, small enough to interleave with I/O. */
 const MERGE_RUN_BLOCKS = 16;
@@ -1448,14 +1450,12 @@ export class LocalReplica implements Replica {
   }
 
   /**
-   * Flushes and lets go of the files — the files always, even when the flush
+   * The `Replica` contract: flushes, refuses new operations and waits for
+   * those in flight, and lets go of the files — always, even when the flush
    * fails (then it rejects: the caller must not take the data as durable).
-   */
-  /**
-   * Flushes, refuses new operations and waits for those in flight: once it
-   * returns nothing of this handle touches the files again, so another
-   * handle (a newer engine's) can take the replica over without an older
-   * write landing after its own.
+   * Once it returns nothing of this handle touches the files again, so
+   * another handle (a newer engine's) can take the replica over without an
+   * older write landing after its own.
    */
   async close(): Promise<void> {
     if (this.#closed) return;

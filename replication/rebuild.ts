@@ -1,3 +1,4 @@
+import { assert } from '../common/assert.ts';
 import { CorralError } from '../common/errors.ts';
 import type { Clock } from '../common/clock.ts';
 import { BLOCK_SIZE } from './block-device.ts';
@@ -6,6 +7,10 @@ import type { Replica } from './replica.ts';
 /** Rebuild and verify compare in granules of this size, and ask for this much per request. */
 export const GRANULE_BYTES = 1024 * 1024;
 export const WINDOW_BYTES = 64 * 1024 * 1024;
+assert(
+  GRANULE_BYTES % BLOCK_SIZE === 0 && WINDOW_BYTES % GRANULE_BYTES === 0,
+  'rebuild windows are whole granules of whole blocks',
+);
 
 export interface RebuildProgress {
   /** Bytes of layers compared so far, of `total`. */

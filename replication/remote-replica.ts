@@ -1,5 +1,6 @@
 import * as net from 'node:net';
 import * as tls from 'node:tls';
+import { systemClock, type Clock } from '../common/clock.ts';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
 import { TurnBatch } from '../common/turn-batch.ts';
@@ -32,6 +33,8 @@ export interface RemoteReplicaOptions {
   timeoutMs: number;
   /** For an `https://` peer: the CA that signed it and this node's certificate to show. */
   tls?: { cert: Buffer; key: Buffer; ca: Buffer | undefined };
+  /** Timers and time for the timeouts (the system's by default). */
+  clock?: Clock;
 }
 
 /** Payloads up to this size are copied behind their header: one write instead of two. */
@@ -45,7 +48,7 @@ interface Pending {
   /** `pooled`: the frame's buffer came from the pool; whoever copies the payload out gives it back. */
   resolve: (payload: Buffer, pooled?: Buffer) => void;
   reject: (err: Error) => void;
-  /** When it was sent (performance.now()): the pinger's sweep fails requests out too long. */
+  /** When it was sent (the clock's elapsedMs): the pinger's sweep fails requests out too long. */
   sentAt: number;
 }
 
@@ -70,12 +73,15 @@ export class RemoteReplica implements Replica {
   #revision = 0n;
   #snapshots: SnapshotInfo[] = [];
   #dead: CorralError | undefined;
-  #pinger: NodeJS.Timeout | undefined;
+  #closing: Promise<void> | undefined;
+  #pinger: { cancel(): void } | undefined;
+  readonly #clock: Clock;
   /** Large replies are assembled into reused buffers (reads copy out and give them back). */
   readonly #pool = new BufferPool(64 * 1024 * 1024);
 
   private constructor(options: RemoteReplicaOptions) {
     this.#o = options;
+    this.#clock = options.clock ?? systemClock;
     this.id = options.id;
     this.location = options.url;
   }
@@ -131,17 +137,17 @@ export class RemoteReplica implements Replica {
         : net.connect(endpoint);
       this.#socket = socket;
       this.#batch = new TurnBatch(socket);
-      const timer = setTimeout(() => {
+      const timer = this.#clock.after(this.#o.timeoutMs, () => {
         reject(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
         this.#die(this.#err(`no answer in ${this.#o.timeoutMs} ms`));
-      }, this.#o.timeoutMs);
+      });
       socket.once('error', (err) => {
-        clearTimeout(timer);
+        timer.cancel();
         reject(this.#err(err.message));
         this.#die(this.#err(`connection failed: ${err.message}`));
       });
       socket.once('close', () => {
-        clearTimeout(timer);
+        timer.cancel();
         reject(this.#err('connection closed'));
         this.#die(this.#err('connection closed'));
       });
@@ -152,7 +158,7 @@ export class RemoteReplica implements Replica {
         const answer = parseUpgradeAnswer(head);
         if (!answer) return;
         socket.off('data', onHead);
-        clearTimeout(timer);
+        timer.cancel();
         if (answer.status !== 101) {
           reject(this.#err(answer.message));
           socket.destroy();
@@ -182,32 +188,30 @@ export class RemoteReplica implements Replica {
    * disk takes to flush.
    */
   #startPings(): void {
-    this.#pinger = setInterval(
+    this.#pinger = this.#clock.setInterval(
       () => {
         // One sweep instead of a timer per request: the oldest request is the first one left.
         const limit = this.#o.timeoutMs * REQUEST_TIMEOUT_FACTOR;
         const oldest = this.#pending.values().next().value;
-        if (oldest && performance.now() - oldest.sentAt > limit) {
+        if (oldest && this.#clock.elapsedMs() - oldest.sentAt > limit) {
           this.#die(this.#err(`no answer to a request in ${limit} ms`));
           return;
         }
         if (this.#pingOut) return;
         this.#pingOut = true;
-        const deadline = setTimeout(
-          () => this.#die(this.#err(`no answer to a ping in ${this.#o.timeoutMs} ms`)),
-          this.#o.timeoutMs,
+        const deadline = this.#clock.after(this.#o.timeoutMs, () =>
+          this.#die(this.#err(`no answer to a ping in ${this.#o.timeoutMs} ms`)),
         );
         this.#send(Op.PING, 0, 0, 0, EMPTY).then(
           () => {
-            clearTimeout(deadline);
+            deadline.cancel();
             this.#pingOut = false;
           },
-          () => clearTimeout(deadline),
+          () => deadline.cancel(),
         );
       },
       Math.max(100, Math.floor(this.#o.timeoutMs / 3)),
     );
-    this.#pinger.unref();
   }
 
   #err(message: string): CorralError {
@@ -227,7 +231,7 @@ export class RemoteReplica implements Replica {
   #die(err: CorralError): void {
     if (this.#dead) return;
     this.#dead = err;
-    clearInterval(this.#pinger);
+    this.#pinger?.cancel();
     for (const p of this.#pending.values()) p.reject(err);
     this.#pending.clear();
     this.#socket?.destroy();
@@ -255,7 +259,7 @@ export class RemoteReplica implements Replica {
           resolve(data);
         },
         reject,
-        sentAt: performance.now(),
+        sentAt: this.#clock.elapsedMs(),
       });
       // Requests of one loop turn leave together: one DATA frame for many small writes.
       this.#batch!.hold();
@@ -430,9 +434,17 @@ export class RemoteReplica implements Replica {
     return this.#call<BadBlock[]>('checkBlocks', { offset, length });
   }
 
+  /** The `Replica` contract: flushes, always lets go, and rejects when the flush failed. */
   async close(): Promise<void> {
-    if (!this.#dead) await this.flush().catch(() => undefined);
-    this.abandon();
+    if (this.#closing) return this.#closing;
+    this.#closing = (async () => {
+      try {
+        await this.flush();
+      } finally {
+        this.abandon();
+      }
+    })();
+    return this.#closing;
   }
 
   abandon(): void {

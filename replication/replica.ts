@@ -26,10 +26,11 @@ export interface BadBlock {
 }
 
 /**
- * How the engine reaches one copy of a volume, local or remote alike.
- * Inputs are already validated by the engine (in range); a replica asserts.
+ * How the engine reaches one copy of a volume, local or remote alike: block
+ * I/O on the head, the snapshot chain, and what rebuild, scrub and verify
+ * use. Inputs are already validated by the engine (in range); a replica asserts.
  */
-export interface Replica extends BlockOps {
+export interface Replica extends BlockOps, ChainOps, CopyOps {
   readonly id: string;
   /** Where it lives: 'local' or a peer's URL. Reads prefer local replicas. */
   readonly location: string;
@@ -38,10 +39,18 @@ export interface Replica extends BlockOps {
   revision(): bigint;
   /** Why it cannot serve any more (a replica across the network whose connection died), if so. */
   readonly failure?: string | undefined;
-  /** Flushes, then releases files and connections. */
+  /**
+   * Flushes, then releases files and connections — always, even when the
+   * flush fails; then it rejects, because what was written since the last
+   * flush may not be durable. A second call is harmless.
+   */
   close(): Promise<void>;
   /** After an engine fault: persist nothing more; release resources once idle. */
   abandon(): void;
+}
+
+/** The snapshot chain: freeze, merge away, go back, read what a snapshot holds. */
+export interface ChainOps {
   snapshots(): SnapshotInfo[];
   /** Freezes the head as a snapshot; the caller has paused I/O. */
   snapshot(name: string, now: Date): Promise<void>;
@@ -62,6 +71,10 @@ export interface Replica extends BlockOps {
     top: string,
     granuleBytes: number,
   ): Set<number> | Promise<Set<number>>;
+}
+
+/** What rebuild, scrub and verify need beyond the chain: layers compared and copied block by block. */
+export interface CopyOps {
   /** Rebuild: per granule of snapshot layer `name` holding anything, a digest of its states and data. */
   layerDigests(
     name: string,

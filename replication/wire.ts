@@ -1,6 +1,7 @@
 import * as zlib from 'node:zlib';
 import { joined, Slab, type DirectReader } from '../common/direct-socket.ts';
 import { assert } from '../common/assert.ts';
+import { MAX_REQUEST_BYTES } from './block-device.ts';
 import { CorralError, type ErrorCode } from '../common/errors.ts';
 
 /**
@@ -47,6 +48,11 @@ const REQUEST_HEADER = 4 + 1 + 4 + 1 + 8 + 4 + 4;
 const REPLY_HEADER = 4 + 1 + 4 + 1 + 8 + 4;
 /** Largest frame accepted: a 32 MiB write plus headers. */
 export const MAX_FRAME_BYTES = 32 * 1024 * 1024 + 4096;
+// The largest client write must fit one frame with its header.
+assert(
+  MAX_FRAME_BYTES >= MAX_REQUEST_BYTES + REQUEST_HEADER,
+  'a replica frame must carry the largest request',
+);
 
 export const PATH_PREFIX = '/v1/replicas/';
 export function ioPath(replicaId: string): string {

@@ -25,7 +25,9 @@ async function world(dir: string, startMs: number) {
   const time = { now: startMs };
   const clock: Clock = {
     nowMs: () => time.now,
+    elapsedMs: () => time.now,
     setInterval: () => ({ cancel: () => undefined }),
+    after: () => ({ cancel: () => undefined }),
     sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
   };
   const events = new EventLog();

@@ -7,7 +7,7 @@ import { Kv } from '../kv/kv.ts';
 import { openSpaces, type Spaces } from '../kv/spaces.ts';
 import { Engine } from '../replication/engine.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
-import { blockDeviceConformance, type Subject } from './conformance/block-device.ts';
+import type { Subject } from './conformance/block-device.ts';
 
 const SIZE = 256 * 1024;
 
@@ -83,11 +83,6 @@ async function engineSubject(): Promise<Subject> {
   e.open.push(engine);
   return { device: engine, sizeBytes: SIZE };
 }
-
-describe('block device conformance: bare replica', () =>
-  blockDeviceConformance('replica', replicaSubject, teardown));
-describe('block device conformance: one-replica engine', () =>
-  blockDeviceConformance('engine', engineSubject, teardown));
 
 /** Polls (with a deadline) until `done`: file descriptors close on libuv's threads. */
 async function waitForFds(done: () => Promise<boolean>): Promise<void> {

@@ -12,6 +12,8 @@ export interface Subject {
   device: BlockOps;
   sizeBytes: number;
   reopen?: () => Promise<BlockOps>;
+  /** Its `close()` (or `stop()`): flush, let go; later operations must reject. */
+  close?: () => Promise<void>;
 }
 
 /** A tiny PRNG so that failures print a seed that reproduces them. */
@@ -148,4 +150,20 @@ export function blockDeviceConformance(
         await cleanup();
       }
     });
+
+  it(`${name}: a write is readable until close, and rejected after it; a second close is harmless`, async () => {
+    const subject = await make();
+    try {
+      if (!subject.close) return;
+      const data = randomBytes(5000);
+      await subject.device.write(3000, data);
+      assert.ok(Buffer.from(await subject.device.read(3000, 5000)).equals(data));
+      await subject.close();
+      await subject.close();
+      await assert.rejects(subject.device.write(0, Buffer.alloc(512, 1)));
+      await assert.rejects(subject.device.read(0, 512));
+    } finally {
+      await cleanup();
+    }
+  });
 }

@@ -9,7 +9,9 @@ import { prng } from '../helpers/prng.ts';
 /** A clock for simulated rebuilds: no timers, no sleeping. */
 export const simClock: Clock = {
   nowMs: () => Date.now(),
+  elapsedMs: () => performance.now(),
   setInterval: () => ({ cancel: () => undefined }),
+  after: () => ({ cancel: () => undefined }),
   sleep: () => Promise.resolve(),
 };
 
