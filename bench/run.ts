@@ -6,7 +6,7 @@
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
  * BENCH_TLS=0 the TLS-cost table;
- * BENCH_ONLY=backup|replication|metrics|tls runs one table alone.
+ * BENCH_ONLY=backup|replication|metrics|tls|trim runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -16,6 +16,7 @@ import * as path from 'node:path';
 import { DaemonProcess, ROOT } from '../test/helpers/daemon.ts';
 import { backupBench } from './backup.ts';
 import { replicationBench } from './replication.ts';
+import { trimBench } from './trim.ts';
 import { tlsBench } from './tls.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
@@ -284,6 +285,16 @@ async function main(): Promise<void> {
     console.log(`\n${table}`);
     await writeSection('bench-tls', table);
     await fs.promises.rm(dir, { recursive: true, force: true });
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'trim') {
+    try {
+      const table = await trimBench(dir);
+      console.log(`\n${table}`);
+      await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), 'bench-trim', table);
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
     return;
   }
   if (process.env.BENCH_ONLY === 'metrics') {

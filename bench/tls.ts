@@ -13,6 +13,7 @@ import { TestCa } from '../test/helpers/certs.ts';
 import { CLUSTER_SECRET } from '../test/helpers/cluster.ts';
 import { DaemonProcess } from '../test/helpers/daemon.ts';
 import { freePorts, mustRun } from '../test/helpers/run.ts';
+import { cpuSeconds } from './proc.ts';
 import type { BenchJob } from './replication.ts';
 
 /**
@@ -35,14 +36,6 @@ const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.floor(sorted.length / 2)]!;
-}
-
-/** User + system CPU seconds a process has used so far. */
-function cpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
-  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 async function threeDaemons(tls: boolean, ca: TestCa): Promise<DaemonProcess[]> {

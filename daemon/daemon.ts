@@ -1,3 +1,4 @@
+import { punchHoles } from '../replication/punch.ts';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { systemClock } from '../common/clock.ts';
@@ -339,6 +340,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
   // Registered before the volumes start: placement and engines look nodes up in etcd.
   await registry?.start(cluster.selfUrl);
   if (registry) log.info(`node ${registry.name} registered in etcd ${etcd!.endpoints.join(',')}`);
+  if (!punchHoles)
+    log.warn(
+      'trimmed blocks read as zeros but their space is not returned to the filesystem: native/punch.node is not built (scripts/build-native.sh)',
+    );
   await etcdRecords?.start((err) =>
     events.add({ type: 'cluster-store-error', message: `volume watch: ${err.message}` }),
   );

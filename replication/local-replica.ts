@@ -20,6 +20,8 @@ import {
   ZERO_SOURCE,
 } from './layer-map.ts';
 import { RangeLock } from './range-lock.ts';
+import { BlockRanges } from './block-ranges.ts';
+import { punchHoles } from './punch.ts';
 import { BlockSums } from './block-sums.ts';
 import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 
@@ -83,6 +85,11 @@ const WRITE_BEHIND_BYTES = 64 * 1024 * 1024;
 /** Largest zero buffer kept for NO_HOLE write-zeroes: never one buffer the size of the request. */
 const ZERO_PIECE_BYTES = 1024 * 1024;
 const ZERO_PIECE = new Uint8Array(ZERO_PIECE_BYTES);
+
+/** Punched per range lock held: a write into a block being punched waits at most this much. */
+const PUNCH_WINDOW_BLOCKS = (64 * 1024 * 1024) / BLOCK_SIZE;
+/** Trims not followed by a client's flush are made durable (and punched) this long after. */
+const PUNCH_FLUSH_DELAY_MS = 1000;
 
 /** A block state only digests show: DATA whose bytes fail their checksum. */
 const POISONED = 0xee;
@@ -170,6 +177,19 @@ export class LocalReplica implements Replica {
   /** `close` waits here for the operations in flight: none may land after it returns. */
   readonly #drainWaiters: Array<() => void> = [];
   #fdsClosed = false;
+  /**
+   * Space to return (see "Trim returns space" in docs/ARCHITECTURE.md):
+   * blocks of each layer that held data and were trimmed or zeroed since the
+   * last flush began; then, per flush, what that flush made durable and is
+   * being punched. A write takes its blocks out of every one of them.
+   */
+  #punchQueue = new Map<OpenLayer, BlockRanges>();
+  readonly #punchReady: Array<Map<OpenLayer, BlockRanges>> = [];
+  /** Punches under way: writes take the range lock meanwhile, so none lands under a punch. */
+  #punching = 0;
+  #punchTimer: NodeJS.Timeout | undefined;
+  /** Why punching stopped (a filesystem without holes), once. */
+  #punchFailure: string | undefined;
 
   private constructor(
     spaces: Spaces,
@@ -371,6 +391,7 @@ export class LocalReplica implements Replica {
 
   abandon(): void {
     this.#closed = true;
+    clearTimeout(this.#punchTimer);
     this.#pending++;
     this.#leave();
   }
@@ -660,6 +681,8 @@ export class LocalReplica implements Replica {
     const endBlock = Math.ceil(end / BLOCK_SIZE);
     const head = this.#head;
     const aligned = offset % BLOCK_SIZE === 0 && end % BLOCK_SIZE === 0;
+    if (this.#punchQueue.size > 0 || this.#punchReady.length > 0)
+      this.#unpunch(head, startBlock, endBlock);
     const intent = this.#intend(head, startBlock, endBlock, aligned);
     const done = typeof intent === 'function' ? intent : await intent;
     try {
@@ -687,7 +710,7 @@ export class LocalReplica implements Replica {
     aligned: boolean,
   ): Promise<void> {
     assert(head === this.#head, `replica ${this.id}'s head changed under a write`);
-    const unlocked = aligned && this.#mergeInto !== head;
+    const unlocked = aligned && this.#mergeInto !== head && this.#punching === 0;
     this.#pending++;
     if (unlocked) this.#unlockedWrites++;
     try {
@@ -747,11 +770,79 @@ export class LocalReplica implements Replica {
     // On the base layer nothing lies below, so a zeroed block can simply be absent.
     const stored = state === ZERO && this.#layers.length === 1 ? ABSENT : state;
     const source = state === DATA ? head.slot + 1 : ZERO_SOURCE;
+    if (state === ZERO && punchHoles && this.#punchFailure === undefined) {
+      let run = -1;
+      for (let b = startBlock; b <= endBlock; b++) {
+        const data = b < endBlock && head.map.state(b) === DATA;
+        if (data && run < 0) run = b;
+        else if (!data && run >= 0) {
+          this.#queuePunch(head, run, b);
+          run = -1;
+        }
+      }
+    }
     for (let b = startBlock; b < endBlock; b++) {
       head.map.set(b, stored);
       this.#index.set(b, source);
     }
     this.#revision++;
+  }
+
+  #queuePunch(layer: OpenLayer, start: number, end: number): void {
+    let ranges = this.#punchQueue.get(layer);
+    if (!ranges) this.#punchQueue.set(layer, (ranges = new BlockRanges()));
+    ranges.add(start, end);
+    // A client that trims need not flush after (fstrim does not): a flush of our own makes the
+    // trims durable, and so punchable, a moment later — one for a whole burst of discards.
+    this.#punchTimer ??= setTimeout(() => {
+      this.#punchTimer = undefined;
+      if (!this.#closed && this.#punchQueue.size > 0) this.flush().catch(() => undefined);
+    }, PUNCH_FLUSH_DELAY_MS).unref();
+  }
+
+  /** Blocks about to be written in `layer` must not be punched by a trim queued earlier. */
+  #unpunch(layer: OpenLayer, start: number, end: number): void {
+    this.#punchQueue.get(layer)?.subtract(start, end);
+    for (const ready of this.#punchReady) ready.get(layer)?.subtract(start, end);
+  }
+
+  /**
+   * Punches what a flush made durable as ZERO or ABSENT out of the layer
+   * files, one syscall per run, in windows under the range lock. Runs in the
+   * background of the flush; the file descriptors stay open meanwhile.
+   */
+  async #punch(ready: Map<OpenLayer, BlockRanges>): Promise<void> {
+    this.#pending++;
+    this.#punching++;
+    try {
+      if (this.#unlockedWrites > 0)
+        await new Promise<void>((resolve) => this.#unlockedWaiters.push(resolve));
+      for (const [layer, ranges] of ready) {
+        for (const [start, end] of ranges.windows(PUNCH_WINDOW_BLOCKS)) {
+          if (this.#closed || this.#bySlot[layer.slot] !== layer) break;
+          const release = await this.#locks.acquire(start, end);
+          try {
+            const runs = ranges.within(start, end);
+            if (runs.length === 0) continue;
+            const bytes = new Float64Array(runs.length * 2);
+            runs.forEach(([s, e], i) => {
+              bytes[2 * i] = s * BLOCK_SIZE;
+              bytes[2 * i + 1] = Math.min(e * BLOCK_SIZE, this.sizeBytes) - s * BLOCK_SIZE;
+            });
+            await punchHoles!(layer.fd, bytes);
+          } finally {
+            release();
+          }
+        }
+      }
+    } catch (err) {
+      // Space not returned is no data lost: the blocks read as zeros from their state.
+      this.#punchFailure = err instanceof Error ? err.message : String(err);
+    } finally {
+      this.#punchReady.splice(this.#punchReady.indexOf(ready), 1);
+      this.#punching--;
+      this.#leave();
+    }
   }
 
   async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
@@ -848,6 +939,13 @@ export class LocalReplica implements Replica {
       for (let r = 0; r < l.regions.length; r++) l.regions[r]! &= ~RECENT;
     const revision = this.#revision;
     const commits = this.#commits.splice(0);
+    // Trims up to here are in this flush's bitmaps: punched once those are durable, not before
+    // (a crash in between would leave DATA blocks reading the hole's zeros).
+    const punch = this.#punchQueue.size > 0 ? this.#punchQueue : undefined;
+    if (punch) {
+      this.#punchQueue = new Map();
+      this.#punchReady.push(punch);
+    }
     this.#pending++;
     try {
       await Promise.all(layers.map((l) => fdatasync(l.fd)));
@@ -876,7 +974,16 @@ export class LocalReplica implements Replica {
       }
       await kvBatch.write({ sync: true });
       this.#persistedRevision = revision;
+      if (punch) void this.#punch(punch);
     } catch (err) {
+      if (punch) {
+        this.#punchReady.splice(this.#punchReady.indexOf(punch), 1);
+        for (const [layer, ranges] of punch) {
+          const queued = this.#punchQueue.get(layer);
+          if (queued) queued.addAll(ranges);
+          else this.#punchQueue.set(layer, ranges);
+        }
+      }
       // Keep the promise that the next flush retries what this one could not make durable.
       for (const l of layers) this.#unsynced.add(l);
       for (const { layer, dirty, sums } of chunks) {
@@ -1372,8 +1479,12 @@ export class LocalReplica implements Replica {
     const chosen = (i: number) => !mask || mask[i] !== 0;
     const wanted = (i: number) => states[i] === DATA && chosen(i);
     // Blocks of a snapshot layer may be overwritten here: marked like a head write.
+    this.#unpunch(layer, first, first + states.length);
     const intent = this.#intend(layer, first, first + states.length, true);
     const done = typeof intent === 'function' ? intent : await intent;
+    // A punch of these blocks already under way finishes first.
+    const release =
+      this.#punching > 0 ? await this.#locks.acquire(first, first + states.length) : undefined;
     this.#pending++;
     try {
       let at = 0;
@@ -1387,6 +1498,7 @@ export class LocalReplica implements Replica {
     } catch (err) {
       throw ioError(`Cannot write layer ${name} of replica ${this.id}`, err);
     } finally {
+      release?.();
       done();
       this.#leave();
     }

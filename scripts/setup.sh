@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(libnbd-bin qemu-utils fio nbdkit nbd-client fuse3 e2fsprogs util-linux iptables etcd-server
-  openssl ca-certificates curl chromium)
+  openssl ca-certificates curl chromium make g++ python3)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -26,4 +26,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
+bash scripts/build-native.sh
 npx tsc -p tsconfig.json

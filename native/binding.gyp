@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "punch",
+      "sources": ["punch.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra"]
+    }
+  ]
+}
