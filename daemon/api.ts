@@ -308,6 +308,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
       allowSameHost: body.allowSameHost,
       failover: body.failover,
       nbdAllow: body.nbdAllow,
+      qos: body.qos,
     });
     return c.json(volume, 201);
   });
@@ -328,6 +329,14 @@ export function createApi(options: ApiOptions): Hono<Env> {
   app.post('/v1/volumes/:name/detach', async (c) => {
     const body = await jsonBody(c);
     return c.json(await volumes.detach(c.req.param('name'), { force: flag(body.force) }));
+  });
+  app.post('/v1/volumes/:name/qos', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.setQos(c.req.param('name'), body));
+  });
+  app.post('/v1/volumes/:name/expand', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.expand(c.req.param('name'), body.size));
   });
   app.delete('/v1/volumes/:name', async (c) => {
     await volumes.remove(c.req.param('name'), { force: flag(c.req.query('force')) });

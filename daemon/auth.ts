@@ -174,7 +174,14 @@ export function accessFor(method: string, path: string): Access {
   const [noun, , action, , sub] = parts;
   if (noun === 'volumes') {
     if (parts.length === 1) return 'operator'; // create
-    if (action === 'attach' || action === 'detach' || action === 'verify' || action === 'scrub')
+    if (
+      action === 'attach' ||
+      action === 'detach' ||
+      action === 'expand' ||
+      action === 'qos' ||
+      action === 'verify' ||
+      action === 'scrub'
+    )
       return parts.length === 3 ? 'operator' : 'admin';
     if (action === 'snapshots') {
       if (parts.length === 3) return 'operator';

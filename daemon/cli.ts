@@ -39,6 +39,10 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
   corral volume attach NAME [--frontend nbd|fuse] [--node N] | detach NAME [--force] | rm NAME [--force]
+  corral volume set NAME [--iops-limit N] [--bandwidth-limit 100M] [--read-|--write-iops-limit N]
+                [--read-|--write-bandwidth-limit S] [--burst 2x]   live; 0 removes a limit
+                (the same flags on volume create)
+  corral volume expand NAME --size 20G    online, attached volumes; never shrinks (snapshots keep their size)
   corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
   corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
@@ -294,6 +298,7 @@ async function runClient(args: string[]): Promise<void> {
         failover: { type: 'string' },
         watch: { type: 'boolean' },
         'nbd-allow': { type: 'string', multiple: true },
+        ...Object.fromEntries(QOS_FLAGS.map(([flag]) => [flag, { type: 'string' as const }])),
       },
       allowPositionals: true,
       strict: true,
@@ -321,8 +326,26 @@ async function runClient(args: string[]): Promise<void> {
           ...(values['allow-same-host'] ? { allowSameHost: true } : {}),
           ...(values.failover ? { failover: values.failover } : {}),
           ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
+          ...(qosFlags(values) ? { qos: qosFlags(values) } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
+        return;
+      }
+      case 'set': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        const qos = qosFlags(values);
+        if (!qos)
+          throw new UsageError(
+            `volume set needs a limit: ${QOS_FLAGS.map(([f]) => `--${f}`).join(', ')}`,
+          );
+        const volume = await call<VolumeInfo>(
+          api,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(name)}/qos`,
+          qos,
+        );
+        print(values.json === true, volume, () => volumeRows([volume]) + `\n${limitsLine(volume)}`);
         return;
       }
       case 'ls': {
@@ -386,6 +409,8 @@ async function runClient(args: string[]): Promise<void> {
               ['REPLICA', 'LOCATION', 'MODE', 'REVISION'],
               ...volume.replicas.map((r) => [r.id, r.location, r.mode, r.revision]),
             ]),
+            '',
+            limitsLine(volume),
           ].join('\n'),
         );
         return;
@@ -404,6 +429,20 @@ async function runClient(args: string[]): Promise<void> {
                 ...(values.frontend ? { frontend: values.frontend } : {}),
                 ...(values.node ? { node: values.node } : {}),
               },
+        );
+        print(values.json === true, volume, () => volumeRows([volume]));
+        return;
+      }
+      case 'expand': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        if (!values.size)
+          throw new UsageError('volume expand needs --size, for example --size 20G');
+        const volume = await call<VolumeInfo>(
+          api,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(name)}/expand`,
+          { size: values.size },
         );
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -712,3 +751,30 @@ main(process.argv.slice(2)).catch((err: unknown) => {
   console.error(`corral: ${err instanceof Error ? err.message : String(err)}`);
   process.exit(1);
 });
+
+/** The CLI's limit flags and the API's names for them. */
+const QOS_FLAGS = [
+  ['iops-limit', 'iops'],
+  ['bandwidth-limit', 'bandwidth'],
+  ['read-iops-limit', 'readIops'],
+  ['write-iops-limit', 'writeIops'],
+  ['read-bandwidth-limit', 'readBandwidth'],
+  ['write-bandwidth-limit', 'writeBandwidth'],
+  ['burst', 'burst'],
+] as const;
+
+/** The limits given as flags, as the API takes them (numbers where they are numbers). */
+function qosFlags(values: Record<string, unknown>): Record<string, string | number> | undefined {
+  const out: Record<string, string | number> = {};
+  for (const [flag, key] of QOS_FLAGS) {
+    const v = values[flag];
+    if (typeof v !== 'string') continue;
+    out[key] = /^\d+(\.\d+)?$/.test(v) ? Number(v) : v;
+  }
+  return Object.keys(out).length > 0 ? out : undefined;
+}
+
+function limitsLine(volume: VolumeInfo): string {
+  const set = Object.entries(volume.qos ?? {});
+  return `limits: ${set.length === 0 ? 'none' : set.map(([k, v]) => `${k} ${v}`).join(', ')}`;
+}

@@ -195,6 +195,9 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     mergeBytesPerSecond: config.mergeBytesPerSecond,
     connections: (name) => late.nbd?.connectionsTo(name) ?? 0,
     disconnect: (name) => late.nbd?.disconnect(name),
+    resized: async (name) => {
+      await late.fuse?.resized(name);
+    },
     imageHolders: async (name) => {
       const fuse = late.fuse;
       if (!fuse || fuse.openCount(name) === 0) return [];

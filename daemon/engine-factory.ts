@@ -99,9 +99,19 @@ export class EngineFactory {
           rec.failedReplicas = [...set];
         });
       };
+      // An expand cut off by a crash (the record is its commit point): the replicas that had
+      // not grown yet grow now; one that cannot is not trusted.
+      for (const r of replicas) {
+        if (failed.has(r) || r.sizeBytes >= rec.sizeBytes) continue;
+        try {
+          await r.expand(rec.sizeBytes);
+        } catch (err) {
+          failed.set(r, `could not grow to ${rec.sizeBytes} bytes: ${String(err)}`);
+        }
+      }
       const engine = new Engine({
         volume: record.name,
-        sizeBytes: record.sizeBytes,
+        sizeBytes: rec.sizeBytes,
         replicas,
         failed,
         markFailed,

@@ -1,6 +1,7 @@
 import { CorralError, quoted } from '../common/errors.ts';
 import { BLOCK_SIZE } from '../replication/block-device.ts';
 import { parseSize } from '../common/size.ts';
+import { QOS_FIELDS, type QosLimits } from '../replication/qos.ts';
 
 /** Volume names are NBD export names and file names: keep them plain. '@' is kept for snapshots. */
 const NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -62,4 +63,38 @@ export function validateVolumeSize(input: unknown): number {
 export function autoSnapshotName(now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   return `snap-${stamp}-${Math.random().toString(36).slice(2, 6)}`;
+}
+
+/**
+ * I/O limits from an API body: IOPS as whole numbers, bandwidth as bytes per
+ * second or a size ("100M" per second), burst as seconds' worth or "2x";
+ * 0 removes a limit.
+ */
+export function validateQos(input: unknown): QosLimits {
+  if (typeof input !== 'object' || input === null || Array.isArray(input))
+    throw new CorralError('INVALID_ARGUMENT', 'qos must be an object of limits');
+  const out: QosLimits = {};
+  for (const [key, value] of Object.entries(input as Record<string, unknown>)) {
+    if (!(QOS_FIELDS as readonly string[]).includes(key))
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Unknown limit ${quoted(key)}: the limits are ${QOS_FIELDS.join(', ')}`,
+      );
+    const field = key as keyof QosLimits;
+    let n: number;
+    if (field === 'burst' && typeof value === 'string' && /^\d+(\.\d+)?x$/.test(value))
+      n = Number(value.slice(0, -1));
+    else if (field.endsWith('andwidth') && typeof value === 'string') n = parseSize(value);
+    else n = typeof value === 'number' ? value : NaN;
+    const whole = field.endsWith('ops') || field.endsWith('andwidth');
+    if (!Number.isFinite(n) || n < 0 || n > 1e12 || (whole && !Number.isInteger(n)))
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Invalid ${key} limit ${quoted(String(value))}: a ${whole ? 'whole number' : 'number'}, 0 for none`,
+      );
+    if (field === 'burst' && n > 60)
+      throw new CorralError('INVALID_ARGUMENT', "burst is at most 60 seconds' worth");
+    out[field] = n;
+  }
+  return out;
 }

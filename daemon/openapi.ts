@@ -42,6 +42,31 @@ const wait = { wait: 'true: wait for the operation and answer with its result' }
  * served or miss one that is: `test/api-cli.test.ts` fails on a route
  * without an entry here.
  */
+const rate = (what: string): Schema => ({
+  oneOf: [
+    { type: 'integer', minimum: 0 },
+    { type: 'string', description: 'a size per second, such as "100M"' },
+  ],
+  description: what,
+});
+
+/** The I/O limits of a volume (replication/qos.ts): 0 removes one. */
+const qosLimits: Schema = object({
+  iops: { type: 'integer', minimum: 0, description: 'reads and writes per second, together' },
+  bandwidth: rate('bytes read and written per second, together'),
+  readIops: { type: 'integer', minimum: 0 },
+  writeIops: { type: 'integer', minimum: 0 },
+  readBandwidth: rate('bytes read per second'),
+  writeBandwidth: rate('bytes written per second'),
+  burst: {
+    oneOf: [
+      { type: 'number', minimum: 0, maximum: 60 },
+      { type: 'string', pattern: '^\\d+(\\.\\d+)?x$' },
+    ],
+    description: "seconds' worth of the limits that may pass at once after an idle spell",
+  },
+});
+
 export const ROUTE_DOCS: Record<string, RouteDoc> = {
   'GET /v1/health': { summary: 'Liveness; no token needed' },
   'GET /v1/openapi.json': { summary: 'This document; no token needed' },
@@ -60,6 +85,7 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
         allowSameHost: flag,
         failover: { enum: ['off', 'auto'] },
         nbdAllow: { type: 'array', items: str, description: 'TLS identities that may open it' },
+        qos: qosLimits,
       },
       ['name'],
     ),
@@ -77,6 +103,14 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   'POST /v1/volumes/:name/detach': {
     summary: 'Detach; refused while clients are connected unless forced',
     body: object({ force: flag }),
+  },
+  'POST /v1/volumes/:name/qos': {
+    summary: 'Change I/O limits live (those given replace, 0 removes one)',
+    body: qosLimits,
+  },
+  'POST /v1/volumes/:name/expand': {
+    summary: 'Grow an attached volume online (never shrinks); snapshots keep their size',
+    body: object({ size }, ['size']),
   },
   'GET /v1/volumes/:name/snapshots': { summary: "A volume's snapshots, oldest first" },
   'POST /v1/volumes/:name/snapshots': {

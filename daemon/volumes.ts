@@ -6,6 +6,7 @@ import { Lanes } from '../common/lanes.ts';
 import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import type { FaultFilter, FaultMode } from '../replication/fault-filter.ts';
+import type { QosLimits } from '../replication/qos.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import type { Cluster } from './cluster.ts';
 import type { NodeInfo } from './node-info.ts';
@@ -27,6 +28,7 @@ import {
   validateSnapshotName,
   validateVolumeName,
   validateVolumeSize,
+  validateQos,
 } from './names.ts';
 import type { ScrubReport, SnapshotInfo } from '../replication/replica.ts';
 
@@ -44,6 +46,8 @@ export interface VolumeInfo {
   failover?: 'auto';
   /** Only these TLS identities may open it over NBD. */
   nbdAllow?: string[];
+  /** I/O limits; absent: none. */
+  qos?: QosLimits;
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{
@@ -71,6 +75,8 @@ export interface VolumeManagerOptions {
   disconnect: (name: string) => void;
   /** Who holds a volume's FUSE image open (loop devices, processes); empty when nobody does. */
   imageHolders: (name: string) => Promise<string[]>;
+  /** A volume grew: the FUSE image's size as the kernel caches it must follow. */
+  resized?: (name: string) => Promise<void>;
   /** The hosts replicas can go to; absent: this host only. */
   cluster?: Cluster;
   /** A remote replica request unanswered this long sets the replica to ERR. */
@@ -357,6 +363,8 @@ export class VolumeManager {
     failover?: unknown;
     /** TLS identities that alone may open the volume over NBD. */
     nbdAllow?: unknown;
+    /** I/O limits (see `setQos`). */
+    qos?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -377,6 +385,7 @@ export class VolumeManager {
           ...(input.frontend !== undefined ? { frontend: input.frontend } : {}),
           ...(input.failover !== undefined ? { failover: input.failover } : {}),
           ...(input.nbdAllow !== undefined ? { nbdAllow: input.nbdAllow } : {}),
+          ...(input.qos !== undefined ? { qos: input.qos } : {}),
         },
         { timeoutMs: CLONE_FORWARD_TIMEOUT_MS },
       );
@@ -402,9 +411,11 @@ export class VolumeManager {
       restoring?: string;
       failover?: unknown;
       nbdAllow?: unknown;
+      qos?: unknown;
     },
     source: BlockDevice | undefined,
   ): Promise<VolumeInfo> {
+    const qos = input.qos === undefined ? undefined : limitsSet(validateQos(input.qos));
     const sizeBytes =
       source && input.size === undefined ? source.sizeBytes : validateVolumeSize(input.size);
     if (source && sizeBytes < source.sizeBytes) {
@@ -540,6 +551,7 @@ export class VolumeManager {
         ...(this.#shared ? { engineNode: this.#nodeName! } : {}),
         ...(failover === 'auto' ? { failover: 'auto' as const } : {}),
         ...(nbdAllow !== undefined ? { nbdAllow: nbdAllow as string[] } : {}),
+        ...(qos !== undefined ? { qos } : {}),
       };
       if (input.restoring !== undefined) this.#restoring.add(name);
       try {
@@ -613,6 +625,7 @@ export class VolumeManager {
       hangTimeoutMs: this.#o.hangTimeoutMs,
       onEvent: (e) => this.#o.events.add({ type: e.type, volume: e.volume, message: e.message }),
       ...(this.#o.meters ? { onIo: this.#o.meters.observer(record.name) } : {}),
+      ...(record.qos ? { qos: record.qos } : {}),
     });
     this.#attached.set(record.name, { supervisor, fault, epoch });
     this.#frontends.set(record.name, record.frontend);
@@ -895,6 +908,7 @@ export class VolumeManager {
       ...(record.engineNode !== undefined ? { node: record.engineNode } : {}),
       ...(record.failover ? { failover: record.failover } : {}),
       ...(record.nbdAllow ? { nbdAllow: record.nbdAllow } : {}),
+      ...(record.qos && Object.keys(record.qos).length > 0 ? { qos: record.qos } : {}),
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
@@ -942,6 +956,62 @@ export class VolumeManager {
       this.#o.events.add({ type: 'snapshot-created', volume, message: snap });
       return info;
     });
+  }
+
+  /**
+   * Online expand of an attached volume. The replicas grow first (the engine
+   * pauses I/O meanwhile, each replica's own record is its commit point), the
+   * volume record last: a crash in between leaves the old size in the record,
+   * and the next attach grows any replica left smaller (engine-factory.ts).
+   */
+  async expand(volume: string, size: unknown): Promise<VolumeInfo> {
+    validateVolumeName(volume);
+    const sizeBytes = validateVolumeSize(size);
+    await this.#serially(volume, 'expand it', async () => {
+      const record = await this.#record(volume);
+      if (sizeBytes < record.sizeBytes)
+        throw new CorralError(
+          'INVALID_SIZE',
+          `Volume ${volume} is ${record.sizeBytes} bytes; it cannot shrink to ${sizeBytes}`,
+        );
+      if (record.restoring !== undefined)
+        throw new CorralError('BUSY', `Volume ${volume} is being restored; expand it after`);
+      const entry = this.#attachedEntry(volume, 'expand it');
+      if (sizeBytes === record.sizeBytes && entry.supervisor.sizeBytes === sizeBytes) return;
+      await entry.supervisor.control('expand', (e) => e.expand(sizeBytes));
+      await this.#o.records.update(volume, (r) => {
+        r.sizeBytes = sizeBytes;
+      });
+      this.#o.events.add({
+        type: 'volume-expanded',
+        volume,
+        message: `${record.sizeBytes} → ${sizeBytes} bytes`,
+      });
+      await this.#o.resized?.(volume).catch(() => undefined);
+    });
+    return this.get(volume);
+  }
+
+  /**
+   * Changes a volume's I/O limits, live when it is attached: the limits given
+   * replace those set (0 removes one), the others stay.
+   */
+  async setQos(volume: string, input: unknown): Promise<VolumeInfo> {
+    validateVolumeName(volume);
+    const change = validateQos(input);
+    await this.#serially(volume, 'set its limits', async () => {
+      await this.#record(volume);
+      const updated = await this.#o.records.update(volume, (r) => {
+        r.qos = limitsSet({ ...(r.qos ?? {}), ...change });
+      });
+      this.#attached.get(volume)?.supervisor.setQos(updated?.qos ?? {});
+      this.#o.events.add({
+        type: 'volume-limits-set',
+        volume,
+        message: describeLimits(updated?.qos ?? {}),
+      });
+    });
+    return this.get(volume);
   }
 
   async deleteSnapshot(volume: string, name: string): Promise<void> {
@@ -1189,4 +1259,14 @@ export class VolumeManager {
         this.#o.events.add({ type: 'stop-failed', message: String(r.reason) });
     }
   }
+}
+
+/** The limits that are set (0 means none: dropped). */
+function limitsSet(limits: QosLimits): QosLimits {
+  return Object.fromEntries(Object.entries(limits).filter(([, v]) => v > 0)) as QosLimits;
+}
+
+function describeLimits(limits: QosLimits): string {
+  const set = Object.entries(limits);
+  return set.length === 0 ? 'no limits' : set.map(([k, v]) => `${k} ${v}`).join(', ');
 }

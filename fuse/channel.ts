@@ -181,6 +181,26 @@ export class FuseChannel {
     this.#send(buf, unique, 0);
   }
 
+  /**
+   * An unsolicited message to the kernel (fuse_out_header with unique 0 and
+   * the notify code where the error goes). Errors are returned, not thrown:
+   * ENOENT means the kernel does not know the node, which is fine.
+   */
+  notify(code: number, payload: Buffer): NodeJS.ErrnoException | undefined {
+    if (this.#closed) return undefined;
+    const buf = Buffer.alloc(OUT_HEADER + payload.length);
+    buf.writeUInt32LE(buf.length, 0);
+    buf.writeInt32LE(code, 4);
+    buf.writeBigUInt64LE(0n, 8);
+    payload.copy(buf, OUT_HEADER);
+    try {
+      fs.writeSync(this.#fd, buf);
+      return undefined;
+    } catch (err) {
+      return err as NodeJS.ErrnoException;
+    }
+  }
+
   /** Fills in fuse_out_header and writes the reply; never throws (replies go out from callbacks). */
   #send(buf: Buffer, unique: bigint, code: number): void {
     if (this.#closed) return;

@@ -14,6 +14,8 @@ import {
   FUSE_KERNEL_VERSION,
   InitFlag,
   initOut,
+  invalInodeOut,
+  Notify,
   NO_REPLY,
   Opcode,
   OpenFlag,
@@ -85,6 +87,20 @@ export class FuseFrontend {
     );
     await frontend.#mount();
     return frontend;
+  }
+
+  /**
+   * After an expand: the kernel drops the image's cached attributes, and a
+   * stat (answered by us, on this event loop) loads the new size into the
+   * inode, where a loop device's `losetup -c` reads it.
+   */
+  async resized(volume: string): Promise<void> {
+    const ino = this.#inoOf.get(volume);
+    if (ino === undefined || !this.#channel) return;
+    const err = this.#channel.notify(Notify.INVAL_INODE, invalInodeOut(ino));
+    if (err && err.code !== 'ENOENT')
+      this.#log.warn(`FUSE size notice for ${volume}: ${err.message}`);
+    await fs.promises.stat(path.join(this.mountpoint, `${volume}.img`)).catch(() => undefined);
   }
 
   /** Open handles on a volume's image (a loop device attached to it holds one). */

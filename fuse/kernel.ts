@@ -79,6 +79,20 @@ export const Fallocate = {
   ZERO_RANGE: 0x10,
 } as const;
 
+/** Unsolicited messages to the kernel (fuse_notify_code). */
+export const Notify = {
+  INVAL_INODE: 2,
+} as const;
+
+/** fuse_notify_inval_inode_out: a negative offset drops the cached attributes only. */
+export function invalInodeOut(ino: bigint): Buffer {
+  const b = Buffer.alloc(24);
+  b.writeBigUInt64LE(ino, 0);
+  b.writeBigInt64LE(-1n, 8);
+  b.writeBigInt64LE(0n, 16);
+  return b;
+}
+
 export const DT_DIR = 4;
 export const DT_REG = 8;
 

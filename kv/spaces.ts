@@ -37,6 +37,8 @@ export interface VolumeRecord {
   failedReplicas?: string[];
   /** Only these TLS identities (certificate CN, PSK user) may open it over NBD. */
   nbdAllow?: string[];
+  /** I/O limits (replication/qos.ts); absent: none. */
+  qos?: Record<string, number>;
 }
 
 export interface LayerRecord {
@@ -46,6 +48,11 @@ export interface LayerRecord {
   snapshot?: string;
   /** When the snapshot was taken (the layer was frozen); older records lack it. */
   snapshotAt?: string;
+  /**
+   * A snapshot's size, when the volume has been expanded since (a snapshot
+   * keeps the size it was taken at); absent: the replica's size.
+   */
+  sizeBytes?: number;
 }
 
 export interface ReplicaRecord {
@@ -91,6 +98,13 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(Array.isArray(r.nbdAllow) && r.nbdAllow.every((i) => typeof i === 'string')
       ? { nbdAllow: r.nbdAllow }
       : {}),
+    ...(typeof r.qos === 'object' && r.qos !== null
+      ? {
+          qos: Object.fromEntries(
+            Object.entries(r.qos).filter((e): e is [string, number] => typeof e[1] === 'number'),
+          ),
+        }
+      : {}),
     ...(Array.isArray(r.failedReplicas)
       ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }
       : {}),
@@ -124,6 +138,7 @@ function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord
       };
       if (typeof layer.snapshot === 'string') out.snapshot = layer.snapshot;
       if (typeof layer.snapshotAt === 'string') out.snapshotAt = layer.snapshotAt;
+      if (typeof layer.sizeBytes === 'number') out.sizeBytes = layer.sizeBytes;
       return out;
     }),
   };

@@ -33,11 +33,18 @@ function sumsOf(data: Uint8Array): Uint32Array {
 export class BlockSums {
   readonly #chunks: Array<Uint32Array | undefined>;
   readonly #dirty = new Set<number>();
-  readonly blockCount: number;
+  blockCount: number;
 
   constructor(blockCount: number) {
     this.blockCount = blockCount;
     this.#chunks = new Array<Uint32Array | undefined>(Math.ceil(blockCount / SUMS_PER_CHUNK));
+  }
+
+  /** An expanded volume: the blocks added have no sum. */
+  grow(blockCount: number): void {
+    assert(blockCount >= this.blockCount, 'block sums never shrink');
+    this.blockCount = blockCount;
+    this.#chunks.length = Math.ceil(blockCount / SUMS_PER_CHUNK);
   }
 
   /** The stored sum of a block, or undefined when none is known. */

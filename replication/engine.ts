@@ -78,7 +78,8 @@ interface Member {
  */
 export class Engine implements SupervisedEngine {
   readonly volume: string;
-  readonly sizeBytes: number;
+  /** Grows with an online expand. */
+  sizeBytes: number;
   readonly #readOnly: boolean;
   readonly #members: Member[];
   readonly #onEvent: (event: EngineEvent) => void;
@@ -275,13 +276,15 @@ export class Engine implements SupervisedEngine {
         );
       const resume = await this.#pause();
       try {
+        // A replica away during an expand comes back smaller: it grows first.
+        if (target.sizeBytes < this.sizeBytes) await target.expand(this.sizeBytes);
         await this.#mirror('take the rebuild snapshot', (r) =>
           r.snapshot(options.snapshotName, options.now),
         );
         // The first missing snapshot freezes the target's stale head: its blocks are
-        // compared, not copied blind. The others start empty.
+        // compared, not copied blind. The others start empty. Each keeps its own size.
         for (const s of source.replica.snapshots().slice(kept.length))
-          await target.snapshot(s.name, new Date(s.createdAt));
+          await target.snapshot(s.name, new Date(s.createdAt), s.sizeBytes);
         if (options.replaces !== undefined) {
           const old = this.#members.findIndex((m) => m.replica.id === options.replaces);
           if (old >= 0) {
@@ -382,7 +385,13 @@ export class Engine implements SupervisedEngine {
     );
   }
 
-  #check(what: string, offset: number, length: number, maxLength = Number.MAX_SAFE_INTEGER): void {
+  #check(
+    what: string,
+    offset: number,
+    length: number,
+    maxLength = Number.MAX_SAFE_INTEGER,
+    sizeBytes = this.sizeBytes,
+  ): void {
     if (
       !Number.isSafeInteger(offset) ||
       !Number.isSafeInteger(length) ||
@@ -400,10 +409,10 @@ export class Engine implements SupervisedEngine {
         `Cannot ${what} ${length} bytes at once: the limit is ${maxLength}`,
       );
     }
-    if (offset + length > this.sizeBytes) {
+    if (offset + length > sizeBytes) {
       throw new CorralError(
         'OUT_OF_RANGE',
-        `Cannot ${what} ${length} bytes at offset ${offset}: volume ${this.volume} is ${this.sizeBytes} bytes`,
+        `Cannot ${what} ${length} bytes at offset ${offset}: volume ${this.volume} is ${sizeBytes} bytes`,
       );
     }
   }
@@ -689,6 +698,28 @@ export class Engine implements SupervisedEngine {
     return info;
   }
 
+  /**
+   * Online expand: I/O pauses while every replica grows (each atomically),
+   * then the volume has the new size. A replica that fails to grow goes to
+   * ERR and is rebuilt, at the new size, like any other failure.
+   */
+  async expand(sizeBytes: number): Promise<void> {
+    if (sizeBytes < this.sizeBytes)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Volume ${this.volume} is ${this.sizeBytes} bytes: a volume cannot shrink`,
+      );
+    await this.#alone('expand', async () => {
+      const resume = await this.#pause();
+      try {
+        await this.#mirror('expand', (r) => r.expand(sizeBytes), { userErrors: true });
+        this.sizeBytes = sizeBytes;
+      } finally {
+        resume();
+      }
+    });
+  }
+
   /** Online: the merge runs beside I/O. */
   async deleteSnapshot(name: string): Promise<void> {
     await this.#alone(`delete snapshot ${name}`, () =>
@@ -723,19 +754,22 @@ export class Engine implements SupervisedEngine {
 
   /** A read-only view of one snapshot, for exports and clones. */
   snapshotDevice(name: string): BlockDevice {
-    if (!this.snapshots().some((s) => s.name === name)) {
+    const info = this.snapshots().find((s) => s.name === name);
+    if (!info) {
       throw new CorralError('NOT_FOUND', `Volume ${this.volume} has no snapshot named ${name}`);
     }
+    // A snapshot keeps the size it was taken at, whatever the volume grew to since.
+    const size = info.sizeBytes;
     return readOnlyDevice(`snapshot ${this.volume}@${name}`, {
-      sizeBytes: this.sizeBytes,
+      sizeBytes: size,
       capabilities: () => this.capabilities(),
       // async: a bad range rejects, as every other BlockDevice method does, never throws.
       read: async (offset, length, into) => {
-        this.#check('read', offset, length, MAX_REQUEST_BYTES);
+        this.#check('read', offset, length, MAX_REQUEST_BYTES, size);
         return this.#firstReadable('read').replica.readSnapshot(name, offset, length, into);
       },
       extents: async (offset, length) => {
-        this.#check('map', offset, length);
+        this.#check('map', offset, length, Number.MAX_SAFE_INTEGER, size);
         return this.#firstReadable('map').replica.extentsSnapshot(name, offset, length);
       },
     });
@@ -759,17 +793,25 @@ export class Engine implements SupervisedEngine {
   }
 
   /**
-   * Flushes and closes every replica still in use; one in ERR is only let go
-   * (nothing on it is trusted until a rebuild). Rejects if a flush failed.
+   * Flushes and closes every replica still in use. A replica that cannot
+   * flush fails as in any flush (set to ERR, recorded, rebuilt later); one in
+   * ERR is only let go. Rejects when no replica could flush.
    */
   async close(): Promise<void> {
+    let flushed: unknown;
+    try {
+      await this.#mirror('flush before closing', (r) => r.flush());
+    } catch (err) {
+      flushed = err ?? new Error('flush failed');
+    }
     const results = await Promise.allSettled(
       this.#members.map((m) => {
-        if (m.mode !== 'ERR') return m.replica.close();
+        if (m.mode !== 'ERR' && flushed === undefined) return m.replica.close();
         m.replica.abandon();
         return Promise.resolve();
       }),
     );
+    if (flushed !== undefined) throw flushed;
     const failed = results.find((r) => r.status === 'rejected');
     if (failed && failed.status === 'rejected') throw failed.reason;
   }

@@ -18,11 +18,18 @@ const BITMAP_BYTES = BLOCKS_PER_CHUNK / 8;
 export class LayerMap {
   readonly #chunks: Array<Uint8Array | undefined>;
   readonly #dirty = new Set<number>();
-  readonly blockCount: number;
+  blockCount: number;
 
   constructor(blockCount: number) {
     this.blockCount = blockCount;
     this.#chunks = new Array<Uint8Array | undefined>(Math.ceil(blockCount / BLOCKS_PER_CHUNK));
+  }
+
+  /** An expanded volume: the blocks added are absent. */
+  grow(blockCount: number): void {
+    assert(blockCount >= this.blockCount, 'a layer map never shrinks');
+    this.blockCount = blockCount;
+    this.#chunks.length = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
   }
 
   state(block: number): BlockState {
@@ -143,6 +150,12 @@ export class ReadIndex {
 
   constructor(blockCount: number) {
     this.#regions = new Array<Uint16Array | undefined>(Math.ceil(blockCount / BLOCKS_PER_CHUNK));
+  }
+
+  /** An expanded volume: everything is resolved again, at the new length. */
+  grow(blockCount: number): void {
+    this.#regions.length = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
+    this.clear();
   }
 
   get(block: number): number {

@@ -137,7 +137,7 @@ export interface LocalReplicaOptions {
 export class LocalReplica implements Replica {
   readonly id: string;
   readonly location = 'local';
-  readonly sizeBytes: number;
+  sizeBytes: number;
   readonly #spaces: Spaces;
   readonly #dir: string;
   #record: ReplicaRecord;
@@ -159,7 +159,7 @@ export class LocalReplica implements Replica {
   readonly #unlockedWaiters: Array<() => void> = [];
   readonly #index: ReadIndex;
   readonly #locks = new RangeLock();
-  readonly #blockCount: number;
+  #blockCount: number;
   #revision: bigint;
   #persistedRevision: bigint;
   #unsynced = new Set<OpenLayer>();
@@ -1045,6 +1045,7 @@ export class LocalReplica implements Replica {
         createdAt: l.record.snapshotAt ?? l.record.createdAt,
         parent,
         allocatedBytes: l.map.countData() * BLOCK_SIZE,
+        sizeBytes: l.record.sizeBytes ?? this.sizeBytes,
       });
       parent = name;
     }
@@ -1077,7 +1078,7 @@ export class LocalReplica implements Replica {
    * file, then the record naming both: a crash before the record leaves an
    * unnamed file, removed at the next open.
    */
-  async snapshot(name: string, now: Date): Promise<void> {
+  async snapshot(name: string, now: Date, sizeBytes?: number): Promise<void> {
     this.#checkChainIdle('take a snapshot');
     if (this.#layers.some((l) => l.record.snapshot === name)) {
       throw new CorralError(
@@ -1094,7 +1095,14 @@ export class LocalReplica implements Replica {
     await this.flush();
     const layer = await this.#newLayer(now);
     const layers = this.#record.layers.map((l, i, all) =>
-      i === all.length - 1 ? { ...l, snapshot: name, snapshotAt: now.toISOString() } : l,
+      i === all.length - 1
+        ? {
+            ...l,
+            snapshot: name,
+            snapshotAt: now.toISOString(),
+            ...(sizeBytes !== undefined && sizeBytes !== this.sizeBytes ? { sizeBytes } : {}),
+          }
+        : l,
     );
     const record: ReplicaRecord = { ...this.#record, layers: [...layers, layer.record] };
     try {
@@ -1108,6 +1116,59 @@ export class LocalReplica implements Replica {
     this.#head.record = layers[layers.length - 1]!;
     this.#layers.push(layer);
     this.#bySlot[layer.slot] = layer;
+  }
+
+  /**
+   * Online expand (the engine has paused I/O). The record is the commit
+   * point: the head's file grows first (a file shorter than the record reads
+   * as zeros past its end anyway), then one put records the new size with
+   * every older layer stamped with the size it had. In memory the bitmaps,
+   * sums and read index grow; nothing is copied.
+   */
+  async expand(sizeBytes: number): Promise<void> {
+    assert(sizeBytes % BLOCK_SIZE === 0, `replica size ${sizeBytes} not block aligned`);
+    if (sizeBytes === this.sizeBytes) return;
+    if (sizeBytes < this.sizeBytes)
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        `Cannot shrink replica ${this.id} from ${this.sizeBytes} to ${sizeBytes} bytes`,
+      );
+    this.#checkChainIdle('expand it');
+    const old = this.sizeBytes;
+    const head = this.#head;
+    try {
+      await new Promise<void>((resolve, reject) =>
+        fs.ftruncate(head.fd, sizeBytes, (err) => (err ? reject(err) : resolve())),
+      );
+    } catch (err) {
+      throw ioError(`Cannot expand replica ${this.id}`, err);
+    }
+    const last = this.#record.layers.length - 1;
+    const record: ReplicaRecord = {
+      ...this.#record,
+      sizeBytes,
+      layers: this.#record.layers.map((l, i) =>
+        i < last && l.sizeBytes === undefined ? { ...l, sizeBytes: old } : l,
+      ),
+    };
+    await this.#spaces.replicas.put(this.id, record);
+    this.#record = record;
+    this.#layers.forEach((l, i) => (l.record = record.layers[i]!));
+    const blockCount = Math.ceil(sizeBytes / BLOCK_SIZE);
+    const regions = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
+    for (const l of this.#layers) {
+      l.map.grow(blockCount);
+      l.sums.grow(blockCount);
+      const marks = new Uint8Array(regions);
+      marks.set(l.regions);
+      l.regions = marks;
+      const writing = new Uint32Array(regions);
+      writing.set(l.writing);
+      l.writing = writing;
+    }
+    this.#index.grow(blockCount);
+    this.#blockCount = blockCount;
+    this.sizeBytes = sizeBytes;
   }
 
   /**

@@ -324,8 +324,18 @@ export class RemoteReplica implements Replica {
     return this.#snapshots;
   }
 
-  async snapshot(name: string, now: Date): Promise<void> {
-    this.#apply(await this.#call<RemoteInfo>('snapshot', { name, now: now.toISOString() }));
+  async snapshot(name: string, now: Date, sizeBytes?: number): Promise<void> {
+    this.#apply(
+      await this.#call<RemoteInfo>('snapshot', {
+        name,
+        now: now.toISOString(),
+        ...(sizeBytes !== undefined ? { sizeBytes } : {}),
+      }),
+    );
+  }
+
+  async expand(sizeBytes: number): Promise<void> {
+    this.#apply(await this.#call<RemoteInfo>('expand', { sizeBytes }));
   }
 
   async deleteSnapshot(name: string): Promise<void> {

@@ -182,7 +182,16 @@ export class ReplicaSession {
       case 'info':
         break;
       case 'snapshot':
-        await r.snapshot(str('name'), new Date(str('now')));
+        await r.snapshot(
+          str('name'),
+          new Date(str('now')),
+          typeof a.sizeBytes === 'number' ? a.sizeBytes : undefined,
+        );
+        break;
+      case 'expand':
+        if (!Number.isSafeInteger(a.sizeBytes))
+          throw new CorralError('INVALID_ARGUMENT', 'expand: sizeBytes');
+        await r.expand(a.sizeBytes as number);
         break;
       case 'deleteSnapshot':
         await r.deleteSnapshot(str('name'));

@@ -7,6 +7,8 @@ export interface SnapshotInfo {
   parent: string | undefined;
   /** Bytes of data this layer holds itself. */
   allocatedBytes: number;
+  /** The volume's size when it was taken: a later expand does not change it. */
+  sizeBytes: number;
 }
 
 export type ReplicaMode = 'RW' | 'WO' | 'ERR';
@@ -47,13 +49,22 @@ export interface Replica extends BlockOps, ChainOps, CopyOps {
   close(): Promise<void>;
   /** After an engine fault: persist nothing more; release resources once idle. */
   abandon(): void;
+  /**
+   * Grows the replica to `sizeBytes` (the same size again is done already);
+   * the caller has paused I/O. Atomic: after a crash the replica has either size.
+   */
+  expand(sizeBytes: number): Promise<void>;
 }
 
 /** The snapshot chain: freeze, merge away, go back, read what a snapshot holds. */
 export interface ChainOps {
   snapshots(): SnapshotInfo[];
-  /** Freezes the head as a snapshot; the caller has paused I/O. */
-  snapshot(name: string, now: Date): Promise<void>;
+  /**
+   * Freezes the head as a snapshot; the caller has paused I/O. `sizeBytes`:
+   * the snapshot's size when it is not the replica's (a rebuild copying an
+   * older snapshot of an expanded volume).
+   */
+  snapshot(name: string, now: Date, sizeBytes?: number): Promise<void>;
   /** Removes a snapshot online, its data merged into the next layer. */
   deleteSnapshot(name: string): Promise<void>;
   /** A new head on top of the snapshot; returns the newer snapshots it removed. The caller has paused I/O. */

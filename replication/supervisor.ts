@@ -1,4 +1,5 @@
 import type { Clock } from '../common/clock.ts';
+import { Qos, type QosLimits } from './qos.ts';
 import { CorralError } from '../common/errors.ts';
 import {
   readOnlyDevice,
@@ -33,6 +34,8 @@ export interface SupervisedEngine extends BlockDevice {
   deleteSnapshot(name: string): Promise<void>;
   revert(name: string, now: Date, options?: { discardNewer?: boolean }): Promise<string[]>;
   snapshotDevice(name: string): BlockDevice;
+  /** Grows the volume online (every replica); never shrinks. */
+  expand(sizeBytes: number): Promise<void>;
   touchedBlocks(base: string | undefined, top: string, granuleBytes: number): Promise<Set<number>>;
   rebuild(
     target: Replica,
@@ -61,6 +64,10 @@ export interface SupervisorOptions {
   onEvent?: (event: SupervisorEvent) => void;
   /** Hears of every client request as it ends (metrics, stats). */
   onIo?: IoObserver;
+  /** The volume's I/O limits at start (`setQos` changes them live). */
+  qos?: QosLimits;
+  /** Hears of each request that waited for the limits, with the seconds it waited. */
+  onQosWait?: (seconds: number) => void;
 }
 
 /** What a client request was: its kind, bytes moved, seconds taken, and whether it failed. */
@@ -85,8 +92,9 @@ interface Generation {
  */
 export class Supervisor implements BlockDevice {
   readonly volume: string;
-  readonly sizeBytes: number;
   readonly #options: SupervisorOptions;
+  /** Until the first engine is up (then its size: an expand grows it). */
+  readonly #initialSize: number;
   #current: Generation | undefined;
   #ready: Promise<Generation>;
   #stopped = false;
@@ -94,10 +102,12 @@ export class Supervisor implements BlockDevice {
   #consecutiveFailures = 0;
   #watchdog: { cancel(): void };
   #capabilities: Capabilities | undefined;
+  readonly #qos: Qos;
 
   private constructor(options: SupervisorOptions, first: SupervisedEngine) {
     this.volume = options.volume;
-    this.sizeBytes = options.sizeBytes;
+    this.#initialSize = options.sizeBytes;
+    this.#qos = new Qos(options.clock, options.qos);
     this.#options = options;
     const gen = this.#generation(first);
     this.#current = gen;
@@ -119,6 +129,20 @@ export class Supervisor implements BlockDevice {
 
   get engine(): SupervisedEngine | undefined {
     return this.#current?.engine;
+  }
+
+  get qos(): QosLimits {
+    return this.#qos.limits;
+  }
+
+  /** New I/O limits, in effect for the next request (and those waiting). */
+  setQos(limits: QosLimits): void {
+    this.#qos.set(limits);
+  }
+
+  /** The current engine's: an online expand grows it, a restarted engine reads it from the record. */
+  get sizeBytes(): number {
+    return this.#current?.engine.sizeBytes ?? this.#initialSize;
   }
 
   #generation(engine: SupervisedEngine): Generation {
@@ -143,6 +167,16 @@ export class Supervisor implements BlockDevice {
     fn: (engine: SupervisedEngine) => Promise<T>,
     io?: { kind: IoKind; bytes: number },
   ): Promise<T> {
+    // Over its limits a request waits here, in order, before the engine sees it (the hang
+    // watchdog does not count the wait). Flushes, trims and zeroes are not limited.
+    if (io && this.#qos.limited && (io.kind === 'read' || io.kind === 'write')) {
+      const wait = this.#qos.admit(io.kind === 'write', io.bytes);
+      if (wait) {
+        const t0 = performance.now();
+        await wait;
+        this.#options.onQosWait?.((performance.now() - t0) / 1000);
+      }
+    }
     if (this.#stopped) {
       if (io) this.#options.onIo?.(io.kind, io.bytes, 0, true);
       throw new CorralError('SHUTTING_DOWN', `Cannot ${what}: volume ${this.volume} is detaching`);
@@ -280,8 +314,11 @@ export class Supervisor implements BlockDevice {
    */
   snapshotDevice(name: string): BlockDevice {
     const view = (e: SupervisedEngine) => e.snapshotDevice(name);
+    // The snapshot's own size (it keeps the one it was taken at).
+    const size =
+      this.#current?.engine.snapshots().find((s) => s.name === name)?.sizeBytes ?? this.sizeBytes;
     return readOnlyDevice(`snapshot ${this.volume}@${name}`, {
-      sizeBytes: this.sizeBytes,
+      sizeBytes: size,
       capabilities: () => this.capabilities(),
       read: (offset, length, into) =>
         this.#run(`read ${this.volume}@${name}`, (e) => view(e).read(offset, length, into)),
