@@ -1263,7 +1263,7 @@ export class VolumeManager {
 
 /** The limits that are set (0 means none: dropped). */
 function limitsSet(limits: QosLimits): QosLimits {
-  return Object.fromEntries(Object.entries(limits).filter(([, v]) => v > 0)) as QosLimits;
+  return Object.fromEntries(Object.entries(limits).filter(([, v]) => v > 0));
 }
 
 function describeLimits(limits: QosLimits): string {

@@ -798,11 +798,11 @@ export class Engine implements SupervisedEngine {
    * ERR is only let go. Rejects when no replica could flush.
    */
   async close(): Promise<void> {
-    let flushed: unknown;
+    let flushed: Error | undefined;
     try {
       await this.#mirror('flush before closing', (r) => r.flush());
     } catch (err) {
-      flushed = err ?? new Error('flush failed');
+      flushed = err instanceof Error ? err : new Error(String(err));
     }
     const results = await Promise.allSettled(
       this.#members.map((m) => {

@@ -104,7 +104,7 @@ export class Qos {
   set(limits: QosLimits): void {
     this.#limits = Object.fromEntries(
       Object.entries(limits).filter(([, v]) => typeof v === 'number' && v > 0),
-    ) as QosLimits;
+    );
     const now = this.#clock.elapsedMs();
     const burst = this.#limits.burst ?? DEFAULT_BURST_SECONDS;
     const bucket = (rate: number | undefined, perByte: boolean) =>
