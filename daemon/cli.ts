@@ -21,6 +21,17 @@ import type { VolumeInfo } from './volumes.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { SnapshotInfo } from '../replication/replica.ts';
 
+/** The CLI's limit flags and the API's names for them. */
+const QOS_FLAGS = [
+  ['iops-limit', 'iops'],
+  ['bandwidth-limit', 'bandwidth'],
+  ['read-iops-limit', 'readIops'],
+  ['write-iops-limit', 'writeIops'],
+  ['read-bandwidth-limit', 'readBandwidth'],
+  ['write-bandwidth-limit', 'writeBandwidth'],
+  ['burst', 'burst'],
+] as const;
+
 const USAGE = `corral ${VERSION} — distributed block storage
 
   corral daemon [--data-dir DIR] [--listen ADDR] [--nbd ADDR] [--nbd-socket PATH] [--fuse-mount DIR]
@@ -751,17 +762,6 @@ main(process.argv.slice(2)).catch((err: unknown) => {
   console.error(`corral: ${err instanceof Error ? err.message : String(err)}`);
   process.exit(1);
 });
-
-/** The CLI's limit flags and the API's names for them. */
-const QOS_FLAGS = [
-  ['iops-limit', 'iops'],
-  ['bandwidth-limit', 'bandwidth'],
-  ['read-iops-limit', 'readIops'],
-  ['write-iops-limit', 'writeIops'],
-  ['read-bandwidth-limit', 'readBandwidth'],
-  ['write-bandwidth-limit', 'writeBandwidth'],
-  ['burst', 'burst'],
-] as const;
 
 /** The limits given as flags, as the API takes them (numbers where they are numbers). */
 function qosFlags(values: Record<string, unknown>): Record<string, string | number> | undefined {

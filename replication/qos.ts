@@ -41,12 +41,12 @@ class Bucket {
   #tokens: number;
   #lastMs: number;
 
-  constructor(rate: number, burstSeconds: number, perByte: boolean, nowMs: number) {
+  constructor(rate: number, burstSeconds: number, perByte: boolean, nowMs: number, full: boolean) {
     this.#rate = rate;
     // At least one request's worth, or a 1 IOPS limit could never let one through.
     this.#capacity = Math.max(1, rate * burstSeconds);
     this.#perByte = perByte;
-    this.#tokens = this.#capacity;
+    this.#tokens = full ? this.#capacity : 0;
     this.#lastMs = nowMs;
   }
 
@@ -89,7 +89,7 @@ export class Qos {
 
   constructor(clock: Clock, limits: QosLimits = {}) {
     this.#clock = clock;
-    this.set(limits);
+    this.#apply(limits, true);
   }
 
   get limits(): QosLimits {
@@ -100,15 +100,19 @@ export class Qos {
     return this.#read.length > 0 || this.#write.length > 0;
   }
 
-  /** New limits, live: what waits is measured against them from now on. */
+  /** New limits, live: what waits is measured against them from now on (no burst at the change). */
   set(limits: QosLimits): void {
+    this.#apply(limits, false);
+  }
+
+  #apply(limits: QosLimits, full: boolean): void {
     this.#limits = Object.fromEntries(
       Object.entries(limits).filter(([, v]) => typeof v === 'number' && v > 0),
     );
     const now = this.#clock.elapsedMs();
     const burst = this.#limits.burst ?? DEFAULT_BURST_SECONDS;
     const bucket = (rate: number | undefined, perByte: boolean) =>
-      rate ? [new Bucket(rate, burst, perByte, now)] : [];
+      rate ? [new Bucket(rate, burst, perByte, now, full)] : [];
     const iops = bucket(this.#limits.iops, false);
     const bandwidth = bucket(this.#limits.bandwidth, true);
     this.#read = [

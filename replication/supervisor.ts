@@ -66,8 +66,6 @@ export interface SupervisorOptions {
   onIo?: IoObserver;
   /** The volume's I/O limits at start (`setQos` changes them live). */
   qos?: QosLimits;
-  /** Hears of each request that waited for the limits, with the seconds it waited. */
-  onQosWait?: (seconds: number) => void;
 }
 
 /** What a client request was: its kind, bytes moved, seconds taken, and whether it failed. */
@@ -171,11 +169,7 @@ export class Supervisor implements BlockDevice {
     // watchdog does not count the wait). Flushes, trims and zeroes are not limited.
     if (io && this.#qos.limited && (io.kind === 'read' || io.kind === 'write')) {
       const wait = this.#qos.admit(io.kind === 'write', io.bytes);
-      if (wait) {
-        const t0 = performance.now();
-        await wait;
-        this.#options.onQosWait?.((performance.now() - t0) / 1000);
-      }
+      if (wait) await wait;
     }
     if (this.#stopped) {
       if (io) this.#options.onIo?.(io.kind, io.bytes, 0, true);
