@@ -1,5 +1,7 @@
 /**
- * What a `fstrim` costs and how fast the space comes back (`BENCH_ONLY=trim`):
+ * Volume services (`BENCH_ONLY=services`). Expand: how long growing a 1 TiB
+ * sparse volume to 2 TiB takes (the API call, replicas and record included).
+ * Trim: what a `fstrim` costs and how fast the space comes back:
  * ext4 on a loop device over a volume's FUSE image, a file of BENCH_TRIM_GIB
  * GiB (10 by default) written, deleted and trimmed; the daemon's CPU time
  * over the trim from /proc/<pid>/stat.
@@ -77,6 +79,51 @@ export async function trimBench(dir: string): Promise<string> {
   } finally {
     await run('umount', [mnt]);
     if (loop) await run('losetup', ['-d', loop]);
+    await d.stop('SIGTERM');
+  }
+}
+
+export async function expandBench(dir: string): Promise<string> {
+  const d = await DaemonProcess.start({ dataDir: path.join(dir, 'corral-expand') });
+  try {
+    const created = await d.cli([
+      'volume',
+      'create',
+      'big',
+      '--size',
+      '1T',
+      '--replicas',
+      '2',
+      '--allow-same-host',
+    ]);
+    if (created.code !== 0) throw new Error(created.stderr);
+    await mustRun('qemu-io', [
+      '-f',
+      'raw',
+      d.uri('big'),
+      '-c',
+      'write -P 1 0 64M',
+      '-c',
+      'write -P 2 1023G 64M',
+    ]);
+    const times: number[] = [];
+    for (let i = 2; i <= 4; i++) {
+      const started = performance.now();
+      const r = await d.api_('POST', '/v1/volumes/big/expand', { size: `${i}T` });
+      times.push(performance.now() - started);
+      if (r.status !== 200) throw new Error(JSON.stringify(r.json));
+    }
+    const rss = Number(
+      /VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${d.child.pid!}/status`, 'utf8'))![1],
+    );
+    return [
+      `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=services npm run bench\`: a 1 TiB volume with 2 replicas on one daemon, 128 MiB written, expanded 1 → 2 → 3 → 4 TiB through the API.`,
+      '',
+      '| expand 1 → 2 TiB | 2 → 3 TiB | 3 → 4 TiB | daemon RSS after |',
+      '| ---: | ---: | ---: | ---: |',
+      `| ${times.map((t) => `${t.toFixed(0)} ms`).join(' | ')} | ${(rss / 1024).toFixed(0)} MiB |`,
+    ].join('\n');
+  } finally {
     await d.stop('SIGTERM');
   }
 }
