@@ -309,6 +309,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
       failover: body.failover,
       nbdAllow: body.nbdAllow,
       qos: body.qos,
+      diskTag: body.diskTag,
     });
     return c.json(volume, 201);
   });
@@ -394,6 +395,7 @@ export function createApi(options: ApiOptions): Hono<Env> {
         sizeBytes: body.sizeBytes,
         engine: body.engine,
         epoch: body.epoch,
+        diskTag: body.diskTag,
       }),
       201,
     );

@@ -1,3 +1,4 @@
+import { parseDisk } from './disks.ts';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -41,11 +42,12 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--cluster-secret-file F (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
                 [--backup-root DIR ...] [--s3-credential-chain]
                 [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
+                [--disk PATH[:tag=T[,T2]] ...]   more disks for replicas (the data dir's stays one)
                 [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
                 [--tls-cert F --tls-key F [--tls-ca F]] [--nbd-tls off|on|require]
                 [--nbd-tls-psk FILE] [--log-level debug|info|warn|error] [--log-format json|text]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
-                [--failover auto] [--nbd-allow IDENTITY ...] [--json]
+                [--failover auto] [--nbd-allow IDENTITY ...] [--disk-tag T] [--json]
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
@@ -114,6 +116,7 @@ async function runDaemon(args: string[]): Promise<void> {
       'replica-timeout': { type: 'string' },
       'rebuild-delay': { type: 'string' },
       'rebuild-rate': { type: 'string' },
+      disk: { type: 'string', multiple: true },
       'repair-metadata': { type: 'boolean' },
       etcd: { type: 'string' },
       'node-name': { type: 'string' },
@@ -163,6 +166,7 @@ async function runDaemon(args: string[]): Promise<void> {
     replicaTimeoutMs: Number(values['replica-timeout'] ?? 5000),
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
+    disks: (values.disk ?? []).map(parseDisk),
     repairMetadata: values['repair-metadata'] ?? false,
     metrics: values.metrics !== 'off',
     ...(await tlsConfig(values)),
@@ -309,6 +313,7 @@ async function runClient(args: string[]): Promise<void> {
         failover: { type: 'string' },
         watch: { type: 'boolean' },
         'nbd-allow': { type: 'string', multiple: true },
+        'disk-tag': { type: 'string' },
         ...Object.fromEntries(QOS_FLAGS.map(([flag]) => [flag, { type: 'string' as const }])),
       },
       allowPositionals: true,
@@ -338,6 +343,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values.failover ? { failover: values.failover } : {}),
           ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
           ...(qosFlags(values) ? { qos: qosFlags(values) } : {}),
+          ...(values['disk-tag'] ? { diskTag: values['disk-tag'] } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -551,18 +557,40 @@ async function runClient(args: string[]): Promise<void> {
   } else if (noun === 'node' && verb === 'ls') {
     const { values } = parse();
     const { nodes } = await call<{ nodes: NodeInfo[] }>(api, 'GET', '/v1/nodes');
-    print(values.json === true, nodes, () =>
-      table([
-        ['URL', 'ID', 'STATE', 'FREE', 'TOTAL', 'REPLICAS'],
-        ...nodes.map((n) => [
-          n.url,
-          n.name ?? n.id,
-          n.state + (n.cordoned ? ',cordoned' : ''),
-          n.state === 'up' ? formatSize(n.freeBytes) : '',
-          n.state === 'up' ? formatSize(n.totalBytes) : '',
-          n.state === 'up' ? String(n.replicas) : (n.error ?? ''),
-        ]),
-      ]),
+    print(
+      values.json === true,
+      nodes,
+      () =>
+        table([
+          ['URL', 'ID', 'STATE', 'FREE', 'TOTAL', 'REPLICAS'],
+          ...nodes.map((n) => [
+            n.url,
+            n.name ?? n.id,
+            n.state + (n.cordoned ? ',cordoned' : ''),
+            n.state === 'up' ? formatSize(n.freeBytes) : '',
+            n.state === 'up' ? formatSize(n.totalBytes) : '',
+            n.state === 'up' ? String(n.replicas) : (n.error ?? ''),
+          ]),
+        ]) +
+        // Each node's disks, when it has more than the data dir's.
+        nodes
+          .filter((n) => (n.disks?.length ?? 0) > 1)
+          .map(
+            (n) =>
+              `\n\n${n.name ?? n.id} disks:\n` +
+              table([
+                ['PATH', 'TAGS', 'FREE', 'TOTAL', 'REPLICAS', 'STATE'],
+                ...n.disks!.map((d) => [
+                  d.path,
+                  d.tags.join(',') || '-',
+                  formatSize(d.freeBytes),
+                  formatSize(d.totalBytes),
+                  String(d.replicas),
+                  d.state + (d.error ? ` (${d.error})` : ''),
+                ]),
+              ]),
+          )
+          .join(''),
     );
     return;
   } else if (noun === 'replica' && verb === 'rm') {

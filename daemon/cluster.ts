@@ -1,3 +1,4 @@
+import type { DiskInfo } from './disks.ts';
 import { timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
 import type * as tls from 'node:tls';
@@ -16,6 +17,8 @@ export interface ClusterOptions {
   version: string;
   /** Replicas this host keeps (its own volumes' and those hosted for peers). */
   replicaCount: () => Promise<number>;
+  /** This node's disks, with their replicas. */
+  disks?: () => Promise<DiskInfo[]>;
   /** In a cluster (`--etcd`): the nodes come from etcd, not from `--peer`. */
   registry?: NodeRegistry;
   /** In a cluster: how many requests this node made to etcd. */
@@ -106,6 +109,7 @@ export class Cluster {
       totalBytes: st.blocks * st.bsize,
       freeBytes: st.bavail * st.bsize,
       replicas: await this.#o.replicaCount(),
+      ...(this.#o.disks ? { disks: await this.#o.disks() } : {}),
       version: this.#o.version,
       ...(this.#o.etcdRequests ? { etcdRequests: this.#o.etcdRequests() } : {}),
     };

@@ -1,3 +1,4 @@
+import { Disks } from './disks.ts';
 import { punchHoles } from '../replication/punch.ts';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -61,6 +62,8 @@ export interface DaemonConfig {
   /** A replica in ERR this long is rebuilt (in place if its host is back, else elsewhere). */
   rebuildDelayMs: number;
   rebuildBytesPerSecond: number | undefined;
+  /** More disks for replicas (`--disk`); the data dir's is always one. */
+  disks?: Array<{ path: string; tags: string[] }>;
   /** Rebuild a damaged metadata store (LevelDB repair) before starting. */
   repairMetadata?: boolean;
   /** A cluster: state in etcd, this daemon one of its nodes. Absent: one host, LevelDB. */
@@ -123,7 +126,15 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     await spaces.node.put('self', node);
   }
   const replicaRoot = path.join(config.dataDir, 'replicas');
-  const hosted = new HostedReplicas({ spaces, root: replicaRoot, clock: systemClock, events });
+  const disks = new Disks(replicaRoot, config.disks ?? []);
+  await disks.prepare();
+  const hosted = new HostedReplicas({
+    spaces,
+    root: replicaRoot,
+    clock: systemClock,
+    events,
+    disks,
+  });
   // Peers (and etcd, when its endpoints are https) are called with this node's certificate.
   const peerFetch = config.tls ? await tlsFetch(config.tls) : undefined;
   const etcd = config.etcd ? new EtcdClient(config.etcd.endpoints, peerFetch) : undefined;
@@ -154,6 +165,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     dataDir: config.dataDir,
     version: VERSION,
     replicaCount: async () => (await spaces.replicas.keys()).length,
+    disks: async () => {
+      const roots = (await spaces.replicas.entries()).map(([, r]) => r.root ?? replicaRoot);
+      return disks.info((root) => roots.filter((r) => r === root).length);
+    },
   });
   // The NBD server asks the volume manager for exports and the manager asks the server for
   // connection counts: tie the knot through these late-bound functions.
@@ -177,6 +192,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     ...(etcd ? { hosted } : {}),
     records: etcdRecords ?? new LocalVolumeRecords(spaces.volumes),
     replicaRoot,
+    disks,
     cluster,
     replicaTimeoutMs: config.replicaTimeoutMs,
     hostedIds: () => hosted.ids(),

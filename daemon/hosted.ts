@@ -1,3 +1,4 @@
+import type { Disks } from './disks.ts';
 import type { Clock } from '../common/clock.ts';
 import { CorralError } from '../common/errors.ts';
 import type { HostedRecord, Spaces } from '../kv/spaces.ts';
@@ -34,10 +35,18 @@ export class HostedReplicas {
   readonly #clock: Clock;
   readonly #events: EventLog;
   readonly #live = new Map<string, Live>();
+  readonly #disks: Disks | undefined;
 
-  constructor(options: { spaces: Spaces; root: string; clock: Clock; events: EventLog }) {
+  constructor(options: {
+    spaces: Spaces;
+    root: string;
+    clock: Clock;
+    events: EventLog;
+    disks?: Disks;
+  }) {
     this.#spaces = options.spaces;
     this.#root = options.root;
+    this.#disks = options.disks;
     this.#clock = options.clock;
     this.#events = options.events;
   }
@@ -52,8 +61,12 @@ export class HostedReplicas {
     sizeBytes: unknown;
     engine: unknown;
     epoch: unknown;
+    /** The volume's disk tag: the replica goes to a disk with it. */
+    diskTag?: unknown;
   }): Promise<{ id: string }> {
-    const { volume, sizeBytes, engine, epoch } = input;
+    const { volume, sizeBytes, engine, epoch, diskTag } = input;
+    if (diskTag !== undefined && typeof diskTag !== 'string')
+      throw new CorralError('INVALID_ARGUMENT', 'diskTag is a string');
     if (
       typeof volume !== 'string' ||
       typeof engine !== 'string' ||
@@ -64,9 +77,11 @@ export class HostedReplicas {
     const now = new Date(this.#clock.nowMs());
     // Replica first, then the record that keeps it: a crash between leaves an unowned
     // replica, removed at the next start.
+    const disk = await this.#disks?.choose(diskTag !== undefined ? { tag: diskTag } : {});
     const replica = await LocalReplica.create({
       spaces: this.#spaces,
       root: this.#root,
+      ...(disk ? { on: disk.root } : {}),
       volume,
       sizeBytes,
       now,

@@ -1,3 +1,5 @@
+import type { DiskInfo } from './disks.ts';
+
 /** A node as `node ls` shows it: this node, a `--peer`, or a node of the cluster. */
 export interface NodeInfo {
   id: string;
@@ -8,6 +10,8 @@ export interface NodeInfo {
   totalBytes: number;
   freeBytes: number;
   replicas: number;
+  /** Its disks for replicas: path, tags, space, replicas, state. */
+  disks?: DiskInfo[];
   version?: string;
   /** In a cluster: takes no new replicas or engines. */
   cordoned?: boolean;

@@ -86,6 +86,7 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
         failover: { enum: ['off', 'auto'] },
         nbdAllow: { type: 'array', items: str, description: 'TLS identities that may open it' },
         qos: qosLimits,
+        diskTag: { type: 'string', description: 'its replicas go to disks with this tag' },
       },
       ['name'],
     ),

@@ -29,13 +29,20 @@ export class PeerReplicas {
   }
 
   /** Makes an empty replica of `volume` on the node at `url`, for an engine of `epoch` here. */
-  async create(url: string, volume: string, sizeBytes: number, epoch: number): Promise<string> {
+  async create(
+    url: string,
+    volume: string,
+    sizeBytes: number,
+    epoch: number,
+    diskTag?: string,
+  ): Promise<string> {
     const cluster = this.#o.cluster!;
     const { id } = await cluster.call<{ id: string }>(url, 'POST', '/v1/replicas', {
       volume,
       sizeBytes,
       engine: cluster.selfUrl,
       epoch,
+      ...(diskTag !== undefined ? { diskTag } : {}),
     });
     return id;
   }

@@ -1,3 +1,4 @@
+import type { Disks } from './disks.ts';
 import type { Clock } from '../common/clock.ts';
 import type { Lanes } from '../common/lanes.ts';
 import type { Spaces, VolumeRecord } from '../kv/spaces.ts';
@@ -38,6 +39,8 @@ export interface RepairOptions {
   failover?: Failover;
   spaces: Spaces;
   replicaRoot: string;
+  /** This host's disks: a failed local replica moves to another one. */
+  disks?: Disks;
   clock: Clock;
   events: EventLog;
   operations?: Operations;
@@ -153,7 +156,10 @@ export class Repairs {
     if (failed?.location === 'local') {
       const key = `${name}/${failed.id}`;
       try {
-        if (!(await this.#replace(record, failed.id, connect)))
+        if (
+          !(await this.#replace(record, failed.id, connect)) &&
+          !(await this.#replaceOnDisk(record, failed.id))
+        )
           await this.#rebuild(
             name,
             await this.#o.host.openLocal(failed.id, record.epoch ?? 1),
@@ -220,6 +226,7 @@ export class Repairs {
       record.name,
       record.sizeBytes,
       record.epoch ?? 1,
+      record.diskTag,
     );
     const replica = await connect(id, target.url);
     if (replica.failure !== undefined) {
@@ -246,6 +253,53 @@ export class Repairs {
         root: this.#o.replicaRoot,
         id: replaces,
       });
+    return true;
+  }
+
+  /**
+   * A local replica that failed (its disk full or failing) replaced by a new
+   * one on another disk of this host that holds no replica of the volume:
+   * recorded as failed until its rebuild completes, the old one removed after.
+   * False when there is no such disk.
+   */
+  async #replaceOnDisk(record: VolumeRecord, failedId: string): Promise<boolean> {
+    const disks = this.#o.disks;
+    if (!disks || disks.all.length < 2 || this.#o.host.records.shared) return false;
+    const used = new Set<string>();
+    for (const id of record.replicaIds)
+      used.add((await this.#o.spaces.replicas.get(id))?.root ?? this.#o.replicaRoot);
+    let disk;
+    try {
+      disk = await disks.choose({
+        ...(record.diskTag !== undefined ? { tag: record.diskTag } : {}),
+        avoid: used,
+      });
+    } catch {
+      return false;
+    }
+    if (used.has(disk.root)) return false;
+    const replica = await LocalReplica.create({
+      spaces: this.#o.spaces,
+      root: this.#o.replicaRoot,
+      on: disk.root,
+      volume: record.name,
+      sizeBytes: record.sizeBytes,
+      now: new Date(this.#o.clock.nowMs()),
+    });
+    await this.#o.host.records.update(record.name, (rec) => {
+      rec.replicaIds = [...rec.replicaIds.filter((r) => r !== failedId), replica.id];
+      rec.failedReplicas = [
+        ...(rec.failedReplicas ?? []).filter((r) => r !== failedId),
+        replica.id,
+      ];
+    });
+    this.#o.events.add({
+      type: 'replica-moved',
+      volume: record.name,
+      message: `replica ${failedId} failed: a new one on disk ${disk.path} is rebuilt`,
+    });
+    await this.#rebuild(record.name, replica, failedId);
+    await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id: failedId });
     return true;
   }
 

@@ -7,6 +7,7 @@ import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import type { FaultFilter, FaultMode } from '../replication/fault-filter.ts';
 import type { QosLimits } from '../replication/qos.ts';
+import type { Disks } from './disks.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import type { Cluster } from './cluster.ts';
 import type { NodeInfo } from './node-info.ts';
@@ -75,6 +76,8 @@ export interface VolumeManagerOptions {
   disconnect: (name: string) => void;
   /** Who holds a volume's FUSE image open (loop devices, processes); empty when nobody does. */
   imageHolders: (name: string) => Promise<string[]>;
+  /** The disks replicas go to (the data dir's alone when absent). */
+  disks?: Disks;
   /** A volume grew: the FUSE image's size as the kernel caches it must follow. */
   resized?: (name: string) => Promise<void>;
   /** The hosts replicas can go to; absent: this host only. */
@@ -192,6 +195,7 @@ export class VolumeManager {
       ...(this.failover ? { failover: this.failover } : {}),
       spaces: options.spaces,
       replicaRoot: options.replicaRoot,
+      ...(options.disks ? { disks: options.disks } : {}),
       clock: options.clock,
       events: options.events,
       ...(options.operations ? { operations: options.operations } : {}),
@@ -281,22 +285,29 @@ export class VolumeManager {
       ...((await this.#o.hostedIds?.()) ?? []),
     ]);
     const records = await this.#o.spaces.replicas.entries();
-    const folders = await fs.promises.readdir(this.#o.replicaRoot);
+    const roots = this.#o.disks?.all.map((d) => d.root) ?? [this.#o.replicaRoot];
+    const folders: Array<{ root: string; folder: string }> = [];
+    for (const root of roots)
+      for (const folder of await fs.promises.readdir(root).catch(() => [] as string[]))
+        folders.push({ root, folder });
     const known = new Set(records.map(([id]) => id));
     const unowned = records.filter(([id]) => !owned.has(id));
-    const stray = folders.filter((f) => !owned.has(f) && !known.has(f));
+    const stray = folders.filter(({ folder: f }) => !owned.has(f) && !known.has(f));
     if (unowned.length === 0 && stray.length === 0) return;
     const meta = this.#o.metadata;
     if (meta?.created || (volumes.length === 0 && owned.size === 0 && records.length === 0)) {
-      const message = `${stray.length} replica folder(s) in ${this.#o.replicaRoot} that no metadata names were left in place: the metadata store is ${meta?.created ? 'new (was meta/ lost or moved?)' : 'empty'}. Restore meta/ from a copy, or move the folders away yourself`;
+      const message = `${stray.length} replica folder(s) in ${roots.join(', ')} that no metadata names were left in place: the metadata store is ${meta?.created ? 'new (was meta/ lost or moved?)' : 'empty'}. Restore meta/ from a copy, or move the folders away yourself`;
       this.#o.events.add({ type: 'sweep-refused', message });
       return;
     }
     // Without a quarantine folder nothing is moved, and nothing is ever deleted.
-    const quarantine = this.#o.quarantineRoot;
-    if (!quarantine) return;
-    const move = async (id: string, record: unknown, why: string): Promise<void> => {
-      const from = LocalReplica.dirOf(this.#o.replicaRoot, id);
+    const dataQuarantine = this.#o.quarantineRoot;
+    if (!dataQuarantine) return;
+    const move = async (id: string, root: string, record: unknown, why: string): Promise<void> => {
+      const from = LocalReplica.dirOf(root, id);
+      // On its own disk: a rename across filesystems would be a copy.
+      const quarantine =
+        root === this.#o.replicaRoot ? dataQuarantine : path.join(path.dirname(root), 'quarantine');
       await fs.promises.mkdir(quarantine, { recursive: true });
       const to = path.join(quarantine, id);
       if (fs.existsSync(from)) await fs.promises.rename(from, to);
@@ -312,12 +323,17 @@ export class VolumeManager {
       });
     };
     for (const [id, record] of unowned) {
-      await move(id, record, `of volume ${record.volume}, which does not own it`);
+      await move(
+        id,
+        record.root ?? this.#o.replicaRoot,
+        record,
+        `of volume ${record.volume}, which does not own it`,
+      );
       // The folder is kept; the records of a replica no volume owns go.
       await LocalReplica.destroy({ spaces: this.#o.spaces, root: this.#o.replicaRoot, id });
     }
-    for (const folder of stray) {
-      const stat = await fs.promises.stat(LocalReplica.dirOf(this.#o.replicaRoot, folder));
+    for (const { root, folder } of stray) {
+      const stat = await fs.promises.stat(LocalReplica.dirOf(root, folder));
       if (meta && stat.mtimeMs < meta.sinceMs) {
         this.#o.events.add({
           type: 'sweep-refused',
@@ -325,7 +341,7 @@ export class VolumeManager {
         });
         continue;
       }
-      await move(folder, undefined, 'no metadata names it');
+      await move(folder, root, undefined, 'no metadata names it');
     }
   }
 
@@ -365,6 +381,8 @@ export class VolumeManager {
     nbdAllow?: unknown;
     /** I/O limits (see `setQos`). */
     qos?: unknown;
+    /** Its replicas go to disks with this tag (on every host). */
+    diskTag?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -386,6 +404,7 @@ export class VolumeManager {
           ...(input.failover !== undefined ? { failover: input.failover } : {}),
           ...(input.nbdAllow !== undefined ? { nbdAllow: input.nbdAllow } : {}),
           ...(input.qos !== undefined ? { qos: input.qos } : {}),
+          ...(input.diskTag !== undefined ? { diskTag: input.diskTag } : {}),
         },
         { timeoutMs: CLONE_FORWARD_TIMEOUT_MS },
       );
@@ -412,10 +431,12 @@ export class VolumeManager {
       failover?: unknown;
       nbdAllow?: unknown;
       qos?: unknown;
+      diskTag?: unknown;
     },
     source: BlockDevice | undefined,
   ): Promise<VolumeInfo> {
     const qos = input.qos === undefined ? undefined : limitsSet(validateQos(input.qos));
+    const diskTag = input.diskTag === undefined ? undefined : validateDiskTag(input.diskTag);
     const sizeBytes =
       source && input.size === undefined ? source.sizeBytes : validateVolumeSize(input.size);
     if (source && sizeBytes < source.sizeBytes) {
@@ -491,7 +512,7 @@ export class VolumeManager {
       const remoteReplicas: Array<{ id: string; url: string; node?: string }> = [];
       try {
         for (const peer of peers) {
-          const id = await this.#peers.create(peer.url, name, sizeBytes, 1);
+          const id = await this.#peers.create(peer.url, name, sizeBytes, 1, diskTag);
           remoteReplicas.push({ id, url: peer.url, ...(peer.name ? { node: peer.name } : {}) });
         }
         // A clone in a cluster: the snapshot is copied into its (one) replica, wherever it is.
@@ -517,10 +538,18 @@ export class VolumeManager {
       // Replica first, then the volume record that owns it: a crash in between leaves
       // an unowned replica, removed at the next start.
       const localIds: string[] = [];
+      const usedDisks = new Set<string>();
       for (let i = 0; i < localCount; i++) {
+        // The disk with the most room among those tagged, one this volume does not use yet.
+        const disk = await this.#o.disks?.choose({
+          ...(diskTag !== undefined ? { tag: diskTag } : {}),
+          avoid: usedDisks,
+        });
+        if (disk) usedDisks.add(disk.root);
         const replica = await LocalReplica.create({
           spaces: this.#o.spaces,
           root: this.#o.replicaRoot,
+          ...(disk ? { on: disk.root } : {}),
           volume: name,
           sizeBytes,
           now: new Date(this.#o.clock.nowMs()),
@@ -552,6 +581,7 @@ export class VolumeManager {
         ...(failover === 'auto' ? { failover: 'auto' as const } : {}),
         ...(nbdAllow !== undefined ? { nbdAllow: nbdAllow as string[] } : {}),
         ...(qos !== undefined ? { qos } : {}),
+        ...(diskTag !== undefined ? { diskTag } : {}),
       };
       if (input.restoring !== undefined) this.#restoring.add(name);
       try {
@@ -1269,4 +1299,13 @@ function limitsSet(limits: QosLimits): QosLimits {
 function describeLimits(limits: QosLimits): string {
   const set = Object.entries(limits);
   return set.length === 0 ? 'no limits' : set.map(([k, v]) => `${k} ${v}`).join(', ');
+}
+
+function validateDiskTag(input: unknown): string {
+  if (typeof input !== 'string' || !/^[a-z0-9][a-z0-9-]{0,31}$/.test(input))
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      'diskTag is a disk tag: lower-case letters, digits and dashes, at most 32',
+    );
+  return input;
 }

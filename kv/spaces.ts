@@ -39,6 +39,8 @@ export interface VolumeRecord {
   nbdAllow?: string[];
   /** I/O limits (replication/qos.ts); absent: none. */
   qos?: Record<string, number>;
+  /** Its replicas go to disks with this tag. */
+  diskTag?: string;
 }
 
 export interface LayerRecord {
@@ -63,6 +65,8 @@ export interface ReplicaRecord {
   layers: LayerRecord[];
   /** A snapshot layer being merged into its child (a delete cut off by a crash resumes). */
   deleting?: string;
+  /** The replica root it lives under, when on another disk than the data dir's. */
+  root?: string;
 }
 
 function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
@@ -98,6 +102,7 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(Array.isArray(r.nbdAllow) && r.nbdAllow.every((i) => typeof i === 'string')
       ? { nbdAllow: r.nbdAllow }
       : {}),
+    ...(typeof r.diskTag === 'string' ? { diskTag: r.diskTag } : {}),
     ...(typeof r.qos === 'object' && r.qos !== null
       ? {
           qos: Object.fromEntries(
@@ -127,6 +132,7 @@ function validateReplica(r: Record<string, unknown>, key: string): ReplicaRecord
     volume: field(r, key, 'volume', 'string'),
     sizeBytes: field(r, key, 'sizeBytes', 'number'),
     ...(typeof r.deleting === 'string' ? { deleting: r.deleting } : {}),
+    ...(typeof r.root === 'string' ? { root: r.root } : {}),
     layers: layers.map((l: unknown, i) => {
       if (typeof l !== 'object' || l === null) {
         throw new CorralError('CORRUPT_METADATA', `record ${key}: layer ${i} is not an object`);

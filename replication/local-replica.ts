@@ -114,7 +114,10 @@ const EMPTY = new Uint8Array(0);
 
 export interface LocalReplicaOptions {
   spaces: Spaces;
-  /** `<data dir>/replicas`: each replica gets a folder `<id>` below it. */
+  /**
+   * `<data dir>/replicas`: each replica gets a folder `<id>` below it, unless
+   * its record names another root (a replica on another disk).
+   */
   root: string;
   /** Limits how fast a snapshot delete copies, so that it does not starve client I/O. */
   mergeLimit?: { bytesPerSecond: number; clock: Clock };
@@ -217,20 +220,27 @@ export class LocalReplica implements Replica {
 
   /** Creates an empty replica: folder, head file, then its record (the record makes it exist). */
   static async create(
-    options: LocalReplicaOptions & { volume: string; sizeBytes: number; now: Date },
+    options: LocalReplicaOptions & {
+      volume: string;
+      sizeBytes: number;
+      now: Date;
+      /** Another disk's replica root than `root`: recorded, so that open finds it. */
+      on?: string;
+    },
   ): Promise<LocalReplica> {
     assert(
       options.sizeBytes % BLOCK_SIZE === 0,
       `replica size ${options.sizeBytes} not block aligned`,
     );
     const id = randomUUID();
-    const dir = LocalReplica.dirOf(options.root, id);
+    const root = options.on ?? options.root;
+    const dir = LocalReplica.dirOf(root, id);
     const head: LayerRecord = { id: randomUUID(), createdAt: options.now.toISOString() };
     try {
       await fs.promises.mkdir(dir, { recursive: true });
       await createLayerFile(dir, head.id, options.sizeBytes);
       await fsyncDir(dir);
-      await fsyncDir(options.root);
+      await fsyncDir(root);
     } catch (err) {
       await fs.promises.rm(dir, { recursive: true, force: true });
       throw ioError(`Cannot create replica files in ${dir}`, err);
@@ -240,6 +250,7 @@ export class LocalReplica implements Replica {
       volume: options.volume,
       sizeBytes: options.sizeBytes,
       layers: [head],
+      ...(options.on !== undefined && options.on !== options.root ? { root: options.on } : {}),
     };
     await options.spaces.replicas.put(id, record);
     return LocalReplica.open({ ...options, id });
@@ -249,7 +260,7 @@ export class LocalReplica implements Replica {
     const record = await options.spaces.replicas.get(options.id);
     if (!record)
       throw new CorralError('NOT_FOUND', `Replica ${options.id} has no record on this host`);
-    const dir = LocalReplica.dirOf(options.root, record.id);
+    const dir = LocalReplica.dirOf(record.root ?? options.root, record.id);
     const blockCount = Math.ceil(record.sizeBytes / BLOCK_SIZE);
     const layers: OpenLayer[] = [];
     try {
@@ -293,7 +304,7 @@ export class LocalReplica implements Replica {
   /** Removes the replica's record, bitmaps and files. */
   static async destroy(options: LocalReplicaOptions & { id: string }): Promise<void> {
     const record = await options.spaces.replicas.get(options.id);
-    const dir = LocalReplica.dirOf(options.root, options.id);
+    const dir = LocalReplica.dirOf(record?.root ?? options.root, options.id);
     if (record) {
       const batch = options.spaces.batch();
       for (const layer of record.layers) {
@@ -310,6 +321,11 @@ export class LocalReplica implements Replica {
       await batch.write();
     }
     await fs.promises.rm(dir, { recursive: true, force: true });
+  }
+
+  /** The folder of replicas it lives in (its disk's). */
+  get root(): string {
+    return path.dirname(this.#dir);
   }
 
   revision(): bigint {
@@ -1223,12 +1239,12 @@ export class LocalReplica implements Replica {
       this.#unsynced.add(into);
       const keys = await this.#spaces.bitmaps.keys(`${gone.record.id}/`);
       const sumKeys = await this.#spaces.sums.keys(`${gone.record.id}/`);
+      // Everything but `deleting`: the delete is done.
       const record: ReplicaRecord = {
-        id: this.#record.id,
-        volume: this.#record.volume,
-        sizeBytes: this.#record.sizeBytes,
+        ...this.#record,
         layers: this.#record.layers.filter((l) => l.id !== gone.record.id),
       };
+      delete record.deleting;
       await this.#commit((batch) => {
         for (const key of keys) batch.del(this.#spaces.bitmaps, key);
         for (const key of sumKeys) batch.del(this.#spaces.sums, key);
