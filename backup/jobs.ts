@@ -1,3 +1,5 @@
+import type { Clock } from '../common/clock.ts';
+import { Pacer } from '../common/pacer.ts';
 import { randomBytes } from 'node:crypto';
 import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
@@ -46,6 +48,8 @@ export interface BackupOptions {
   now?: Date;
   onProgress?: (p: JobProgress) => void;
   onStaleLock?: (detail: string) => void;
+  /** Bytes per second read from the volume, and the clock to keep it (`--backup-rate`). */
+  rate?: { bytesPerSecond: number; clock: Clock };
 }
 
 /** A job waits this long for a conflicting one (a delete for running backups) before BUSY. */
@@ -114,12 +118,16 @@ export async function createBackup(
     report();
     // One 2 MiB buffer per worker, reused: a fresh one costs more in page faults than the hash.
     const buffers: Buffer[] = [];
+    const pacer = options.rate
+      ? new Pacer(options.rate.clock, options.rate.bytesPerSecond)
+      : undefined;
     await concurrently(toRead.length, options.concurrency ?? 4, async (i, worker) => {
       const buffer = (buffers[worker] ??= Buffer.allocUnsafeSlow(bs));
       const index = toRead[i]!;
       const offset = index * bs;
       const length = Math.min(bs, source.sizeBytes - offset);
       const data = await source.read(offset, length, buffer.subarray(0, length));
+      await pacer?.paced(length);
       stats.blocksRead++;
       bytes += data.length;
       if (!isAllZero(data)) {
@@ -227,8 +235,16 @@ export async function restoreBackup(
   store: BackupStore,
   backup: BackupConfig,
   device: BlockDevice,
-  options: { concurrency?: number; onProgress?: (p: JobProgress) => void } = {},
+  options: {
+    concurrency?: number;
+    onProgress?: (p: JobProgress) => void;
+    /** Bytes per second written to the volume (`--backup-rate`). */
+    rate?: { bytesPerSecond: number; clock: Clock };
+  } = {},
 ): Promise<void> {
+  const pacer = options.rate
+    ? new Pacer(options.rate.clock, options.rate.bytesPerSecond)
+    : undefined;
   if (device.sizeBytes < backup.sizeBytes)
     throw new CorralError(
       'INVALID_ARGUMENT',
@@ -254,6 +270,7 @@ export async function restoreBackup(
         `Backup block ${hash} at ${offset} holds ${data.length} bytes, not a whole block`,
       );
     await device.write(offset, data);
+    await pacer?.paced(data.length);
     done++;
     bytes += data.length;
     options.onProgress?.({ phase: 'restore', done, total, bytes });

@@ -310,6 +310,8 @@ export function createApi(options: ApiOptions): Hono<Env> {
       nbdAllow: body.nbdAllow,
       qos: body.qos,
       diskTag: body.diskTag,
+      encrypt: body.encrypt,
+      key: body.key,
     });
     return c.json(volume, 201);
   });
@@ -324,7 +326,11 @@ export function createApi(options: ApiOptions): Hono<Env> {
   app.post('/v1/volumes/:name/attach', async (c) => {
     const body = await jsonBody(c);
     return c.json(
-      await volumes.attach(c.req.param('name'), { frontend: body.frontend, node: body.node }),
+      await volumes.attach(c.req.param('name'), {
+        frontend: body.frontend,
+        node: body.node,
+        key: body.key,
+      }),
     );
   });
   app.post('/v1/volumes/:name/detach', async (c) => {

@@ -41,17 +41,19 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--backup-target URL] [--peer URL ...] [--advertise URL]
                 [--cluster-secret-file F (or CORRAL_CLUSTER_SECRET)] [--replica-timeout MS]
                 [--backup-root DIR ...] [--s3-credential-chain]
-                [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--repair-metadata]
+                [--rebuild-delay MS] [--rebuild-rate BYTES/S] [--backup-rate BYTES/S] [--repair-metadata]
                 [--disk PATH[:tag=T[,T2]] ...]   more disks for replicas (the data dir's stays one)
                 [--etcd URL[,URL...] --node-name NAME [--node-ttl MS]] [--metrics on|off]
                 [--tls-cert F --tls-key F [--tls-ca F]] [--nbd-tls off|on|require]
                 [--nbd-tls-psk FILE] [--log-level debug|info|warn|error] [--log-format json|text]
   corral volume create NAME --size 10G [--replicas N [--allow-same-host]] [--frontend nbd|fuse]
                 [--failover auto] [--nbd-allow IDENTITY ...] [--disk-tag T] [--json]
+                [--encrypt --key-file FILE | --key-env VAR]   AES-256-XTS at rest; the key is never stored
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
-  corral volume attach NAME [--frontend nbd|fuse] [--node N] | detach NAME [--force] | rm NAME [--force]
+  corral volume attach NAME [--frontend nbd|fuse] [--node N] [--key-file F | --key-env V]
+  corral volume detach NAME [--force] | rm NAME [--force]
   corral volume set NAME [--iops-limit N] [--bandwidth-limit 100M] [--read-|--write-iops-limit N]
                 [--read-|--write-bandwidth-limit S] [--burst 2x]   live; 0 removes a limit
                 (the same flags on volume create)
@@ -117,6 +119,7 @@ async function runDaemon(args: string[]): Promise<void> {
       'rebuild-delay': { type: 'string' },
       'rebuild-rate': { type: 'string' },
       disk: { type: 'string', multiple: true },
+      'backup-rate': { type: 'string' },
       'repair-metadata': { type: 'boolean' },
       etcd: { type: 'string' },
       'node-name': { type: 'string' },
@@ -167,6 +170,7 @@ async function runDaemon(args: string[]): Promise<void> {
     rebuildDelayMs: Number(values['rebuild-delay'] ?? 10_000),
     rebuildBytesPerSecond: values['rebuild-rate'] ? parseSize(values['rebuild-rate']) : undefined,
     disks: (values.disk ?? []).map(parseDisk),
+    ...(values['backup-rate'] ? { backupBytesPerSecond: parseSize(values['backup-rate']) } : {}),
     repairMetadata: values['repair-metadata'] ?? false,
     metrics: values.metrics !== 'off',
     ...(await tlsConfig(values)),
@@ -314,6 +318,9 @@ async function runClient(args: string[]): Promise<void> {
         watch: { type: 'boolean' },
         'nbd-allow': { type: 'string', multiple: true },
         'disk-tag': { type: 'string' },
+        encrypt: { type: 'boolean' },
+        'key-file': { type: 'string' },
+        'key-env': { type: 'string' },
         ...Object.fromEntries(QOS_FLAGS.map(([flag]) => [flag, { type: 'string' as const }])),
       },
       allowPositionals: true,
@@ -344,6 +351,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
           ...(qosFlags(values) ? { qos: qosFlags(values) } : {}),
           ...(values['disk-tag'] ? { diskTag: values['disk-tag'] } : {}),
+          ...(values.encrypt ? { encrypt: true, key: await userKey(values, true) } : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -445,6 +453,9 @@ async function runClient(args: string[]): Promise<void> {
             : {
                 ...(values.frontend ? { frontend: values.frontend } : {}),
                 ...(values.node ? { node: values.node } : {}),
+                ...(values['key-file'] || values['key-env']
+                  ? { key: await userKey(values, true) }
+                  : {}),
               },
         );
         print(values.json === true, volume, () => volumeRows([volume]));
@@ -805,4 +816,27 @@ function qosFlags(values: Record<string, unknown>): Record<string, string | numb
 function limitsLine(volume: VolumeInfo): string {
   const set = Object.entries(volume.qos ?? {});
   return `limits: ${set.length === 0 ? 'none' : set.map(([k, v]) => `${k} ${v}`).join(', ')}`;
+}
+
+/**
+ * An encrypted volume's key for the API, base64: from a file that only its
+ * owner may read (as `admin.token`), or from an environment variable; never
+ * from the command line, where `ps` shows it.
+ */
+async function userKey(
+  values: Record<string, unknown>,
+  needed: boolean,
+): Promise<string | undefined> {
+  const file = values['key-file'];
+  const env = values['key-env'];
+  if (typeof file === 'string' && typeof env === 'string')
+    throw new UsageError('give --key-file or --key-env, not both');
+  if (typeof file === 'string') return (await readSecretFile(file, 'key file')).toString('base64');
+  if (typeof env === 'string') {
+    const value = process.env[env];
+    if (!value) throw new UsageError(`the environment variable ${env} is not set`);
+    return Buffer.from(value).toString('base64');
+  }
+  if (needed) throw new UsageError('an encrypted volume needs --key-file FILE or --key-env VAR');
+  return undefined;
 }

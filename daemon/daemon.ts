@@ -62,6 +62,8 @@ export interface DaemonConfig {
   /** A replica in ERR this long is rebuilt (in place if its host is back, else elsewhere). */
   rebuildDelayMs: number;
   rebuildBytesPerSecond: number | undefined;
+  /** Bytes per second a backup reads or a restore writes (`--backup-rate`); none by default. */
+  backupBytesPerSecond?: number;
   /** More disks for replicas (`--disk`); the data dir's is always one. */
   disks?: Array<{ path: string; tags: string[] }>;
   /** Rebuild a damaged metadata store (LevelDB repair) before starting. */
@@ -268,6 +270,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     operations,
     events,
     clock: systemClock,
+    ...(config.backupBytesPerSecond ? { bytesPerSecond: config.backupBytesPerSecond } : {}),
     defaultTarget: config.backupTarget,
     targetPolicy: {
       fileRoots: [

@@ -87,6 +87,8 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
         nbdAllow: { type: 'array', items: str, description: 'TLS identities that may open it' },
         qos: qosLimits,
         diskTag: { type: 'string', description: 'its replicas go to disks with this tag' },
+        encrypt: flag,
+        key: { type: 'string', description: 'with encrypt: the user key, base64 of ≥ 32 bytes' },
       },
       ['name'],
     ),
@@ -99,7 +101,11 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   'GET /v1/volumes/:name/stats': { summary: 'Requests, bytes and latency quantiles' },
   'POST /v1/volumes/:name/attach': {
     summary: 'Attach (in a cluster: on this node, or on `node`)',
-    body: object({ frontend: { enum: ['nbd', 'fuse'] }, node: str }),
+    body: object({
+      frontend: { enum: ['nbd', 'fuse'] },
+      node: str,
+      key: { type: 'string', description: "an encrypted volume's user key, base64" },
+    }),
   },
   'POST /v1/volumes/:name/detach': {
     summary: 'Detach; refused while clients are connected unless forced',

@@ -7,6 +7,14 @@ import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import type { FaultFilter, FaultMode } from '../replication/fault-filter.ts';
 import type { QosLimits } from '../replication/qos.ts';
+import {
+  encryptedDevice,
+  asWrappedKey,
+  newVolumeKey,
+  SectorCipher,
+  unwrapKey,
+  userKeyFrom,
+} from '../replication/crypt.ts';
 import type { Disks } from './disks.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import type { Cluster } from './cluster.ts';
@@ -49,6 +57,8 @@ export interface VolumeInfo {
   nbdAllow?: string[];
   /** I/O limits; absent: none. */
   qos?: QosLimits;
+  /** Encrypted at rest; `keyId` names the key it needs (a digest, not the key). */
+  encrypted?: { keyId: string };
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{
@@ -121,7 +131,15 @@ export class VolumeManager {
   /** The engines of this host, with the epoch each was claimed with. */
   readonly #attached = new Map<
     string,
-    { supervisor: Supervisor; fault: FaultFilter | undefined; epoch: number }
+    {
+      supervisor: Supervisor;
+      fault: FaultFilter | undefined;
+      epoch: number;
+      /** An encrypted volume's key, in memory while it is attached (never stored). */
+      cipher?: SectorCipher;
+      /** What frontends see: the supervisor, or the plaintext view of an encrypted volume. */
+      view: BlockDevice;
+    }
   >();
   /**
    * One control operation per volume at a time (create, clone, attach, detach,
@@ -133,6 +151,8 @@ export class VolumeManager {
   readonly #frontends = new Map<string, Frontend>();
   /** Attached volumes that only some TLS identities may open over NBD (`--nbd-allow`). */
   readonly #nbdAllow = new Map<string, readonly string[]>();
+  /** Encrypted volumes' keys, given at create or attach, forgotten at detach. */
+  readonly #keys = new Map<string, SectorCipher>();
   /** Snapshots being read by long jobs (backups), `volume@snapshot` → count: not deleted meanwhile. */
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
@@ -383,6 +403,9 @@ export class VolumeManager {
     qos?: unknown;
     /** Its replicas go to disks with this tag (on every host). */
     diskTag?: unknown;
+    /** Encrypt it at rest with a new master key wrapped by `key` (base64, ≥ 32 bytes). */
+    encrypt?: unknown;
+    key?: unknown;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -414,7 +437,16 @@ export class VolumeManager {
       Promise.resolve(this.snapshotAccess(ref.volume, ref.snapshot)),
     );
     try {
-      return await this.#create(name, input, access.device);
+      const sourceRecord = await this.#record(ref.volume);
+      const sourceCipher = this.#attached.get(ref.volume)?.cipher;
+      return await this.#create(
+        name,
+        input,
+        access.device,
+        sourceRecord.encryption && sourceCipher
+          ? { wrapped: sourceRecord.encryption, cipher: sourceCipher }
+          : undefined,
+      );
     } finally {
       access.release();
     }
@@ -432,11 +464,30 @@ export class VolumeManager {
       nbdAllow?: unknown;
       qos?: unknown;
       diskTag?: unknown;
+      encrypt?: unknown;
+      key?: unknown;
     },
     source: BlockDevice | undefined,
+    /** A clone of an encrypted volume: its wrapped key and cipher (the copy is ciphertext). */
+    sourceKey?: { wrapped: Record<string, string | number>; cipher: SectorCipher },
   ): Promise<VolumeInfo> {
     const qos = input.qos === undefined ? undefined : limitsSet(validateQos(input.qos));
     const diskTag = input.diskTag === undefined ? undefined : validateDiskTag(input.diskTag);
+    if (input.encrypt !== undefined && typeof input.encrypt !== 'boolean')
+      throw new CorralError('INVALID_ARGUMENT', 'encrypt is true or false');
+    if (input.encrypt === true && input.key === undefined)
+      throw new CorralError('INVALID_ARGUMENT', 'An encrypted volume needs a key (key: base64)');
+    if (input.encrypt === true && (source || input.restoring !== undefined))
+      throw new CorralError(
+        'INVALID_ARGUMENT',
+        "A clone keeps its source's encryption, and a restore its backup's: encrypt and key are for new volumes",
+      );
+    let encryption: { wrapped: Record<string, string | number>; cipher: SectorCipher } | undefined =
+      sourceKey;
+    if (input.encrypt === true) {
+      const { master, wrapped } = newVolumeKey(userKeyFrom(input.key));
+      encryption = { wrapped, cipher: new SectorCipher(master) };
+    }
     const sizeBytes =
       source && input.size === undefined ? source.sizeBytes : validateVolumeSize(input.size);
     if (source && sizeBytes < source.sizeBytes) {
@@ -582,7 +633,9 @@ export class VolumeManager {
         ...(nbdAllow !== undefined ? { nbdAllow: nbdAllow as string[] } : {}),
         ...(qos !== undefined ? { qos } : {}),
         ...(diskTag !== undefined ? { diskTag } : {}),
+        ...(encryption ? { encryption: encryption.wrapped } : {}),
       };
+      if (encryption) this.#keys.set(name, encryption.cipher);
       if (input.restoring !== undefined) this.#restoring.add(name);
       try {
         await this.#o.records.create(record);
@@ -600,6 +653,11 @@ export class VolumeManager {
 
   /** Starts the volume's engine here; returns the record as it is then (claimed, in a cluster). */
   async #attach(record: VolumeRecord): Promise<VolumeRecord> {
+    if (record.encryption && !this.#keys.has(record.name))
+      throw new CorralError(
+        'FORBIDDEN',
+        `Volume ${record.name} is encrypted: attach it with its key (corral volume attach ${record.name} --key-file FILE)`,
+      );
     this.#frontends.set(record.name, record.frontend);
     if (record.nbdAllow) this.#nbdAllow.set(record.name, record.nbdAllow);
     if (this.#attached.has(record.name)) return record;
@@ -657,7 +715,14 @@ export class VolumeManager {
       ...(this.#o.meters ? { onIo: this.#o.meters.observer(record.name) } : {}),
       ...(record.qos ? { qos: record.qos } : {}),
     });
-    this.#attached.set(record.name, { supervisor, fault, epoch });
+    const cipher = record.encryption ? this.#keys.get(record.name) : undefined;
+    this.#attached.set(record.name, {
+      supervisor,
+      fault,
+      epoch,
+      ...(cipher ? { cipher } : {}),
+      view: cipher ? encryptedDevice(supervisor, cipher) : supervisor,
+    });
     this.#frontends.set(record.name, record.frontend);
     if (record.nbdAllow) this.#nbdAllow.set(record.name, record.nbdAllow);
     return record;
@@ -671,9 +736,10 @@ export class VolumeManager {
    */
   async attach(
     name: string,
-    options: { frontend?: unknown; node?: unknown } = {},
+    options: { frontend?: unknown; node?: unknown; key?: unknown } = {},
   ): Promise<VolumeInfo> {
     const frontend = options.frontend;
+    const userKey = options.key === undefined ? undefined : userKeyFrom(options.key);
     if (frontend !== undefined && frontend !== 'nbd' && frontend !== 'fuse') {
       throw new CorralError(
         'INVALID_ARGUMENT',
@@ -698,13 +764,30 @@ export class VolumeManager {
           target.url,
           'POST',
           `/v1/volumes/${encodeURIComponent(name)}/attach`,
-          frontend === undefined ? {} : { frontend },
+          {
+            ...(frontend === undefined ? {} : { frontend }),
+            ...(options.key !== undefined ? { key: options.key } : {}),
+          },
           { timeoutMs: FORWARD_TIMEOUT_MS },
         );
       }
     }
     return this.#serially(name, `attach volume ${name}`, async () => {
       let record = await this.#record(name);
+      // The key is checked before anything moves: a wrong one is refused with no I/O done.
+      if (record.encryption) {
+        if (!userKey)
+          throw new CorralError(
+            'FORBIDDEN',
+            `Volume ${name} is encrypted: attach it with its key (--key-file FILE or --key-env VAR)`,
+          );
+        const master = unwrapKey(asWrappedKey(record.encryption, name), userKey, name);
+        if (!this.#attached.has(name)) this.#keys.set(name, new SectorCipher(master));
+      } else if (userKey)
+        throw new CorralError(
+          'INVALID_ARGUMENT',
+          `Volume ${name} is not encrypted: it takes no key`,
+        );
       if (
         this.#shared &&
         record.attached &&
@@ -821,6 +904,7 @@ export class VolumeManager {
     this.#attached.delete(record.name);
     this.#frontends.delete(record.name);
     this.#nbdAllow.delete(record.name);
+    this.#keys.delete(record.name);
     await entry.supervisor.stop();
   }
 
@@ -939,6 +1023,7 @@ export class VolumeManager {
       ...(record.failover ? { failover: record.failover } : {}),
       ...(record.nbdAllow ? { nbdAllow: record.nbdAllow } : {}),
       ...(record.qos && Object.keys(record.qos).length > 0 ? { qos: record.qos } : {}),
+      ...(record.encryption ? { encrypted: { keyId: String(record.encryption.keyId) } } : {}),
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
@@ -949,11 +1034,12 @@ export class VolumeManager {
   device(name: string): BlockDevice | undefined {
     const at = name.indexOf('@');
     if (this.#restoring.has(at < 0 ? name : name.slice(0, at))) return undefined;
-    if (at < 0) return this.#attached.get(name)?.supervisor;
-    const supervisor = this.#attached.get(name.slice(0, at))?.supervisor;
+    if (at < 0) return this.#attached.get(name)?.view;
+    const entry = this.#attached.get(name.slice(0, at));
     const snapshot = name.slice(at + 1);
-    if (!supervisor?.engine?.snapshots().some((s) => s.name === snapshot)) return undefined;
-    return supervisor.snapshotDevice(snapshot);
+    if (!entry?.supervisor.engine?.snapshots().some((s) => s.name === snapshot)) return undefined;
+    const device = entry.supervisor.snapshotDevice(snapshot);
+    return entry.cipher ? encryptedDevice(device, entry.cipher) : device;
   }
 
   #attachedEntry(name: string, what: string): { supervisor: Supervisor } {

@@ -41,6 +41,8 @@ export interface VolumeRecord {
   qos?: Record<string, number>;
   /** Its replicas go to disks with this tag. */
   diskTag?: string;
+  /** Encrypted: the master key wrapped by the user's key (replication/crypt.ts `WrappedKey`). */
+  encryption?: Record<string, string | number>;
 }
 
 export interface LayerRecord {
@@ -103,6 +105,9 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
       ? { nbdAllow: r.nbdAllow }
       : {}),
     ...(typeof r.diskTag === 'string' ? { diskTag: r.diskTag } : {}),
+    ...(typeof r.encryption === 'object' && r.encryption !== null
+      ? { encryption: r.encryption as Record<string, string | number> }
+      : {}),
     ...(typeof r.qos === 'object' && r.qos !== null
       ? {
           qos: Object.fromEntries(

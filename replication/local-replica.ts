@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { assert } from '../common/assert.ts';
+import { Pacer } from '../common/pacer.ts';
 import { CorralError, ioError } from '../common/errors.ts';
 import type { Clock } from '../common/clock.ts';
 import type { KvBatch } from '../kv/kv.ts';
@@ -1212,8 +1213,7 @@ export class LocalReplica implements Replica {
     }
     this.#pending++;
     const limit = this.#mergeLimit;
-    const startedMs = limit?.clock.nowMs() ?? 0;
-    let copiedBytes = 0;
+    const pacer = limit ? new Pacer(limit.clock, limit.bytesPerSecond) : undefined;
     try {
       const intoHead = into === this.#head;
       for (let start = 0; start < this.#blockCount; start += MERGE_RUN_BLOCKS) {
@@ -1225,16 +1225,13 @@ export class LocalReplica implements Replica {
         if (!gone.map.anyIn(start, end)) continue;
         // Into the head: client writes to these blocks wait, so none is overwritten by old data.
         const release = intoHead ? await this.#locks.acquire(start, end) : undefined;
+        let copied = 0;
         try {
-          copiedBytes += await this.#mergeRun(gone, into, i, start, end);
+          copied = await this.#mergeRun(gone, into, i, start, end);
         } finally {
           release?.();
         }
-        if (limit) {
-          const aheadMs =
-            (copiedBytes / limit.bytesPerSecond) * 1000 - (limit.clock.nowMs() - startedMs);
-          if (aheadMs > 1) await limit.clock.sleep(aheadMs);
-        }
+        await pacer?.paced(copied);
       }
       this.#unsynced.add(into);
       const keys = await this.#spaces.bitmaps.keys(`${gone.record.id}/`);

@@ -1,5 +1,6 @@
 import { assert } from '../common/assert.ts';
 import { CorralError } from '../common/errors.ts';
+import { Pacer } from '../common/pacer.ts';
 import type { Clock } from '../common/clock.ts';
 import { BLOCK_SIZE } from './block-device.ts';
 import type { Replica } from './replica.ts';
@@ -50,7 +51,7 @@ export async function copyLayers(
     layers: names.length,
     layersSkipped: 0,
   };
-  const started = options.clock.nowMs();
+  const pacer = new Pacer(options.clock, options.bytesPerSecond);
   for (const name of names) {
     let copiedHere = 0;
     for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
@@ -87,11 +88,7 @@ export async function copyLayers(
         await target.writeLayerChunk(name, at, chunk.states, chunk.data, mask);
         progress.bytesCopied += chunk.data.length;
         copiedHere += chunk.data.length;
-        if (options.bytesPerSecond) {
-          const due = started + (progress.bytesCopied / options.bytesPerSecond) * 1000;
-          const wait = due - options.clock.nowMs();
-          if (wait > 0) await options.clock.sleep(wait);
-        }
+        await pacer.paced(chunk.data.length);
       }
       if (differing.size > 0) {
         // Verified by checksum: the target's granules must now digest as the source's.

@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { randomBytes } from 'node:crypto';
 import { systemClock } from '../common/clock.ts';
+import { encryptedDevice, SectorCipher } from '../replication/crypt.ts';
 import { Engine } from '../replication/engine.ts';
 import { faultFilter } from '../replication/fault-filter.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
@@ -107,6 +109,12 @@ const subjects: Record<string, () => Promise<Subject>> = {
     e.open.push(a!, b!);
     const engine = engineOf(e, [local!, await overStream(e, a!), await overStream(e, b!)]);
     return { device: engine, sizeBytes: SIZE, close: () => engine.close() };
+  },
+  'an encrypted view of a two-replica engine': async () => {
+    const e = await fresh();
+    const engine = engineOf(e, await replicas(e, 2));
+    const device = encryptedDevice(engine, new SectorCipher(randomBytes(64)));
+    return { device, sizeBytes: SIZE, close: () => engine.close() };
   },
   'fault filter, switched off, over an engine': async () => {
     const e = await fresh();

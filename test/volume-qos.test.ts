@@ -216,3 +216,47 @@ describe('I/O limits on a daemon, measured by fio', () => {
     assert.equal((await watched).code, 0);
   });
 });
+
+describe('long jobs kept to their rate', () => {
+  let d: DaemonProcess | undefined;
+  after(async () => {
+    await d?.cleanup();
+  });
+
+  it('--backup-rate paces what a backup reads and what a restore writes', async () => {
+    d = await DaemonProcess.start({ args: ['--backup-rate', '32M'] });
+    const daemon = d;
+    assert.equal((await daemon.cli(['volume', 'create', 'src', '--size', '64M'])).code, 0);
+    const filled = await run('qemu-io', [
+      '-f',
+      'raw',
+      daemon.uri('src'),
+      '-c',
+      'write -P 0x3c 0 48M',
+    ]);
+    assert.equal(filled.code, 0, filled.stderr);
+    const timed = async (args: string[]) => {
+      const t0 = performance.now();
+      const r = await daemon.cli(args);
+      assert.equal(r.code, 0, r.stderr);
+      return { seconds: (performance.now() - t0) / 1000, stdout: r.stdout };
+    };
+    const backup = await timed(['backup', 'create', 'src', '--json']);
+    // 48 MiB at 32 MiB/s: at least 1.5 s (minus the first piece, which goes at once).
+    assert.ok(backup.seconds >= 1.3, `backup of 48 MiB at 32M/s took ${backup.seconds} s`);
+    const name = (JSON.parse(backup.stdout) as { name: string }).name;
+    const restore = await timed(['backup', 'restore', name, 'copy']);
+    assert.ok(restore.seconds >= 1.3, `restore of 48 MiB at 32M/s took ${restore.seconds} s`);
+    const check = await run('qemu-io', [
+      '-f',
+      'raw',
+      '-r',
+      daemon.uri('copy'),
+      '-c',
+      'read -P 0x3c 0 48M',
+      '-c',
+      'read -P 0 48M 16M',
+    ]);
+    assert.equal(check.code, 0, check.stdout + check.stderr);
+  });
+});
