@@ -7,3 +7,8 @@ export function cpuSeconds(pid: number): number {
   // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
+
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}

@@ -6,7 +6,7 @@
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
  * BENCH_TLS=0 the TLS-cost table;
- * BENCH_ONLY=backup|replication|metrics|tls|services runs one table alone.
+ * BENCH_ONLY=backup|replication|metrics|tls|services|crypt runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -18,6 +18,8 @@ import { backupBench } from './backup.ts';
 import { replicationBench } from './replication.ts';
 import { expandBench, trimBench } from './services.ts';
 import { tlsBench } from './tls.ts';
+import { cryptBench } from './crypt.ts';
+import { median } from './proc.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -38,11 +40,6 @@ const JOBS: Job[] = [
   { name: '1M read QD8', rw: 'read', bs: '1M', iodepth: 8, metric: 'bw' },
   { name: '1M write QD8', rw: 'write', bs: '1M', iodepth: 8, metric: 'bw' },
 ];
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
-}
 
 async function freePort(): Promise<number> {
   return new Promise((resolve) => {
@@ -285,6 +282,16 @@ async function main(): Promise<void> {
     console.log(`\n${table}`);
     await writeSection('bench-tls', table);
     await fs.promises.rm(dir, { recursive: true, force: true });
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'crypt') {
+    try {
+      const table = await cryptBench(dir, JOBS, fio, prefill, RUNTIME_S);
+      console.log(`\n${table}`);
+      await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), 'bench-crypt', table);
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
     return;
   }
   if (process.env.BENCH_ONLY === 'services') {

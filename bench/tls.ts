@@ -13,7 +13,7 @@ import { TestCa } from '../test/helpers/certs.ts';
 import { CLUSTER_SECRET } from '../test/helpers/cluster.ts';
 import { DaemonProcess } from '../test/helpers/daemon.ts';
 import { freePorts, mustRun } from '../test/helpers/run.ts';
-import { cpuSeconds } from './proc.ts';
+import { cpuSeconds, median } from './proc.ts';
 import type { BenchJob } from './replication.ts';
 
 /**
@@ -32,11 +32,6 @@ async function trustSystemWide(caFile: string): Promise<() => Promise<void>> {
 }
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
-}
 
 async function threeDaemons(tls: boolean, ca: TestCa): Promise<DaemonProcess[]> {
   const ports = await freePorts(3);

@@ -337,6 +337,10 @@ export function createApi(options: ApiOptions): Hono<Env> {
     const body = await jsonBody(c);
     return c.json(await volumes.detach(c.req.param('name'), { force: flag(body.force) }));
   });
+  app.post('/v1/volumes/:name/key', async (c) => {
+    const body = await jsonBody(c);
+    return c.json(await volumes.rekey(c.req.param('name'), { key: body.key, newKey: body.newKey }));
+  });
   app.post('/v1/volumes/:name/qos', async (c) => {
     const body = await jsonBody(c);
     return c.json(await volumes.setQos(c.req.param('name'), body));

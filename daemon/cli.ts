@@ -54,6 +54,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
   corral volume attach NAME [--frontend nbd|fuse] [--node N] [--key-file F | --key-env V]
   corral volume detach NAME [--force] | rm NAME [--force]
+  corral volume rekey NAME --key-file OLD --new-key-file NEW   (or --key-env/--new-key-env; no data rewritten)
   corral volume set NAME [--iops-limit N] [--bandwidth-limit 100M] [--read-|--write-iops-limit N]
                 [--read-|--write-bandwidth-limit S] [--burst 2x]   live; 0 removes a limit
                 (the same flags on volume create)
@@ -321,6 +322,8 @@ async function runClient(args: string[]): Promise<void> {
         encrypt: { type: 'boolean' },
         'key-file': { type: 'string' },
         'key-env': { type: 'string' },
+        'new-key-file': { type: 'string' },
+        'new-key-env': { type: 'string' },
         ...Object.fromEntries(QOS_FLAGS.map(([flag]) => [flag, { type: 'string' as const }])),
       },
       allowPositionals: true,
@@ -459,6 +462,31 @@ async function runClient(args: string[]): Promise<void> {
               },
         );
         print(values.json === true, volume, () => volumeRows([volume]));
+        return;
+      }
+      case 'rekey': {
+        const { values, positionals } = parse();
+        const name = need(positionals, 'volume name');
+        const newKey = await userKey(
+          { 'key-file': values['new-key-file'], 'key-env': values['new-key-env'] },
+          false,
+        );
+        if (!newKey)
+          throw new UsageError('volume rekey needs --new-key-file FILE or --new-key-env VAR');
+        const volume = await call<VolumeInfo>(
+          api,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(name)}/key`,
+          {
+            key: await userKey(values, true),
+            newKey,
+          },
+        );
+        print(
+          values.json === true,
+          volume,
+          () => `volume ${name} now opens with key ${volume.encrypted?.keyId ?? '?'}`,
+        );
         return;
       }
       case 'expand': {

@@ -111,6 +111,16 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
     summary: 'Detach; refused while clients are connected unless forced',
     body: object({ force: flag }),
   },
+  'POST /v1/volumes/:name/key': {
+    summary: "Change an encrypted volume's key (the master key is re-wrapped; no data rewritten)",
+    body: object(
+      {
+        key: { type: 'string', description: 'the current user key, base64' },
+        newKey: { type: 'string', description: 'the new user key, base64 of ≥ 32 bytes' },
+      },
+      ['key', 'newKey'],
+    ),
+  },
   'POST /v1/volumes/:name/qos': {
     summary: 'Change I/O limits live (those given replace, 0 removes one)',
     body: qosLimits,

@@ -14,6 +14,7 @@ import {
   SectorCipher,
   unwrapKey,
   userKeyFrom,
+  wrapKey,
 } from '../replication/crypt.ts';
 import type { Disks } from './disks.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
@@ -1125,6 +1126,33 @@ export class VolumeManager {
         type: 'volume-limits-set',
         volume,
         message: describeLimits(updated?.qos ?? {}),
+      });
+    });
+    return this.get(volume);
+  }
+
+  /**
+   * A new user key for an encrypted volume: the master key is unwrapped with
+   * the old one (refused if wrong) and wrapped with the new one; no data is
+   * rewritten, and the old key no longer opens the volume.
+   */
+  async rekey(volume: string, input: { key?: unknown; newKey?: unknown }): Promise<VolumeInfo> {
+    validateVolumeName(volume);
+    const oldKey = userKeyFrom(input.key);
+    const newKey = userKeyFrom(input.newKey);
+    await this.#serially(volume, 'change its key', async () => {
+      const record = await this.#record(volume);
+      if (!record.encryption)
+        throw new CorralError('INVALID_ARGUMENT', `Volume ${volume} is not encrypted`);
+      const master = unwrapKey(asWrappedKey(record.encryption, volume), oldKey, volume);
+      const wrapped = wrapKey(master, newKey);
+      await this.#o.records.update(volume, (r) => {
+        r.encryption = wrapped;
+      });
+      this.#o.events.add({
+        type: 'volume-rekeyed',
+        volume,
+        message: `key ${String(record.encryption.keyId)} replaced by ${wrapped.keyId}`,
       });
     });
     return this.get(volume);

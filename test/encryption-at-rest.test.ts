@@ -20,6 +20,33 @@ function sha(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
+/** fio's crc32c-verifying random writes over 16 MiB at `offset`, or (`verifyOnly`) their check. */
+function cryptFio(uri: string, bs: string, offset: string, verifyOnly: boolean) {
+  return run(
+    'fio',
+    [
+      '--name=crypt',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      `--bs=${bs}`,
+      `--offset=${offset}`,
+      '--size=16m',
+      '--iodepth=8',
+      '--verify=crc32c',
+      '--verify_fatal=1',
+      verifyOnly ? '--verify_only=1' : '--end_fsync=1',
+    ],
+    { timeoutMs: 300_000 },
+  );
+}
+
+/** 512-byte writes, and 6 KiB ones that straddle sectors: each with its own 16 MiB. */
+const FIO_JOBS: Array<[string, string]> = [
+  ['512', '16m'],
+  ['6k', '32m'],
+];
+
 describe('encryption at rest', () => {
   const cleanups: Array<() => Promise<unknown>> = [];
   after(async () => {
@@ -109,27 +136,8 @@ describe('encryption at rest', () => {
     assert.equal(await markerCount(replicas), 0);
 
     // 512-byte and sector-straddling writes, verified.
-    for (const [bs, offset] of [
-      ['512', '16m'],
-      ['6k', '32m'],
-    ]) {
-      const fio = await run(
-        'fio',
-        [
-          '--name=crypt',
-          '--ioengine=nbd',
-          `--uri=${d.uri('vault')}`,
-          '--rw=randwrite',
-          `--bs=${bs}`,
-          `--offset=${offset}`,
-          '--size=16m',
-          '--iodepth=8',
-          '--verify=crc32c',
-          '--verify_fatal=1',
-          '--end_fsync=1',
-        ],
-        { timeoutMs: 300_000 },
-      );
+    for (const [bs, offset] of FIO_JOBS) {
+      const fio = await cryptFio(d.uri('vault'), bs, offset, false);
       assert.equal(fio.code, 0, fio.stdout + fio.stderr);
     }
 
@@ -154,31 +162,50 @@ describe('encryption at rest', () => {
     const good = await d.cli(['volume', 'attach', 'vault', '--key-env', 'VAULT_KEY'], {
       VAULT_KEY: '',
     });
-    assert.equal(good.code, 1, 'an empty variable is refused');
+    assert.equal(good.code, 2, 'an empty variable is refused');
+    assert.match(good.stderr, /VAULT_KEY is not set/);
     const ok = await d.cli(['volume', 'attach', 'vault', '--key-file', key]);
     assert.equal(ok.code, 0, ok.stderr);
     const again = path.join(dir, 'again.img');
     await mustRun('nbdcopy', [d.uri('vault@s1'), again]);
     assert.equal(sha(again), sha(fromSnap));
     // What fio wrote before the kill (flushed at its end) verifies after it.
-    for (const [bs, offset] of [
-      ['512', '16m'],
-      ['6k', '32m'],
-    ]) {
-      const check = await run('fio', [
-        '--name=crypt',
-        '--ioengine=nbd',
-        `--uri=${d.uri('vault')}`,
-        '--rw=randwrite',
-        `--bs=${bs}`,
-        `--offset=${offset}`,
-        '--size=16m',
-        '--iodepth=8',
-        '--verify=crc32c',
-        '--verify_only=1',
-        '--verify_fatal=1',
-      ]);
+    for (const [bs, offset] of FIO_JOBS) {
+      const check = await cryptFio(d.uri('vault'), bs, offset, true);
       assert.equal(check.code, 0, `${bs}: ${check.stdout}${check.stderr}`);
     }
+
+    // A new key: the master key is re-wrapped, no data rewritten; the old key opens nothing.
+    const newKey = path.join(dir, 'new.key');
+    fs.writeFileSync(newKey, randomBytes(48), { mode: 0o600 });
+    const rekeyed = await d.cli([
+      'volume',
+      'rekey',
+      'vault',
+      '--key-file',
+      key,
+      '--new-key-file',
+      newKey,
+    ]);
+    assert.equal(rekeyed.code, 0, rekeyed.stderr);
+    const wrongOld = await d.cli([
+      'volume',
+      'rekey',
+      'vault',
+      '--key-file',
+      wrong,
+      '--new-key-file',
+      key,
+    ]);
+    assert.equal(wrongOld.code, 1);
+    assert.match(wrongOld.stderr, /Wrong key/);
+    assert.equal((await d.cli(['volume', 'detach', 'vault'])).code, 0);
+    const old = await d.cli(['volume', 'attach', 'vault', '--key-file', key]);
+    assert.equal(old.code, 1);
+    assert.match(old.stderr, /Wrong key/);
+    assert.equal((await d.cli(['volume', 'attach', 'vault', '--key-file', newKey])).code, 0);
+    const rekeyedRead = path.join(dir, 'rekeyed.img');
+    await mustRun('nbdcopy', [d.uri('vault@s1'), rekeyedRead]);
+    assert.equal(sha(rekeyedRead), sha(fromSnap));
   });
 });
