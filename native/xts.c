@@ -50,35 +50,36 @@ typedef struct {
   int result;
 } Job;
 
-static int args(napi_env env, napi_callback_info info, int *encrypt, uint8_t **key,
-                double *offset, uint8_t **data, size_t *length, napi_value *buffer) {
+// The arguments (encrypt, key[64], offset, data) into `job`; 0 after throwing a TypeError.
+static int args(napi_env env, napi_callback_info info, Job *job, napi_value *buffer) {
   size_t argc = 4;
   napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   bool enc;
+  uint8_t *key;
   size_t key_length;
   if (argc != 4 || napi_get_value_bool(env, argv[0], &enc) != napi_ok ||
-      napi_get_buffer_info(env, argv[1], (void **)key, &key_length) != napi_ok || key_length != 64 ||
-      napi_get_value_double(env, argv[2], offset) != napi_ok ||
-      napi_get_buffer_info(env, argv[3], (void **)data, length) != napi_ok ||
-      *length % SECTOR != 0 || (uint64_t)*offset % SECTOR != 0) {
+      napi_get_buffer_info(env, argv[1], (void **)&key, &key_length) != napi_ok || key_length != 64 ||
+      napi_get_value_double(env, argv[2], &job->offset) != napi_ok ||
+      napi_get_buffer_info(env, argv[3], (void **)&job->data, &job->length) != napi_ok ||
+      job->length % SECTOR != 0 || (uint64_t)job->offset % SECTOR != 0) {
     napi_throw_type_error(env, NULL, "xts(encrypt, key[64], offset, data): whole 4 KiB sectors");
     return 0;
   }
-  *encrypt = enc;
+  job->encrypt = enc;
+  memcpy(job->key, key, 64);
   *buffer = argv[3];
   return 1;
 }
 
 // xtsSync(encrypt, key, offset, data): in place, on this thread.
 static napi_value xts_sync(napi_env env, napi_callback_info info) {
-  int encrypt;
-  uint8_t *key, *data;
-  double offset;
-  size_t length;
+  Job job;
   napi_value buffer;
-  if (!args(env, info, &encrypt, &key, &offset, &data, &length, &buffer)) return NULL;
-  if (xts(encrypt, key, offset, data, length) != 0) napi_throw_error(env, "EXTS", "AES-XTS failed");
+  if (!args(env, info, &job, &buffer)) return NULL;
+  if (xts(job.encrypt, job.key, job.offset, job.data, job.length) != 0)
+    napi_throw_error(env, "EXTS", "AES-XTS failed");
+  memset(job.key, 0, sizeof job.key);
   return NULL;
 }
 
@@ -109,18 +110,16 @@ static void complete(napi_env env, napi_status status, void *p) {
 
 // xtsAsync(encrypt, key, offset, data): Promise, in place, on libuv's pool.
 static napi_value xts_async(napi_env env, napi_callback_info info) {
-  int encrypt;
-  uint8_t *key, *data;
-  double offset;
-  size_t length;
-  napi_value buffer;
-  if (!args(env, info, &encrypt, &key, &offset, &data, &length, &buffer)) return NULL;
   Job *job = calloc(1, sizeof(Job));
-  job->encrypt = encrypt;
-  memcpy(job->key, key, 64);
-  job->offset = offset;
-  job->data = data;
-  job->length = length;
+  napi_value buffer;
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  if (!args(env, info, job, &buffer)) {
+    free(job);
+    return NULL;
+  }
   napi_create_reference(env, buffer, 1, &job->keep);
   napi_value promise, name;
   napi_create_promise(env, &job->deferred, &promise);

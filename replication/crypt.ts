@@ -57,19 +57,7 @@ export class SectorCipher {
 
   /** Encrypts whole sectors of `data` (at volume `offset`) in place; a promise when it runs off-thread. */
   encrypt(offset: number, data: Uint8Array): Promise<void> | undefined {
-    const native = this.#native;
-    if (native) {
-      if (data.length >= OFF_THREAD_BYTES)
-        return native.xtsAsync(true, this.#key, offset, asBuffer(data));
-      native.xtsSync(true, this.#key, offset, asBuffer(data));
-      return undefined;
-    }
-    for (let at = 0; at < data.length; at += CRYPT_SECTOR) {
-      const c = createCipheriv('aes-256-xts', this.#key, this.#tweak(offset + at));
-      data.set(c.update(data.subarray(at, at + CRYPT_SECTOR)), at);
-      c.final();
-    }
-    return undefined;
+    return this.#cipher(true, offset, data);
   }
 
   /**
@@ -78,19 +66,26 @@ export class SectorCipher {
    * below, and a real ciphertext is all zeros with probability 2^-32768.
    */
   decrypt(offset: number, data: Uint8Array): Promise<void> | undefined {
+    return this.#cipher(false, offset, data);
+  }
+
+  #cipher(encrypt: boolean, offset: number, data: Uint8Array): Promise<void> | undefined {
     const native = this.#native;
     if (native) {
       if (data.length >= OFF_THREAD_BYTES)
-        return native.xtsAsync(false, this.#key, offset, asBuffer(data));
-      native.xtsSync(false, this.#key, offset, asBuffer(data));
+        return native.xtsAsync(encrypt, this.#key, offset, asBuffer(data));
+      native.xtsSync(encrypt, this.#key, offset, asBuffer(data));
       return undefined;
     }
     for (let at = 0; at < data.length; at += CRYPT_SECTOR) {
       const sector = data.subarray(at, at + CRYPT_SECTOR);
-      if (isZero(sector)) continue;
-      const d = createDecipheriv('aes-256-xts', this.#key, this.#tweak(offset + at));
-      data.set(d.update(sector), at);
-      d.final();
+      if (!encrypt && isZero(sector)) continue;
+      const tweak = this.#tweak(offset + at);
+      const c = encrypt
+        ? createCipheriv('aes-256-xts', this.#key, tweak)
+        : createDecipheriv('aes-256-xts', this.#key, tweak);
+      data.set(c.update(sector), at);
+      c.final();
     }
     return undefined;
   }
