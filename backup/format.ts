@@ -1,4 +1,11 @@
-import { createHash } from 'node:crypto';
+import {
+  createCipheriv,
+  createDecipheriv,
+  createHash,
+  createHmac,
+  hkdfSync,
+  randomBytes,
+} from 'node:crypto';
 import { promisify } from 'node:util';
 import * as zlib from 'node:zlib';
 import { CorralError } from '../common/errors.ts';
@@ -12,7 +19,10 @@ import { CorralError } from '../common/errors.ts';
  *   backupstore/locks/<kind>-<id>.lck                 a running job (backup, delete)
  *
  * Blocks are named by the SHA-256 of their uncompressed content, so a block
- * is stored once however many backups and volumes hold it.
+ * is stored once however many backups and volumes hold it. An encrypted
+ * backup's blocks are named by an HMAC-SHA256 of their content under a key
+ * derived from the backup key instead: dedup works within one key, and the
+ * names tell nothing of the content to whoever lacks it.
  */
 export const BACKUP_BLOCK_SIZE = 2 * 1024 * 1024;
 export const STORE = 'backupstore';
@@ -46,6 +56,50 @@ export interface VolumeConfig {
   createdAt: string;
   /** The newest complete backup, base of the next incremental one. */
   lastBackup: string | undefined;
+  /** The key of the newest backup, when it is encrypted. */
+  encryption?: BackupEncryption;
+}
+
+/** An encrypted backup: each block AES-256-GCM under a key derived from the backup key. */
+export interface BackupEncryption {
+  cipher: 'aes-256-gcm';
+  /** A digest naming the backup key (not a check of it). */
+  keyId: string;
+}
+
+/** What a backup key (≥ 32 random bytes) gives: one key to name blocks, one to encrypt them. */
+export interface BackupKeys {
+  keyId: string;
+  mac: Buffer;
+  enc: Buffer;
+}
+
+/**
+ * HKDF-SHA256 without a salt: the key is random already, and the same key
+ * must name a block the same way in every backup, or nothing would dedup.
+ */
+export function backupKeys(userKey: Buffer): BackupKeys {
+  if (userKey.length < 32)
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `A backup key holds at least 32 bytes (this one ${userKey.length}): for example head -c 64 /dev/urandom > key; chmod 600 key`,
+    );
+  const derive = (what: string) =>
+    Buffer.from(hkdfSync('sha256', userKey, Buffer.alloc(0), `corral backup ${what}`, 32));
+  return {
+    keyId: createHash('sha256')
+      .update('corral backup key id')
+      .update(userKey)
+      .digest('hex')
+      .slice(0, 16),
+    mac: derive('block names'),
+    enc: derive('block data'),
+  };
+}
+
+/** A block's name: SHA-256 of its content, or its HMAC under an encrypted backup's key. */
+export function blockName(data: Uint8Array, keys: BackupKeys | undefined): string {
+  return keys ? createHmac('sha256', keys.mac).update(data).digest('hex') : sha256(data);
 }
 
 export interface SnapshotRef {
@@ -65,6 +119,16 @@ export interface BackupConfig {
   blocks: Array<[number, string]>;
   /** What this backup had to read and store itself. */
   stats: { blocksRead: number; blocksStored: number; bytesStored: number };
+  /** Present when the blocks are encrypted: the key they need. */
+  encryption?: BackupEncryption;
+}
+
+function encryptionOf(r: Record<string, unknown>, what: string): BackupEncryption | undefined {
+  const e = r.encryption as Record<string, unknown> | undefined;
+  if (e === undefined || e === null) return undefined;
+  if (typeof e !== 'object' || e.cipher !== 'aes-256-gcm' || typeof e.keyId !== 'string')
+    throw corrupt(what, 'encryption is not aes-256-gcm with a key id');
+  return { cipher: 'aes-256-gcm', keyId: e.keyId };
 }
 
 function corrupt(what: string, detail: string): CorralError {
@@ -118,6 +182,7 @@ export function decodeVolumeConfig(bytes: Uint8Array, what: string): VolumeConfi
     blockSize: num(r, 'blockSize', what),
     createdAt: str(r, 'createdAt', what),
     lastBackup: typeof last === 'string' ? last : undefined,
+    ...(encryptionOf(r, what) ? { encryption: encryptionOf(r, what)! } : {}),
   };
 }
 
@@ -159,6 +224,7 @@ export function decodeBackupConfig(bytes: Uint8Array, what: string): BackupConfi
       blocksStored: typeof stats.blocksStored === 'number' ? stats.blocksStored : 0,
       bytesStored: typeof stats.bytesStored === 'number' ? stats.bytesStored : 0,
     },
+    ...(encryptionOf(r, what) ? { encryption: encryptionOf(r, what)! } : {}),
   };
 }
 
@@ -181,7 +247,8 @@ export function isAllZero(data: Uint8Array): boolean {
  * A block file: 12 bytes of header, then the payload.
  *   0  'CRLB'   magic
  *   4  u8       format version (1)
- *   5  u8       encoding: 0 stored as is, 1 gzip
+ *   5  u8       encoding: 0 stored as is, 1 gzip; + 0x10: AES-256-GCM, the payload then
+ *               being iv (12) | tag (16) | the encrypted (stored or gzipped) bytes
  *   6  u16      reserved (0)
  *   8  u32 BE   length of the uncompressed block
  */
@@ -189,6 +256,7 @@ const MAGIC = 0x43524c42; // 'CRLB'
 const HEADER_BYTES = 12;
 const RAW = 0;
 const GZIP = 1;
+const SEALED = 0x10;
 /** Compress a sample first: random data (encrypted, compressed already) is stored as is, 5x faster. */
 const SAMPLE_BYTES = 8 * 1024;
 const WORTH_COMPRESSING = 0.9;
@@ -197,7 +265,10 @@ const gzip = promisify(zlib.gzip);
 const gunzip = promisify(zlib.gunzip);
 
 /** A block file as two chunks, header and payload: the payload may be `data` itself, not a copy. */
-export async function encodeBlock(data: Uint8Array): Promise<[Buffer, Uint8Array]> {
+export async function encodeBlock(
+  data: Uint8Array,
+  keys?: BackupKeys,
+): Promise<[Buffer, Uint8Array]> {
   let encoding = RAW;
   let payload: Uint8Array = data;
   const sampleAt = Math.max(0, Math.floor(data.length / 2) - SAMPLE_BYTES / 2);
@@ -209,6 +280,13 @@ export async function encodeBlock(data: Uint8Array): Promise<[Buffer, Uint8Array
       payload = packed;
     }
   }
+  if (keys) {
+    const iv = randomBytes(12);
+    const c = createCipheriv('aes-256-gcm', keys.enc, iv);
+    const sealed = Buffer.concat([c.update(payload), c.final()]);
+    payload = Buffer.concat([iv, c.getAuthTag(), sealed]);
+    encoding |= SEALED;
+  }
   const header = Buffer.alloc(HEADER_BYTES);
   header.writeUInt32BE(MAGIC, 0);
   header.writeUInt8(1, 4);
@@ -218,8 +296,12 @@ export async function encodeBlock(data: Uint8Array): Promise<[Buffer, Uint8Array
   return [header, payload];
 }
 
-/** Decodes a block file and checks it against its name: a block never restores as other bytes. */
-export async function decodeBlock(file: Buffer, hash: string): Promise<Buffer> {
+/**
+ * Decodes a block file and checks it against its name: a block never
+ * restores as other bytes. An encrypted one needs its backup's keys; a
+ * flipped bit fails its authentication.
+ */
+export async function decodeBlock(file: Buffer, hash: string, keys?: BackupKeys): Promise<Buffer> {
   const bad = (detail: string): CorralError =>
     new CorralError('CORRUPT_METADATA', `Backup block ${hash}: ${detail}`);
   if (file.length < HEADER_BYTES || file.readUInt32BE(0) !== MAGIC) throw bad('not a block file');
@@ -228,9 +310,28 @@ export async function decodeBlock(file: Buffer, hash: string): Promise<Buffer> {
       'UNSUPPORTED_FORMAT',
       `Backup block ${hash} has format version ${file.readUInt8(4)}; this Corral reads version 1`,
     );
-  const encoding = file.readUInt8(5);
+  let encoding = file.readUInt8(5);
   const length = file.readUInt32BE(8);
-  const payload = file.subarray(HEADER_BYTES);
+  let payload = file.subarray(HEADER_BYTES);
+  if (encoding & SEALED) {
+    if (!keys)
+      throw new CorralError(
+        'FORBIDDEN',
+        `Backup block ${hash} is encrypted: its backup's key is needed`,
+      );
+    if (payload.length < 28) throw bad('too short for an encrypted block');
+    try {
+      const d = createDecipheriv('aes-256-gcm', keys.enc, payload.subarray(0, 12));
+      d.setAuthTag(payload.subarray(12, 28));
+      payload = Buffer.concat([d.update(payload.subarray(28)), d.final()]);
+    } catch {
+      throw new CorralError(
+        'DATA_CORRUPT',
+        `Backup block ${hash} fails its authentication: it was changed or damaged in the store`,
+      );
+    }
+    encoding &= ~SEALED;
+  } else if (keys) throw bad('is not encrypted, and its backup is');
   let data: Buffer;
   if (encoding === RAW) data = payload;
   else if (encoding === GZIP) {
@@ -241,6 +342,6 @@ export async function decodeBlock(file: Buffer, hash: string): Promise<Buffer> {
     }
   } else throw bad(`unknown encoding ${encoding}`);
   if (data.length !== length) throw bad(`holds ${data.length} bytes, its header says ${length}`);
-  if (sha256(data) !== hash) throw bad('content does not match its checksum');
+  if (blockName(data, keys) !== hash) throw bad('content does not match its checksum');
   return data;
 }

@@ -7,10 +7,11 @@ import type { BlockDevice } from '../replication/block-device.ts';
 import {
   BACKUP_BLOCK_SIZE,
   backupConfigKey,
+  blockName,
+  type BackupKeys,
   decodeBlock,
   encodeBlock,
   isAllZero,
-  sha256,
   type BackupConfig,
   type SnapshotRef,
 } from './format.ts';
@@ -50,6 +51,8 @@ export interface BackupOptions {
   onStaleLock?: (detail: string) => void;
   /** Bytes per second read from the volume, and the clock to keep it (`--backup-rate`). */
   rate?: { bytesPerSecond: number; clock: Clock };
+  /** Encrypt every block under these (from the backup key). */
+  keys?: BackupKeys;
 }
 
 /** A job waits this long for a conflicting one (a delete for running backups) before BUSY. */
@@ -61,12 +64,22 @@ export function newBackupName(now: Date): string {
 }
 
 /** The newest complete backup of the volume that an incremental one can build on. */
-async function baseOf(store: BackupStore, source: BackupSource): Promise<BackupConfig | undefined> {
+async function baseOf(
+  store: BackupStore,
+  source: BackupSource,
+  keyId: string | undefined,
+): Promise<BackupConfig | undefined> {
   const vol = await store.volumeConfig(source.volume);
   let base = vol?.lastBackup ? await store.backupConfig(source.volume, vol.lastBackup) : undefined;
   // The last backup may have been deleted: fall back on the newest left.
   base ??= (await store.backups(source.volume)).at(-1);
-  if (!base || base.sizeBytes !== source.sizeBytes || base.blockSize !== BACKUP_BLOCK_SIZE)
+  // Blocks under another key (or none) are named otherwise: a full backup, not an incremental.
+  if (
+    !base ||
+    base.sizeBytes !== source.sizeBytes ||
+    base.blockSize !== BACKUP_BLOCK_SIZE ||
+    base.encryption?.keyId !== keyId
+  )
     return undefined;
   return base;
 }
@@ -93,7 +106,7 @@ export async function createBackup(
   try {
     if (await store.target.exists(backupConfigKey(source.volume, name)))
       throw new CorralError('ALREADY_EXISTS', `Backup ${name} already exists in ${store.url}`);
-    const base = await baseOf(store, source);
+    const base = await baseOf(store, source, options.keys?.keyId);
     const changed = base ? await source.changedSince(base.snapshot, bs) : undefined;
     const blocks = new Map<number, string>();
     let toRead: number[];
@@ -131,14 +144,14 @@ export async function createBackup(
       stats.blocksRead++;
       bytes += data.length;
       if (!isAllZero(data)) {
-        const hash = sha256(data);
+        const hash = blockName(data, options.keys);
         blocks.set(index, hash);
         if (!known.has(hash)) {
           let put = storing.get(hash);
           if (!put) {
             put = (async () => {
               if (await store.hasBlock(hash)) return;
-              const encoded = await encodeBlock(data);
+              const encoded = await encodeBlock(data, options.keys);
               await store.putBlock(hash, encoded);
               stats.blocksStored++;
               stats.bytesStored += encoded[0].length + encoded[1].length;
@@ -161,6 +174,9 @@ export async function createBackup(
       labels: options.labels ?? {},
       blocks: [...blocks].sort((a, b) => a[0] - b[0]),
       stats,
+      ...(options.keys
+        ? { encryption: { cipher: 'aes-256-gcm' as const, keyId: options.keys.keyId } }
+        : {}),
     };
     await store.putBackupConfig(config);
     await store.target.sync();
@@ -171,6 +187,7 @@ export async function createBackup(
       blockSize: bs,
       createdAt: vol?.createdAt ?? now.toISOString(),
       lastBackup: name,
+      ...(config.encryption ? { encryption: config.encryption } : {}),
     });
     await store.target.sync();
     return config;
@@ -240,8 +257,24 @@ export async function restoreBackup(
     onProgress?: (p: JobProgress) => void;
     /** Bytes per second written to the volume (`--backup-rate`). */
     rate?: { bytesPerSecond: number; clock: Clock };
+    /** An encrypted backup's keys (from its backup key). */
+    keys?: BackupKeys;
   } = {},
 ): Promise<void> {
+  const needed = backup.encryption?.keyId;
+  // The key is checked before any block is read: a wrong one names both keys, nothing is written.
+  if (needed !== undefined && options.keys?.keyId !== needed)
+    throw new CorralError(
+      'FORBIDDEN',
+      options.keys
+        ? `Wrong key for backup ${backup.name}: it needs key ${needed}, this one is ${options.keys.keyId}`
+        : `Backup ${backup.name} is encrypted: restore it with its key (key ${needed})`,
+    );
+  if (needed === undefined && options.keys)
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Backup ${backup.name} is not encrypted: it takes no key`,
+    );
   const pacer = options.rate
     ? new Pacer(options.rate.clock, options.rate.bytesPerSecond)
     : undefined;
@@ -262,7 +295,7 @@ export async function restoreBackup(
         'CORRUPT_METADATA',
         `Backup ${backup.name} lists block ${hash} (at ${index * backup.blockSize}), which is missing from ${store.url}`,
       );
-    const data = await decodeBlock(file, hash);
+    const data = await decodeBlock(file, hash, options.keys);
     const offset = index * backup.blockSize;
     if (data.length !== Math.min(backup.blockSize, backup.sizeBytes - offset))
       throw new CorralError(

@@ -468,7 +468,12 @@ export function createApi(options: ApiOptions): Hono<Env> {
     }
     return started(
       c,
-      await backups.create({ volume: body.volume, snapshot: body.snapshot, target: body.target }),
+      await backups.create({
+        volume: body.volume,
+        snapshot: body.snapshot,
+        target: body.target,
+        key: body.key,
+      }),
     );
   });
   app.post('/v1/backups/gc', async (c) => {
@@ -484,7 +489,12 @@ export function createApi(options: ApiOptions): Hono<Env> {
     if (body.backup.includes('://')) targetNamed(c, body.backup);
     return started(
       c,
-      await backups.restore({ backup: body.backup, volume: body.volume, target: body.target }),
+      await backups.restore({
+        backup: body.backup,
+        volume: body.volume,
+        target: body.target,
+        key: body.key,
+      }),
     );
   });
   app.get('/v1/backups/:ref', async (c) => {

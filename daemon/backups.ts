@@ -7,7 +7,7 @@ import {
   restoreBackup,
   type BackupSource,
 } from '../backup/jobs.ts';
-import type { BackupConfig } from '../backup/format.ts';
+import { backupKeys, type BackupConfig } from '../backup/format.ts';
 import { BackupStore } from '../backup/store.ts';
 import { delayed, openTarget, type TargetPolicy } from '../backup/target.ts';
 import type { EventLog } from './events.ts';
@@ -134,21 +134,24 @@ export class BackupService {
     snapshot?: unknown;
     target?: unknown;
     labels?: Record<string, string>;
+    /** A backup key (base64, ≥ 32 bytes): every block encrypted under it. */
+    key?: unknown;
   }): Promise<{ operation: Operation; done: Promise<BackupSummary> }> {
     const volume = validateVolumeName(input.volume);
-    // Its blocks are ciphertext under a key the backup store would not have: a restore could
-    // not open them. Encrypted backups (their own key in volume.cfg) are the next step.
-    if ((await this.#o.volumes.get(volume)).encrypted)
+    const keys = input.key === undefined ? undefined : backupKeys(keyBytes(input.key));
+    // One key story: an encrypted volume's backup is its plaintext encrypted under the backup
+    // key; without one it would be plaintext in the store, which the volume's owner did not ask for.
+    if ((await this.#o.volumes.get(volume)).encrypted && !keys)
       throw new CorralError(
         'INVALID_ARGUMENT',
-        `Volume ${volume} is encrypted: backups of encrypted volumes are not supported yet (its replicas and snapshots are the copies)`,
+        `Volume ${volume} is encrypted: its backups must be too (--encrypt-key-file FILE or --encrypt-key-env VAR)`,
       );
     const store = await this.store(input.target);
     let snapshot: string;
     if (input.snapshot === undefined) {
       snapshot = (await this.#o.volumes.createSnapshot(volume)).name;
     } else snapshot = validateSnapshotName(input.snapshot);
-    const access = this.#o.volumes.snapshotAccess(volume, snapshot);
+    const access = this.#o.volumes.snapshotAccess(volume, snapshot, { plaintext: true });
     const source: BackupSource = {
       volume,
       sizeBytes: access.sizeBytes,
@@ -180,6 +183,7 @@ export class BackupService {
               onProgress: update,
               onStaleLock: this.#staleLock(volume),
               ...this.#rate(),
+              ...(keys ? { keys } : {}),
             });
             return summary(store.url, config);
           } finally {
@@ -216,9 +220,21 @@ export class BackupService {
     backup: string;
     volume: unknown;
     target?: unknown;
+    /** An encrypted backup's key (base64). */
+    key?: unknown;
   }): Promise<{ operation: Operation; done: Promise<{ volume: string; backup: string }> }> {
     const name = validateVolumeName(input.volume);
+    const keys = input.key === undefined ? undefined : backupKeys(keyBytes(input.key));
     const { store, backup } = await this.#find(input.backup, input.target);
+    const needed = backup.encryption?.keyId;
+    // Checked before the volume is made: a wrong or missing key leaves nothing behind.
+    if (needed !== undefined && keys?.keyId !== needed)
+      throw new CorralError(
+        'FORBIDDEN',
+        keys
+          ? `Wrong key for backup ${backup.name}: it needs key ${needed}, this one is ${keys.keyId}`
+          : `Backup ${backup.name} is encrypted: restore it with its key (--key-file FILE; key ${needed})`,
+      );
     const ref = backupUrl(store.url, backup);
     await this.#o.volumes.create({ name, size: backup.sizeBytes, restoring: ref });
     return this.#o.operations.start(
@@ -231,6 +247,7 @@ export class BackupService {
             concurrency: this.#o.concurrency ?? 4,
             onProgress: update,
             ...this.#rate(),
+            ...(keys ? { keys } : {}),
           });
           await this.#o.volumes.finishRestore(name);
         } catch (err) {
@@ -273,4 +290,10 @@ export class BackupService {
       (r) => `${r.blocksRemoved} unreferenced blocks removed`,
     );
   }
+}
+
+function keyBytes(input: unknown): Buffer {
+  if (typeof input !== 'string' || !/^[A-Za-z0-9+/=]+$/.test(input))
+    throw new CorralError('INVALID_ARGUMENT', "key is the key file's bytes in base64");
+  return Buffer.from(input, 'base64');
 }

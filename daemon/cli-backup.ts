@@ -2,7 +2,7 @@ import { parseArgs } from 'node:util';
 import { formatSize } from '../common/size.ts';
 import type { BackupSummary } from './backups.ts';
 import { call } from './client.ts';
-import { follow, print, table, UsageError } from './cli-util.ts';
+import { follow, keyFrom, print, table, UsageError } from './cli-util.ts';
 import type { JobInfo } from './jobs.ts';
 import type { Operation } from './operations.ts';
 
@@ -39,6 +39,10 @@ export async function runBackupCommand(
       target: { type: 'string' },
       snapshot: { type: 'string' },
       quiet: { type: 'boolean', short: 'q' },
+      'encrypt-key-file': { type: 'string' },
+      'encrypt-key-env': { type: 'string' },
+      'key-file': { type: 'string' },
+      'key-env': { type: 'string' },
     },
     allowPositionals: true,
     strict: true,
@@ -60,6 +64,9 @@ export async function runBackupCommand(
         volume: arg(0, 'volume name'),
         ...(values.snapshot ? { snapshot: values.snapshot } : {}),
         ...(values.target ? { target: values.target } : {}),
+        ...(values['encrypt-key-file'] || values['encrypt-key-env']
+          ? { key: await keyFrom(values['encrypt-key-file'], values['encrypt-key-env']) }
+          : {}),
       });
       const b = op.result as BackupSummary;
       print(json, b, () => `${backupRows([b])}\n\n${b.url}`);
@@ -89,6 +96,9 @@ export async function runBackupCommand(
         backup: arg(0, 'backup'),
         volume: arg(1, 'new volume name'),
         ...(values.target ? { target: values.target } : {}),
+        ...(values['key-file'] || values['key-env']
+          ? { key: await keyFrom(values['key-file'], values['key-env']) }
+          : {}),
       });
       print(json, op.result, () => `restored ${positionals[0]} into volume ${positionals[1]}`);
       return;

@@ -1,3 +1,4 @@
+import { readSecretFile } from './secrets.ts';
 import { formatSize } from '../common/size.ts';
 import { ApiError, call } from './client.ts';
 import type { Operation } from './operations.ts';
@@ -56,4 +57,27 @@ export async function follow(api: string, start: Operation, quiet: boolean): Pro
   if (op.state === 'failed')
     throw new ApiError(op.error?.code ?? 'ERROR', op.error?.message ?? 'operation failed', 0);
   return op;
+}
+
+/**
+ * A key for the API, base64: from a file that only its owner may read (as
+ * `admin.token`), or from an environment variable; never from the command
+ * line, where `ps` shows it. Undefined when neither is given and `needed`
+ * does not say what needs one.
+ */
+export async function keyFrom(
+  file: unknown,
+  env: unknown,
+  needed?: string,
+): Promise<string | undefined> {
+  if (typeof file === 'string' && typeof env === 'string')
+    throw new UsageError('give a key file or a key variable, not both');
+  if (typeof file === 'string') return (await readSecretFile(file, 'key file')).toString('base64');
+  if (typeof env === 'string') {
+    const value = process.env[env];
+    if (!value) throw new UsageError(`the environment variable ${env} is not set`);
+    return Buffer.from(value).toString('base64');
+  }
+  if (needed) throw new UsageError(`${needed} needs a key: --key-file FILE or --key-env VAR`);
+  return undefined;
 }

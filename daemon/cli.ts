@@ -7,7 +7,7 @@ import { formatSize, parseSize } from '../common/size.ts';
 import { textPieces } from '../common/text-stream.ts';
 import { VERSION } from '../common/version.ts';
 import { ApiError, authHeaders, call } from './client.ts';
-import { follow, print, table, UsageError } from './cli-util.ts';
+import { follow, keyFrom, print, table, UsageError } from './cli-util.ts';
 import type { Operation } from './operations.ts';
 import { runBackupCommand, runJobCommand } from './cli-backup.ts';
 import { runTokenCommand } from './cli-token.ts';
@@ -59,8 +59,9 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--read-|--write-bandwidth-limit S] [--burst 2x]   live; 0 removes a limit
                 (the same flags on volume create)
   corral volume expand NAME --size 20G    online, attached volumes; never shrinks (snapshots keep their size)
-  corral backup create VOL [--snapshot SNAP] [--target URL] | ls [VOL] [--target URL]
-  corral backup get BACKUP | restore BACKUP NEWVOL | rm BACKUP | gc   [--target URL]
+  corral backup create VOL [--snapshot SNAP] [--target URL] [--encrypt-key-file F | --encrypt-key-env V]
+  corral backup ls [VOL] [--target URL]
+  corral backup get BACKUP | restore BACKUP NEWVOL [--key-file F | --key-env V] | rm BACKUP | gc   [--target URL]
   corral job add VOL --cron EXPR --task snapshot|backup|scrub --retain N [--target URL] | ls | rm ID
   corral node ls | node cordon N | node uncordon N | node drain N
   corral replica ls VOL | replica rm VOL REPLICA | volume verify VOL | volume scrub VOL
@@ -354,7 +355,12 @@ async function runClient(args: string[]): Promise<void> {
           ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
           ...(qosFlags(values) ? { qos: qosFlags(values) } : {}),
           ...(values['disk-tag'] ? { diskTag: values['disk-tag'] } : {}),
-          ...(values.encrypt ? { encrypt: true, key: await userKey(values, true) } : {}),
+          ...(values.encrypt
+            ? {
+                encrypt: true,
+                key: await keyFrom(values['key-file'], values['key-env'], 'an encrypted volume'),
+              }
+            : {}),
         });
         print(values.json === true, volume, () => volumeRows([volume]));
         return;
@@ -457,7 +463,13 @@ async function runClient(args: string[]): Promise<void> {
                 ...(values.frontend ? { frontend: values.frontend } : {}),
                 ...(values.node ? { node: values.node } : {}),
                 ...(values['key-file'] || values['key-env']
-                  ? { key: await userKey(values, true) }
+                  ? {
+                      key: await keyFrom(
+                        values['key-file'],
+                        values['key-env'],
+                        'an encrypted volume',
+                      ),
+                    }
                   : {}),
               },
         );
@@ -467,10 +479,7 @@ async function runClient(args: string[]): Promise<void> {
       case 'rekey': {
         const { values, positionals } = parse();
         const name = need(positionals, 'volume name');
-        const newKey = await userKey(
-          { 'key-file': values['new-key-file'], 'key-env': values['new-key-env'] },
-          false,
-        );
+        const newKey = await keyFrom(values['new-key-file'], values['new-key-env']);
         if (!newKey)
           throw new UsageError('volume rekey needs --new-key-file FILE or --new-key-env VAR');
         const volume = await call<VolumeInfo>(
@@ -478,7 +487,7 @@ async function runClient(args: string[]): Promise<void> {
           'POST',
           `/v1/volumes/${encodeURIComponent(name)}/key`,
           {
-            key: await userKey(values, true),
+            key: await keyFrom(values['key-file'], values['key-env'], 'an encrypted volume'),
             newKey,
           },
         );
@@ -844,27 +853,4 @@ function qosFlags(values: Record<string, unknown>): Record<string, string | numb
 function limitsLine(volume: VolumeInfo): string {
   const set = Object.entries(volume.qos ?? {});
   return `limits: ${set.length === 0 ? 'none' : set.map(([k, v]) => `${k} ${v}`).join(', ')}`;
-}
-
-/**
- * An encrypted volume's key for the API, base64: from a file that only its
- * owner may read (as `admin.token`), or from an environment variable; never
- * from the command line, where `ps` shows it.
- */
-async function userKey(
-  values: Record<string, unknown>,
-  needed: boolean,
-): Promise<string | undefined> {
-  const file = values['key-file'];
-  const env = values['key-env'];
-  if (typeof file === 'string' && typeof env === 'string')
-    throw new UsageError('give --key-file or --key-env, not both');
-  if (typeof file === 'string') return (await readSecretFile(file, 'key file')).toString('base64');
-  if (typeof env === 'string') {
-    const value = process.env[env];
-    if (!value) throw new UsageError(`the environment variable ${env} is not set`);
-    return Buffer.from(value).toString('base64');
-  }
-  if (needed) throw new UsageError('an encrypted volume needs --key-file FILE or --key-env VAR');
-  return undefined;
 }

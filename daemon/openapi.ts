@@ -170,7 +170,18 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   },
   'POST /v1/backups': {
     summary: 'Back up a snapshot (one is taken when none is named)',
-    body: object({ volume: str, snapshot: str, target }, ['volume']),
+    body: object(
+      {
+        volume: str,
+        snapshot: str,
+        target,
+        key: {
+          type: 'string',
+          description: 'a backup key, base64 of ≥ 32 bytes: blocks encrypted',
+        },
+      },
+      ['volume'],
+    ),
     query: wait,
     operation: true,
   },
@@ -191,7 +202,15 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
   },
   'POST /v1/restores': {
     summary: 'Restore a backup into a new volume',
-    body: object({ backup: str, volume: str, target }, ['backup', 'volume']),
+    body: object(
+      {
+        backup: str,
+        volume: str,
+        target,
+        key: { type: 'string', description: "an encrypted backup's key, base64" },
+      },
+      ['backup', 'volume'],
+    ),
     query: wait,
     operation: true,
   },

@@ -1043,7 +1043,7 @@ export class VolumeManager {
     return entry.cipher ? encryptedDevice(device, entry.cipher) : device;
   }
 
-  #attachedEntry(name: string, what: string): { supervisor: Supervisor } {
+  #attachedEntry(name: string, what: string): { supervisor: Supervisor; cipher?: SectorCipher } {
     const entry = this.#attached.get(validateVolumeName(name));
     if (!entry) {
       throw new CorralError(
@@ -1215,6 +1215,8 @@ export class VolumeManager {
   snapshotAccess(
     volume: string,
     snapshot: string,
+    /** `plaintext`: an encrypted volume's snapshot as its clients see it (a backup re-encrypts it). */
+    options: { plaintext?: boolean } = {},
   ): {
     info: SnapshotInfo;
     sizeBytes: number;
@@ -1224,21 +1226,28 @@ export class VolumeManager {
     touchedBlocks(base: string | undefined, granuleBytes: number): Promise<Set<number>>;
     release(): void;
   } {
-    const { supervisor } = this.#attachedEntry(volume, 'read its snapshots');
+    const { supervisor, cipher } = this.#attachedEntry(volume, 'read its snapshots');
     const info = supervisor.engine?.snapshots().find((s) => s.name === snapshot);
     if (!info)
       throw new CorralError('NOT_FOUND', `Volume ${volume} has no snapshot named ${snapshot}`);
     const key = `${volume}@${snapshot}`;
     this.#holds.set(key, (this.#holds.get(key) ?? 0) + 1);
     let released = false;
+    const plain =
+      options.plaintext && cipher
+        ? encryptedDevice(supervisor.snapshotDevice(snapshot), cipher)
+        : undefined;
     return {
       info,
-      sizeBytes: supervisor.sizeBytes,
-      device: supervisor.snapshotDevice(snapshot),
-      read: (offset, length, into) =>
-        supervisor.control(`read ${key}`, (e) =>
-          e.snapshotDevice(snapshot).read(offset, length, into),
-        ),
+      // The snapshot's own size: it keeps the one it was taken at.
+      sizeBytes: info.sizeBytes,
+      device: plain ?? supervisor.snapshotDevice(snapshot),
+      read: plain
+        ? (offset, length, into) => plain.read(offset, length, into)
+        : (offset, length, into) =>
+            supervisor.control(`read ${key}`, (e) =>
+              e.snapshotDevice(snapshot).read(offset, length, into),
+            ),
       touchedBlocks: (base, granuleBytes) =>
         supervisor.control(`compare ${key}`, (e) => e.touchedBlocks(base, snapshot, granuleBytes)),
       release: () => {

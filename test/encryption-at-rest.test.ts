@@ -141,10 +141,55 @@ describe('encryption at rest', () => {
       assert.equal(fio.code, 0, fio.stdout + fio.stderr);
     }
 
-    // Backups are refused (their key story is the next step), clearly.
-    const backup = await d.cli(['backup', 'create', 'vault']);
-    assert.equal(backup.code, 1);
-    assert.match(backup.stderr, /encrypted/);
+    // Backups: an encrypted volume's only under a backup key, and then no block holds plaintext.
+    const plainBackup = await d.cli(['backup', 'create', 'vault', '--snapshot', 's1']);
+    assert.equal(plainBackup.code, 1);
+    assert.match(plainBackup.stderr, /encrypted: its backups must be too/);
+    const backupKey = path.join(dir, 'backup.key');
+    fs.writeFileSync(backupKey, randomBytes(64), { mode: 0o600 });
+    const made = await d.cli([
+      'backup',
+      'create',
+      'vault',
+      '--snapshot',
+      's1',
+      '--encrypt-key-file',
+      backupKey,
+      '--json',
+    ]);
+    assert.equal(made.code, 0, made.stderr);
+    const backupName = (JSON.parse(made.stdout) as { name: string }).name;
+    const store = path.join(d.dataDir, 'backups');
+    assert.equal(await markerCount(store), 0, 'the marker in the backup store');
+    const noKey = await d.cli(['backup', 'restore', backupName, 'r0']);
+    assert.equal(noKey.code, 1);
+    assert.match(noKey.stderr, /is encrypted: restore it with its key/);
+    const badKey = await d.cli(['backup', 'restore', backupName, 'r0', '--key-file', wrong]);
+    assert.equal(badKey.code, 1);
+    assert.match(badKey.stderr, /Wrong key for backup .*: it needs key [0-9a-f]{16}, this one is/);
+    assert.equal((await d.cli(['volume', 'ls', '--json'])).stdout.includes('"r0"'), false);
+    const restored = await d.cli(['backup', 'restore', backupName, 'r1', '--key-file', backupKey]);
+    assert.equal(restored.code, 0, restored.stderr);
+    const fromBackup = path.join(dir, 'restored.img');
+    await mustRun('nbdcopy', [d.uri('r1'), fromBackup]);
+    assert.equal(sha(fromBackup), sha(fromSnap));
+    // One byte flipped in a stored block: the restore fails naming the block.
+    const blocks = (
+      await run('find', [path.join(store, 'backupstore', 'blocks'), '-name', '*.blk'])
+    ).stdout
+      .split('\n')
+      .filter((l) => l.length > 0);
+    assert.ok(blocks.length > 0);
+    const victim = blocks[0]!;
+    const bytes = fs.readFileSync(victim);
+    bytes[bytes.length - 100]! ^= 0x01;
+    fs.writeFileSync(victim, bytes);
+    const flipped = await d.cli(['backup', 'restore', backupName, 'r2', '--key-file', backupKey]);
+    assert.equal(flipped.code, 1);
+    assert.match(
+      flipped.stderr,
+      new RegExp(`Backup block ${path.basename(victim, '.blk')} fails its authentication`),
+    );
 
     // A restart forgets the key: the volume waits for it. A wrong key is refused, naming both.
     await d.kill();
