@@ -3,6 +3,7 @@
  * data backed up to a directory on the same disk (full, then incremental
  * after 64 MiB of scattered writes), then restored into a new volume.
  */
+import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import type { DaemonProcess } from '../test/helpers/daemon.ts';
 import { mustRun } from '../test/helpers/run.ts';
@@ -55,29 +56,35 @@ export async function backupBench(corral: DaemonProcess, dir: string): Promise<s
     '| data | full backup | incremental (64 MiB changed) | restore | stored |',
     '| --- | ---: | ---: | ---: | ---: |',
   ];
-  for (const [label, compress] of [
-    ['random (incompressible)', 0],
-    ['half compressible', 50],
+  // A backup key, as the CLI sends it: encrypted backups seal every block with AES-256-GCM.
+  const key = randomBytes(64).toString('base64');
+  for (const [label, compress, sealed] of [
+    ['random (incompressible)', 0, false],
+    ['half compressible', 50, false],
+    ['random, encrypted backup', 0, true],
+    ['half compressible, encrypted backup', 50, true],
   ] as const) {
-    const volume = `bk${compress}`;
-    const target = `file://${path.join(dir, `store-${compress}`)}`;
+    const volume = `bk${compress}${sealed ? 'e' : ''}`;
+    const target = `file://${path.join(dir, `store-${compress}${sealed ? 'e' : ''}`)}`;
+    const keyed = sealed ? { key } : {};
     await corral.createVolume(volume, '1G');
     const mix = compress ? [`--buffer_compress_percentage=${compress}`] : [];
     await fill(corral.uri(volume), ['--rw=write', '--size=1G', ...mix]);
     await mustRun('sync', []);
     const full = await timed(() =>
-      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target }),
+      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target, ...keyed }),
     );
     await fill(corral.uri(volume), ['--rw=randwrite', '--io_size=64M', '--size=1G', ...mix]);
     await mustRun('sync', []);
     const incr = await timed(() =>
-      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target }),
+      waitOp<BackupResult>(corral, 'POST', '/v1/backups', { volume, target, ...keyed }),
     );
     const restore = await timed(() =>
       waitOp<unknown>(corral, 'POST', '/v1/restores', {
         backup: full.result.name,
         volume: `${volume}-restored`,
         target,
+        ...keyed,
       }),
     );
     const mbps = (bytes: number, s: number) => `${(bytes / MiB / s).toFixed(0)} MB/s`;
