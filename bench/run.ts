@@ -316,7 +316,11 @@ async function main(): Promise<void> {
   }
   if (process.env.BENCH_ONLY === 'backup') {
     try {
-      corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
+      // The backup table's stores live in the bench's directory, outside the data dir.
+      corral = await DaemonProcess.start({
+        dataDir: path.join(dir, 'corral'),
+        args: ['--backup-root', dir],
+      });
       backupTable = await backupBench(corral, dir);
     } finally {
       await corral?.stop('SIGTERM');
@@ -326,7 +330,11 @@ async function main(): Promise<void> {
     return;
   }
   try {
-    corral = await DaemonProcess.start({ dataDir: path.join(dir, 'corral') });
+    // The backup table's stores live in the bench's directory, outside the data dir.
+    corral = await DaemonProcess.start({
+      dataDir: path.join(dir, 'corral'),
+      args: ['--backup-root', dir],
+    });
     await corral.createVolume('bench', SIZE);
     const file = path.join(dir, 'baseline.img');
     await mustRun('truncate', ['-s', SIZE, file]);
