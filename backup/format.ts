@@ -9,6 +9,7 @@ import {
 import { promisify } from 'node:util';
 import * as zlib from 'node:zlib';
 import { CorralError } from '../common/errors.ts';
+import { checkUserKey } from '../replication/crypt.ts';
 
 /**
  * The backupstore format (docs/ARCHITECTURE.md, "Backups"), in one place:
@@ -79,11 +80,7 @@ export interface BackupKeys {
  * must name a block the same way in every backup, or nothing would dedup.
  */
 export function backupKeys(userKey: Buffer): BackupKeys {
-  if (userKey.length < 32)
-    throw new CorralError(
-      'INVALID_ARGUMENT',
-      `A backup key holds at least 32 bytes (this one ${userKey.length}): for example head -c 64 /dev/urandom > key; chmod 600 key`,
-    );
+  checkUserKey(userKey);
   const derive = (what: string) =>
     Buffer.from(hkdfSync('sha256', userKey, Buffer.alloc(0), `corral backup ${what}`, 32));
   return {

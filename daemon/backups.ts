@@ -1,4 +1,5 @@
 import { CorralError } from '../common/errors.ts';
+import { userKeyFrom } from '../replication/crypt.ts';
 import type { Clock } from '../common/clock.ts';
 import {
   collectGarbage,
@@ -138,7 +139,7 @@ export class BackupService {
     key?: unknown;
   }): Promise<{ operation: Operation; done: Promise<BackupSummary> }> {
     const volume = validateVolumeName(input.volume);
-    const keys = input.key === undefined ? undefined : backupKeys(keyBytes(input.key));
+    const keys = input.key === undefined ? undefined : backupKeys(userKeyFrom(input.key));
     // One key story: an encrypted volume's backup is its plaintext encrypted under the backup
     // key; without one it would be plaintext in the store, which the volume's owner did not ask for.
     if ((await this.#o.volumes.get(volume)).encrypted && !keys)
@@ -224,7 +225,7 @@ export class BackupService {
     key?: unknown;
   }): Promise<{ operation: Operation; done: Promise<{ volume: string; backup: string }> }> {
     const name = validateVolumeName(input.volume);
-    const keys = input.key === undefined ? undefined : backupKeys(keyBytes(input.key));
+    const keys = input.key === undefined ? undefined : backupKeys(userKeyFrom(input.key));
     const { store, backup } = await this.#find(input.backup, input.target);
     const needed = backup.encryption?.keyId;
     // Checked before the volume is made: a wrong or missing key leaves nothing behind.
@@ -290,10 +291,4 @@ export class BackupService {
       (r) => `${r.blocksRemoved} unreferenced blocks removed`,
     );
   }
-}
-
-function keyBytes(input: unknown): Buffer {
-  if (typeof input !== 'string' || !/^[A-Za-z0-9+/=]+$/.test(input))
-    throw new CorralError('INVALID_ARGUMENT', "key is the key file's bytes in base64");
-  return Buffer.from(input, 'base64');
 }

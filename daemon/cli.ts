@@ -344,6 +344,7 @@ async function runClient(args: string[]): Promise<void> {
         if (!values.size && !values['from-snapshot']) {
           throw new UsageError('volume create needs --size, for example --size 10G');
         }
+        const qos = qosFlags(values);
         const volume = await call<VolumeInfo>(api, 'POST', '/v1/volumes', {
           name,
           ...(values.size ? { size: values.size } : {}),
@@ -353,7 +354,7 @@ async function runClient(args: string[]): Promise<void> {
           ...(values['allow-same-host'] ? { allowSameHost: true } : {}),
           ...(values.failover ? { failover: values.failover } : {}),
           ...(values['nbd-allow'] ? { nbdAllow: values['nbd-allow'] } : {}),
-          ...(qosFlags(values) ? { qos: qosFlags(values) } : {}),
+          ...(qos ? { qos } : {}),
           ...(values['disk-tag'] ? { diskTag: values['disk-tag'] } : {}),
           ...(values.encrypt
             ? {

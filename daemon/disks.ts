@@ -63,15 +63,6 @@ export class Disks {
     return this.#disks;
   }
 
-  get defaultRoot(): string {
-    return this.#disks[0]!.root;
-  }
-
-  /** The disk a replica root belongs to. */
-  ofRoot(root: string): Disk | undefined {
-    return this.#disks.find((d) => d.root === root);
-  }
-
   async prepare(): Promise<void> {
     for (const d of this.#disks) await fs.promises.mkdir(d.root, { recursive: true, mode: 0o700 });
   }

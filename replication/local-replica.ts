@@ -324,11 +324,6 @@ export class LocalReplica implements Replica {
     await fs.promises.rm(dir, { recursive: true, force: true });
   }
 
-  /** The folder of replicas it lives in (its disk's). */
-  get root(): string {
-    return path.dirname(this.#dir);
-  }
-
   revision(): bigint {
     return this.#revision;
   }
@@ -787,21 +782,22 @@ export class LocalReplica implements Replica {
     // On the base layer nothing lies below, so a zeroed block can simply be absent.
     const stored = state === ZERO && this.#layers.length === 1 ? ABSENT : state;
     const source = state === DATA ? head.slot + 1 : ZERO_SOURCE;
-    if (state === ZERO && punchHoles && this.#punchFailure === undefined) {
-      let run = -1;
-      for (let b = startBlock; b <= endBlock; b++) {
-        const data = b < endBlock && head.map.state(b) === DATA;
-        if (data && run < 0) run = b;
-        else if (!data && run >= 0) {
+    // Zeroing blocks the head held: their runs are queued to be punched (one pass with the update).
+    const punching = state === ZERO && punchHoles !== undefined && this.#punchFailure === undefined;
+    let run = -1;
+    for (let b = startBlock; b < endBlock; b++) {
+      if (punching) {
+        const held = head.map.state(b) === DATA;
+        if (held && run < 0) run = b;
+        else if (!held && run >= 0) {
           this.#queuePunch(head, run, b);
           run = -1;
         }
       }
-    }
-    for (let b = startBlock; b < endBlock; b++) {
       head.map.set(b, stored);
       this.#index.set(b, source);
     }
+    if (run >= 0) this.#queuePunch(head, run, endBlock);
     this.#revision++;
   }
 

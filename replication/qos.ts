@@ -83,17 +83,12 @@ export class Qos {
   readonly #clock: Clock;
   #read: Bucket[] = [];
   #write: Bucket[] = [];
-  #limits: QosLimits = {};
   readonly #queue: Waiting[] = [];
   #timer: { cancel(): void } | undefined;
 
   constructor(clock: Clock, limits: QosLimits = {}) {
     this.#clock = clock;
     this.#apply(limits, true);
-  }
-
-  get limits(): QosLimits {
-    return { ...this.#limits };
   }
 
   get limited(): boolean {
@@ -106,26 +101,26 @@ export class Qos {
   }
 
   #apply(limits: QosLimits, full: boolean): void {
-    this.#limits = Object.fromEntries(
+    const set: QosLimits = Object.fromEntries(
       Object.entries(limits).filter(([, v]) => typeof v === 'number' && v > 0),
     );
     const now = this.#clock.elapsedMs();
-    const burst = this.#limits.burst ?? DEFAULT_BURST_SECONDS;
+    const burst = set.burst ?? DEFAULT_BURST_SECONDS;
     const bucket = (rate: number | undefined, perByte: boolean) =>
       rate ? [new Bucket(rate, burst, perByte, now, full)] : [];
-    const iops = bucket(this.#limits.iops, false);
-    const bandwidth = bucket(this.#limits.bandwidth, true);
+    const iops = bucket(set.iops, false);
+    const bandwidth = bucket(set.bandwidth, true);
     this.#read = [
       ...iops,
       ...bandwidth,
-      ...bucket(this.#limits.readIops, false),
-      ...bucket(this.#limits.readBandwidth, true),
+      ...bucket(set.readIops, false),
+      ...bucket(set.readBandwidth, true),
     ];
     this.#write = [
       ...iops,
       ...bandwidth,
-      ...bucket(this.#limits.writeIops, false),
-      ...bucket(this.#limits.writeBandwidth, true),
+      ...bucket(set.writeIops, false),
+      ...bucket(set.writeBandwidth, true),
     ];
     this.#timer?.cancel();
     this.#timer = undefined;

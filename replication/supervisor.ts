@@ -129,10 +129,6 @@ export class Supervisor implements BlockDevice {
     return this.#current?.engine;
   }
 
-  get qos(): QosLimits {
-    return this.#qos.limits;
-  }
-
   /** New I/O limits, in effect for the next request (and those waiting). */
   setQos(limits: QosLimits): void {
     this.#qos.set(limits);
