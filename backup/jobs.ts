@@ -244,6 +244,32 @@ export async function collectGarbage(
   }
 }
 
+/** Refuses a missing or wrong key for an encrypted backup, and a key for a plain one. */
+export function checkBackupKey(backup: BackupConfig, keys: BackupKeys | undefined): void {
+  const needed = backup.encryption?.keyId;
+  if (needed === undefined && keys)
+    throw new CorralError(
+      'INVALID_ARGUMENT',
+      `Backup ${backup.name} is not encrypted: it takes no key`,
+    );
+  if (needed !== undefined && keys?.keyId !== needed)
+    throw new CorralError(
+      'FORBIDDEN',
+      keys
+        ? `Wrong key for backup ${backup.name}: it needs key ${needed}, this one is ${keys.keyId}`
+        : `Backup ${backup.name} is encrypted: give its key (--key-file FILE; key ${needed})`,
+    );
+}
+
+export interface RestoreOptions {
+  concurrency?: number;
+  onProgress?: (p: JobProgress) => void;
+  /** Bytes per second written to the volume (`--backup-rate`). */
+  rate?: { bytesPerSecond: number; clock: Clock };
+  /** An encrypted backup's keys (from its backup key). */
+  keys?: BackupKeys;
+}
+
 /**
  * Writes a backup into a device that reads as zeros (a new volume), checking
  * every block against its checksum before it is written; then flushes.
@@ -252,29 +278,28 @@ export async function restoreBackup(
   store: BackupStore,
   backup: BackupConfig,
   device: BlockDevice,
-  options: {
-    concurrency?: number;
-    onProgress?: (p: JobProgress) => void;
-    /** Bytes per second written to the volume (`--backup-rate`). */
-    rate?: { bytesPerSecond: number; clock: Clock };
-    /** An encrypted backup's keys (from its backup key). */
-    keys?: BackupKeys;
-  } = {},
+  options: RestoreOptions = {},
 ): Promise<void> {
-  const needed = backup.encryption?.keyId;
+  await applyBackup(store, backup, device, { ...options, holds: 'zeros' });
+}
+
+/**
+ * Makes a device hold a backup. What it holds already (`holds`) decides what
+ * is written: `zeros` (a new volume) takes the backup's blocks; a backup it
+ * holds whole takes only the blocks that differ from that one's, and the
+ * blocks the newer one lacks are trimmed (they read as zeros); `unknown` (a
+ * cut-off apply) takes every block and trims the rest. Then it flushes.
+ * Every block is checked against its name before it is written.
+ */
+export async function applyBackup(
+  store: BackupStore,
+  backup: BackupConfig,
+  device: BlockDevice,
+  options: RestoreOptions & { holds: 'zeros' | 'unknown' | BackupConfig },
+): Promise<{ blocksWritten: number; blocksTrimmed: number; bytesWritten: number }> {
   // The key is checked before any block is read: a wrong one names both keys, nothing is written.
-  if (needed !== undefined && options.keys?.keyId !== needed)
-    throw new CorralError(
-      'FORBIDDEN',
-      options.keys
-        ? `Wrong key for backup ${backup.name}: it needs key ${needed}, this one is ${options.keys.keyId}`
-        : `Backup ${backup.name} is encrypted: restore it with its key (key ${needed})`,
-    );
-  if (needed === undefined && options.keys)
-    throw new CorralError(
-      'INVALID_ARGUMENT',
-      `Backup ${backup.name} is not encrypted: it takes no key`,
-    );
+  checkBackupKey(backup, options.keys);
+  const needed = backup.encryption?.keyId;
   const pacer = options.rate
     ? new Pacer(options.rate.clock, options.rate.bytesPerSecond)
     : undefined;
@@ -283,21 +308,50 @@ export async function restoreBackup(
       'INVALID_ARGUMENT',
       `Cannot restore backup ${backup.name} of ${backup.sizeBytes} bytes into ${device.sizeBytes} bytes`,
     );
+  const bs = backup.blockSize;
+  const holds = options.holds;
+  // Blocks named alike hold the same bytes: only names that differ are written.
+  const before =
+    typeof holds === 'object' && holds.blockSize === bs && holds.encryption?.keyId === needed
+      ? new Map(holds.blocks)
+      : undefined;
+  const wanted = backup.blocks.filter(([index, hash]) => before?.get(index) !== hash);
+  const listed = new Set(backup.blocks.map(([index]) => index));
+  // What must read as zeros and may not: the older backup's blocks the newer one lacks, or
+  // (holding an unknown mix) every block the backup does not list.
+  const toTrim: Array<[number, number]> = [];
+  if (before) {
+    for (const index of before.keys())
+      if (!listed.has(index))
+        toTrim.push([index * bs, Math.min(bs, device.sizeBytes - index * bs)]);
+  } else if (holds !== 'zeros') {
+    let start = -1;
+    const blocks = Math.ceil(device.sizeBytes / bs);
+    for (let i = 0; i <= blocks; i++) {
+      const gap = i < blocks && !listed.has(i);
+      if (gap && start < 0) start = i;
+      if (!gap && start >= 0) {
+        const end = Math.min(i * bs, device.sizeBytes);
+        toTrim.push([start * bs, end - start * bs]);
+        start = -1;
+      }
+    }
+  }
   let done = 0;
   let bytes = 0;
-  const total = backup.blocks.length;
+  const total = wanted.length + toTrim.length;
   options.onProgress?.({ phase: 'restore', done, total, bytes });
-  await concurrently(total, options.concurrency ?? 4, async (i) => {
-    const [index, hash] = backup.blocks[i]!;
+  await concurrently(wanted.length, options.concurrency ?? 4, async (i) => {
+    const [index, hash] = wanted[i]!;
     const file = await store.getBlock(hash);
     if (!file)
       throw new CorralError(
         'CORRUPT_METADATA',
-        `Backup ${backup.name} lists block ${hash} (at ${index * backup.blockSize}), which is missing from ${store.url}`,
+        `Backup ${backup.name} lists block ${hash} (at ${index * bs}), which is missing from ${store.url}`,
       );
     const data = await decodeBlock(file, hash, options.keys);
-    const offset = index * backup.blockSize;
-    if (data.length !== Math.min(backup.blockSize, backup.sizeBytes - offset))
+    const offset = index * bs;
+    if (data.length !== Math.min(bs, backup.sizeBytes - offset))
       throw new CorralError(
         'CORRUPT_METADATA',
         `Backup block ${hash} at ${offset} holds ${data.length} bytes, not a whole block`,
@@ -308,5 +362,11 @@ export async function restoreBackup(
     bytes += data.length;
     options.onProgress?.({ phase: 'restore', done, total, bytes });
   });
+  for (const [offset, length] of toTrim) {
+    await device.trim(offset, length);
+    done++;
+    options.onProgress?.({ phase: 'restore', done, total, bytes });
+  }
   await device.flush();
+  return { blocksWritten: wanted.length, blocksTrimmed: toTrim.length, bytesWritten: bytes };
 }

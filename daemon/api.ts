@@ -5,6 +5,7 @@ import { streamSSE } from 'hono/streaming';
 import { CorralError, quoted, type ErrorCode } from '../common/errors.ts';
 import { accessFor, allows, bearer, type Principal, type Tokens } from './auth.ts';
 import type { BackupService } from './backups.ts';
+import type { StandbyService } from './standby.ts';
 import type { Cluster } from './cluster.ts';
 import type { ClusterEvents } from './cluster-events.ts';
 import type { Drainer } from './drain.ts';
@@ -56,6 +57,8 @@ export interface ApiOptions {
   /** `/metrics` and volume stats; absent when the daemon runs with `--metrics off`. */
   metrics?: Metrics;
   tokens: Tokens;
+  /** Standby (DR) volumes that follow another volume's backups. */
+  standby: StandbyService;
   /** The backup target used when a call names none: any other is for `admin` to name. */
   defaultTarget: string;
 }
@@ -106,7 +109,7 @@ function flag(value: unknown): boolean {
 
 /** The control API under /v1: JSON in and out, errors as { error: { code, message } }. */
 export function createApi(options: ApiOptions): Hono<Env> {
-  const { volumes, events, backups, jobs, operations, cluster, hosted, tokens } = options;
+  const { volumes, events, backups, standby, jobs, operations, cluster, hosted, tokens } = options;
 
   /** Long work answers 202 with its operation, or with `?wait=true` waits and answers with the result. */
   const started = async (
@@ -299,6 +302,22 @@ export function createApi(options: ApiOptions): Hono<Env> {
   app.get('/v1/volumes', async (c) => c.json({ volumes: await volumes.list() }));
   app.post('/v1/volumes', async (c) => {
     const body = await jsonBody(c);
+    if (body.standbyFrom !== undefined) {
+      // A standby restores its first backup: an operation, like a restore.
+      if (typeof body.standbyFrom === 'string' && body.standbyFrom.includes('://'))
+        targetNamed(c, body.standbyFrom);
+      return started(
+        c,
+        await standby.create({
+          name: body.name,
+          from: body.standbyFrom,
+          pollSeconds: body.pollSeconds,
+          replicas: body.replicas,
+          frontend: body.frontend,
+          key: body.key,
+        }),
+      );
+    }
     const volume = await volumes.create({
       name: body.name,
       size: body.size,
@@ -325,14 +344,21 @@ export function createApi(options: ApiOptions): Hono<Env> {
   });
   app.post('/v1/volumes/:name/attach', async (c) => {
     const body = await jsonBody(c);
+    const name = c.req.param('name');
+    // A standby following encrypted backups takes their key here again after a restart.
+    const backupKey = body.key !== undefined && (await standby.takesBackupKey(name));
+    if (backupKey) await standby.giveKey(name, body.key);
     return c.json(
-      await volumes.attach(c.req.param('name'), {
+      await volumes.attach(name, {
         frontend: body.frontend,
         node: body.node,
-        key: body.key,
+        ...(backupKey ? {} : { key: body.key }),
       }),
     );
   });
+  app.post('/v1/volumes/:name/activate', async (c) =>
+    c.json(await standby.activate(c.req.param('name'))),
+  );
   app.post('/v1/volumes/:name/detach', async (c) => {
     const body = await jsonBody(c);
     return c.json(await volumes.detach(c.req.param('name'), { force: flag(body.force) }));

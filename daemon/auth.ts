@@ -176,6 +176,7 @@ export function accessFor(method: string, path: string): Access {
     if (parts.length === 1) return 'operator'; // create
     if (
       action === 'attach' ||
+      action === 'activate' ||
       action === 'detach' ||
       action === 'expand' ||
       action === 'qos' ||

@@ -2,6 +2,7 @@ import { CorralError } from '../common/errors.ts';
 import { userKeyFrom } from '../replication/crypt.ts';
 import type { Clock } from '../common/clock.ts';
 import {
+  checkBackupKey,
   collectGarbage,
   createBackup,
   deleteBackup,
@@ -97,6 +98,11 @@ export class BackupService {
   #rate(): { rate?: { bytesPerSecond: number; clock: Clock } } {
     const bytesPerSecond = this.#o.bytesPerSecond;
     return bytesPerSecond ? { rate: { bytesPerSecond, clock: this.#o.clock } } : {};
+  }
+
+  /** What every job of this daemon's runs with: its concurrency and `--backup-rate`. */
+  jobOptions(): { concurrency: number; rate?: { bytesPerSecond: number; clock: Clock } } {
+    return { concurrency: this.#o.concurrency ?? 4, ...this.#rate() };
   }
 
   get defaultTarget(): string {
@@ -227,15 +233,8 @@ export class BackupService {
     const name = validateVolumeName(input.volume);
     const keys = input.key === undefined ? undefined : backupKeys(userKeyFrom(input.key));
     const { store, backup } = await this.#find(input.backup, input.target);
-    const needed = backup.encryption?.keyId;
     // Checked before the volume is made: a wrong or missing key leaves nothing behind.
-    if (needed !== undefined && keys?.keyId !== needed)
-      throw new CorralError(
-        'FORBIDDEN',
-        keys
-          ? `Wrong key for backup ${backup.name}: it needs key ${needed}, this one is ${keys.keyId}`
-          : `Backup ${backup.name} is encrypted: restore it with its key (--key-file FILE; key ${needed})`,
-      );
+    checkBackupKey(backup, keys);
     const ref = backupUrl(store.url, backup);
     await this.#o.volumes.create({ name, size: backup.sizeBytes, restoring: ref });
     return this.#o.operations.start(

@@ -50,6 +50,9 @@ const USAGE = `corral ${VERSION} — distributed block storage
                 [--failover auto] [--nbd-allow IDENTITY ...] [--disk-tag T] [--json]
                 [--encrypt --key-file FILE | --key-env VAR]   AES-256-XTS at rest; the key is never stored
   corral volume create NAME --from-snapshot VOL@SNAP [--size S]
+  corral volume create NAME --standby-from VOL|TARGET_URL?volume=VOL [--poll 1m] [--key-file F]
+                a standby (DR) volume: restores VOL's newest backup, then applies each newer one;
+                read-only until "corral volume activate NAME" makes it a normal volume
   corral snapshot create VOL [SNAP] | ls VOL | rm VOL SNAP | revert VOL SNAP [--discard-newer]
   corral volume ls [--json] | get NAME [--json] | stats NAME [--watch]
   corral volume attach NAME [--frontend nbd|fuse] [--node N] [--key-file F | --key-env V]
@@ -58,6 +61,7 @@ const USAGE = `corral ${VERSION} — distributed block storage
   corral volume set NAME [--iops-limit N] [--bandwidth-limit 100M] [--read-|--write-iops-limit N]
                 [--read-|--write-bandwidth-limit S] [--burst 2x]   live; 0 removes a limit
                 (the same flags on volume create)
+  corral volume activate NAME             a standby stops following and becomes writable
   corral volume expand NAME --size 20G    online, attached volumes; never shrinks (snapshots keep their size)
   corral backup create VOL [--snapshot SNAP] [--target URL] [--encrypt-key-file F | --encrypt-key-env V]
   corral backup ls [VOL] [--target URL]
@@ -325,6 +329,9 @@ async function runClient(args: string[]): Promise<void> {
         'key-env': { type: 'string' },
         'new-key-file': { type: 'string' },
         'new-key-env': { type: 'string' },
+        'standby-from': { type: 'string' },
+        poll: { type: 'string' },
+        quiet: { type: 'boolean', short: 'q' },
         ...Object.fromEntries(QOS_FLAGS.map(([flag]) => [flag, { type: 'string' as const }])),
       },
       allowPositionals: true,
@@ -341,6 +348,29 @@ async function runClient(args: string[]): Promise<void> {
       case 'create': {
         const { values, positionals } = parse();
         const name = need(positionals, 'volume name');
+        if (values['standby-from']) {
+          const key =
+            values['key-file'] || values['key-env']
+              ? await keyFrom(values['key-file'], values['key-env'])
+              : undefined;
+          const { operation } = await call<{ operation: Operation }>(api, 'POST', '/v1/volumes', {
+            name,
+            standbyFrom: values['standby-from'],
+            ...(values.poll ? { pollSeconds: parseSeconds(values.poll, '--poll') } : {}),
+            ...(values.replicas ? { replicas: Number(values.replicas) } : {}),
+            ...(values.frontend ? { frontend: values.frontend } : {}),
+            ...(key !== undefined ? { key } : {}),
+          });
+          const done = await follow(api, operation, values.json === true || values.quiet === true);
+          const volume = done.result as VolumeInfo;
+          print(
+            values.json === true,
+            volume,
+            () => `${volumeRows([volume])}\n${standbyLine(volume)}`,
+          );
+          return;
+        }
+        if (values.poll) throw new UsageError('--poll is for standby volumes (--standby-from)');
         if (!values.size && !values['from-snapshot']) {
           throw new UsageError('volume create needs --size, for example --size 10G');
         }
@@ -446,6 +476,7 @@ async function runClient(args: string[]): Promise<void> {
             ]),
             '',
             limitsLine(volume),
+            ...(volume.standby ? [standbyLine(volume)] : []),
           ].join('\n'),
         );
         return;
@@ -497,6 +528,17 @@ async function runClient(args: string[]): Promise<void> {
           volume,
           () => `volume ${name} now opens with key ${volume.encrypted?.keyId ?? '?'}`,
         );
+        return;
+      }
+      case 'activate': {
+        const { values, positionals } = parse();
+        const volume = await call<VolumeInfo>(
+          api,
+          'POST',
+          `/v1/volumes/${encodeURIComponent(need(positionals, 'volume name'))}/activate`,
+          {},
+        );
+        print(values.json === true, volume, () => volumeRows([volume]));
         return;
       }
       case 'expand': {
@@ -849,6 +891,25 @@ function qosFlags(values: Record<string, unknown>): Record<string, string | numb
     out[key] = /^\d+(\.\d+)?$/.test(v) ? Number(v) : v;
   }
   return Object.keys(out).length > 0 ? out : undefined;
+}
+
+function standbyLine(volume: VolumeInfo): string {
+  const s = volume.standby;
+  if (!s) return 'standby: no';
+  const ago = (seconds: number | undefined) => (seconds === undefined ? '?' : `${seconds}s`);
+  return [
+    `standby: follows ${s.from} every ${s.pollSeconds}s`,
+    `holds ${s.backup ?? '?'} (taken ${s.backupTakenAt ?? '?'}, ${ago(s.behindSeconds)} ago)`,
+    `RPO ${ago(s.rpoSeconds)}`,
+    ...(s.applying !== undefined ? [`applying ${s.applying}`] : []),
+  ].join('; ');
+}
+
+/** `90`, `90s`, `5m`, `2h` → seconds. */
+function parseSeconds(text: string, flag: string): number {
+  const m = /^(\d+)(s|m|h)?$/.exec(text.trim());
+  if (!m) throw new UsageError(`${flag} takes a duration like 30s, 5m or 1h, got ${text}`);
+  return Number(m[1]) * (m[2] === 'h' ? 3600 : m[2] === 'm' ? 60 : 1);
 }
 
 function limitsLine(volume: VolumeInfo): string {

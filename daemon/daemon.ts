@@ -21,6 +21,7 @@ import type { NodeInfo } from './node-info.ts';
 import { HostedReplicas } from './hosted.ts';
 import { replicaUpgrades } from './replica-io.ts';
 import { EventLog } from './events.ts';
+import { StandbyService } from './standby.ts';
 import { JobScheduler } from './jobs.ts';
 import { Operations } from './operations.ts';
 import { serveHttp } from './http.ts';
@@ -307,6 +308,13 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
   });
   jobs.start();
   lateVolumes.jobs = jobs;
+  const standby = new StandbyService({
+    volumes,
+    backups,
+    operations,
+    events,
+    clock: systemClock,
+  });
   const drainer = etcdRecords
     ? new Drainer({
         cluster,
@@ -335,6 +343,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
     ...(clusterEvents ? { clusterEvents } : {}),
     volumes,
     backups,
+    standby,
     jobs,
     operations,
     cluster,
@@ -384,6 +393,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
   // Volumes attach once the API serves: their replicas on peers are reached from here.
   await volumes.start();
   volumes.startRepairs();
+  standby.start();
   for (const v of config.ensureVolumes) {
     if (!(await volumes.list()).some((x) => x.name === v.name))
       await volumes.create({ name: v.name, size: v.size });
@@ -399,6 +409,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
       (stopping ??= (async () => {
         await http.close();
         await jobs.stop();
+        await standby.stop();
         await nbd.close();
         await fuse?.unmount();
         await volumes.stop();

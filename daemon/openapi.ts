@@ -88,7 +88,17 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
         qos: qosLimits,
         diskTag: { type: 'string', description: 'its replicas go to disks with this tag' },
         encrypt: flag,
-        key: { type: 'string', description: 'with encrypt: the user key, base64 of ≥ 32 bytes' },
+        key: {
+          type: 'string',
+          description:
+            'with encrypt: the user key, base64 of ≥ 32 bytes; with standbyFrom: the backups’ key',
+        },
+        standbyFrom: {
+          type: 'string',
+          description:
+            'a standby following this volume’s backups: TARGET_URL?volume=NAME or a volume name in the default target (answers with an operation)',
+        },
+        pollSeconds: { type: 'integer', minimum: 1, maximum: 86400, description: 'default 60' },
       },
       ['name'],
     ),
@@ -106,6 +116,10 @@ export const ROUTE_DOCS: Record<string, RouteDoc> = {
       node: str,
       key: { type: 'string', description: "an encrypted volume's user key, base64" },
     }),
+  },
+  'POST /v1/volumes/:name/activate': {
+    summary:
+      'Make a standby volume a normal, writable one (at the newest complete backup, polled once more)',
   },
   'POST /v1/volumes/:name/detach': {
     summary: 'Detach; refused while clients are connected unless forced',

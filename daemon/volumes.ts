@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import type { Clock } from '../common/clock.ts';
 import { CorralError, quoted } from '../common/errors.ts';
 import { Lanes } from '../common/lanes.ts';
-import type { Frontend, Spaces, VolumeRecord } from '../kv/spaces.ts';
+import type { Frontend, Spaces, StandbyRecord, VolumeRecord } from '../kv/spaces.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
 import type { FaultFilter, FaultMode } from '../replication/fault-filter.ts';
 import type { QosLimits } from '../replication/qos.ts';
@@ -17,6 +17,7 @@ import {
   wrapKey,
 } from '../replication/crypt.ts';
 import type { Disks } from './disks.ts';
+import { StandbyGate, standbyView } from './standby-view.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
 import type { Cluster } from './cluster.ts';
 import type { NodeInfo } from './node-info.ts';
@@ -60,6 +61,8 @@ export interface VolumeInfo {
   qos?: QosLimits;
   /** Encrypted at rest; `keyId` names the key it needs (a digest, not the key). */
   encrypted?: { keyId: string };
+  /** A standby (DR) volume: read-only, following another volume's backups. */
+  standby?: StandbyInfo;
   engineRestarts: number;
   nbdConnections: number;
   replicas: Array<{
@@ -69,6 +72,24 @@ export interface VolumeInfo {
     revision: string;
     rebuild?: RebuildProgress;
   }>;
+}
+
+export interface StandbyInfo {
+  /** The backups it follows (a target naming a volume). */
+  from: string;
+  pollSeconds: number;
+  /** The backup it holds, and when that backup's snapshot was taken. */
+  backup?: string;
+  backupTakenAt?: string;
+  /** How old the data it holds is: now minus that snapshot's time. */
+  behindSeconds?: number;
+  /**
+   * The data a disaster at the source can cost at most once it is activated:
+   * the poll interval plus the interval between the last two backups.
+   */
+  rpoSeconds?: number;
+  /** A backup being applied (or whose apply was cut off: then reads are refused). */
+  applying?: string;
 }
 
 export interface VolumeManagerOptions {
@@ -158,6 +179,8 @@ export class VolumeManager {
   readonly #holds = new Map<string, number>();
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
   readonly #restoring = new Set<string>();
+  /** Attached standby volumes: what their readers wait on while a backup is applied. */
+  readonly #standby = new Map<string, StandbyGate>();
   /** Replicas on other nodes: made, removed, or left to remove when their node answers. */
   readonly #peers: PeerReplicas;
   /** The repair loop (repair.ts). */
@@ -247,6 +270,8 @@ export class VolumeManager {
     this.#attached.delete(name);
     this.#frontends.delete(name);
     this.#nbdAllow.delete(name);
+    this.#standby.get(name)?.open(true);
+    this.#standby.delete(name);
     this.#repairs.abort(name);
     this.#o.disconnect(name);
     this.#o.events.add({
@@ -407,6 +432,8 @@ export class VolumeManager {
     /** Encrypt it at rest with a new master key wrapped by `key` (base64, ≥ 32 bytes). */
     encrypt?: unknown;
     key?: unknown;
+    /** A standby fed by backups (daemon/standby.ts): restored, then read-only until activated. */
+    standby?: StandbyRecord;
   }): Promise<VolumeInfo> {
     const name = validateVolumeName(input.name);
     if (input.fromSnapshot === undefined) return this.#create(name, input, undefined);
@@ -467,6 +494,7 @@ export class VolumeManager {
       diskTag?: unknown;
       encrypt?: unknown;
       key?: unknown;
+      standby?: StandbyRecord;
     },
     source: BlockDevice | undefined,
     /** A clone of an encrypted volume: its wrapped key and cipher (the copy is ciphertext). */
@@ -635,6 +663,7 @@ export class VolumeManager {
         ...(qos !== undefined ? { qos } : {}),
         ...(diskTag !== undefined ? { diskTag } : {}),
         ...(encryption ? { encryption: encryption.wrapped } : {}),
+        ...(input.standby ? { standby: input.standby } : {}),
       };
       if (encryption) this.#keys.set(name, encryption.cipher);
       if (input.restoring !== undefined) this.#restoring.add(name);
@@ -717,12 +746,19 @@ export class VolumeManager {
       ...(record.qos ? { qos: record.qos } : {}),
     });
     const cipher = record.encryption ? this.#keys.get(record.name) : undefined;
+    let view: BlockDevice = cipher ? encryptedDevice(supervisor, cipher) : supervisor;
+    if (record.standby) {
+      // A cut-off apply left a mix of two backups: nobody reads it until a poll applies one whole.
+      const gate = new StandbyGate(record.name, record.standby.applying !== undefined);
+      this.#standby.set(record.name, gate);
+      view = standbyView(record.name, view, gate);
+    }
     this.#attached.set(record.name, {
       supervisor,
       fault,
       epoch,
       ...(cipher ? { cipher } : {}),
-      view: cipher ? encryptedDevice(supervisor, cipher) : supervisor,
+      view,
     });
     this.#frontends.set(record.name, record.frontend);
     if (record.nbdAllow) this.#nbdAllow.set(record.name, record.nbdAllow);
@@ -906,6 +942,8 @@ export class VolumeManager {
     this.#frontends.delete(record.name);
     this.#nbdAllow.delete(record.name);
     this.#keys.delete(record.name);
+    this.#standby.get(record.name)?.open(true);
+    this.#standby.delete(record.name);
     await entry.supervisor.stop();
   }
 
@@ -1025,9 +1063,28 @@ export class VolumeManager {
       ...(record.nbdAllow ? { nbdAllow: record.nbdAllow } : {}),
       ...(record.qos && Object.keys(record.qos).length > 0 ? { qos: record.qos } : {}),
       ...(record.encryption ? { encrypted: { keyId: String(record.encryption.keyId) } } : {}),
+      ...(record.standby ? { standby: this.#standbyInfo(record.standby) } : {}),
       engineRestarts: entry?.supervisor.restarts ?? 0,
       nbdConnections: this.#o.connections(record.name),
       replicas,
+    };
+  }
+
+  #standbyInfo(s: StandbyRecord): StandbyInfo {
+    const now = this.#o.clock.nowMs();
+    const at = s.backupAt !== undefined ? Date.parse(s.backupAt) : undefined;
+    const before = s.previousAt !== undefined ? Date.parse(s.previousAt) : undefined;
+    const seconds = (ms: number): number => Math.max(0, Math.round(ms / 1000));
+    return {
+      from: s.from,
+      pollSeconds: seconds(s.pollMs),
+      ...(s.backup !== undefined ? { backup: s.backup } : {}),
+      ...(s.backupAt !== undefined ? { backupTakenAt: s.backupAt } : {}),
+      ...(at !== undefined ? { behindSeconds: seconds(now - at) } : {}),
+      ...(at !== undefined && before !== undefined
+        ? { rpoSeconds: seconds(s.pollMs + at - before) }
+        : {}),
+      ...(s.applying !== undefined ? { applying: s.applying } : {}),
     };
   }
 
@@ -1093,20 +1150,126 @@ export class VolumeManager {
         );
       if (record.restoring !== undefined)
         throw new CorralError('BUSY', `Volume ${volume} is being restored; expand it after`);
-      const entry = this.#attachedEntry(volume, 'expand it');
-      if (sizeBytes === record.sizeBytes && entry.supervisor.sizeBytes === sizeBytes) return;
-      await entry.supervisor.control('expand', (e) => e.expand(sizeBytes));
-      await this.#o.records.update(volume, (r) => {
-        r.sizeBytes = sizeBytes;
-      });
-      this.#o.events.add({
-        type: 'volume-expanded',
-        volume,
-        message: `${record.sizeBytes} → ${sizeBytes} bytes`,
-      });
-      await this.#o.resized?.(volume).catch(() => undefined);
+      if (record.standby)
+        throw new CorralError(
+          'READ_ONLY',
+          `Volume ${volume} is a standby: it takes the size of the backups it follows (activate it first)`,
+        );
+      await this.#grow(record, sizeBytes);
     });
     return this.get(volume);
+  }
+
+  /** The expand itself, in the volume's lane. */
+  async #grow(record: VolumeRecord, sizeBytes: number): Promise<void> {
+    const volume = record.name;
+    const entry = this.#attachedEntry(volume, 'expand it');
+    if (sizeBytes === record.sizeBytes && entry.supervisor.sizeBytes === sizeBytes) return;
+    await entry.supervisor.control('expand', (e) => e.expand(sizeBytes));
+    await this.#o.records.update(volume, (r) => {
+      r.sizeBytes = sizeBytes;
+    });
+    this.#o.events.add({
+      type: 'volume-expanded',
+      volume,
+      message: `${record.sizeBytes} → ${sizeBytes} bytes`,
+    });
+    await this.#o.resized?.(volume).catch(() => undefined);
+  }
+
+  /** The attached standby volumes of this host, with their records. */
+  async standbys(): Promise<Array<{ name: string; standby: StandbyRecord }>> {
+    const out: Array<{ name: string; standby: StandbyRecord }> = [];
+    for (const name of this.#standby.keys()) {
+      const standby = (await this.#o.records.get(name))?.standby;
+      if (standby && !this.#restoring.has(name)) out.push({ name, standby });
+    }
+    return out;
+  }
+
+  /**
+   * Applies a backup to a standby volume, in its lane: readers wait, the
+   * record names the backup being applied (a crash leaves it: the next apply
+   * rewrites every block, and reads are refused until then), the volume grows
+   * to the backup's size, `apply` writes; then the record names the backup
+   * it holds and readers pass again.
+   */
+  async applyStandby<T>(
+    name: string,
+    backup: { name: string; sizeBytes: number; snapshotAt: string },
+    apply: (device: BlockDevice, held: StandbyRecord) => Promise<T>,
+  ): Promise<T> {
+    return this.#serially(name, `apply backup ${backup.name}`, async () => {
+      const record = await this.#record(name);
+      const held = record.standby;
+      const gate = this.#standby.get(name);
+      if (!held || !gate)
+        throw new CorralError('INVALID_ARGUMENT', `Volume ${name} is not an attached standby`);
+      if (backup.sizeBytes < record.sizeBytes)
+        throw new CorralError(
+          'INVALID_SIZE',
+          `Backup ${backup.name} is ${backup.sizeBytes} bytes, smaller than standby ${name} (${record.sizeBytes}): not the volume it followed (was it made again?)`,
+        );
+      gate.close();
+      let whole = false;
+      try {
+        await this.#o.records.update(name, (r) => {
+          if (r.standby) r.standby.applying = backup.name;
+        });
+        await this.#grow(record, backup.sizeBytes);
+        const result = await apply(this.#attachedEntry(name, 'apply a backup').supervisor, held);
+        await this.#o.records.update(name, (r) => {
+          if (!r.standby) return;
+          delete r.standby.applying;
+          if (r.standby.backupAt !== undefined) r.standby.previousAt = r.standby.backupAt;
+          r.standby.backup = backup.name;
+          r.standby.backupAt = backup.snapshotAt;
+        });
+        whole = true;
+        return result;
+      } finally {
+        gate.open(!whole);
+      }
+    });
+  }
+
+  /**
+   * A standby stops following its backups and becomes a normal volume,
+   * writable, holding the last backup it applied whole. Its NBD clients
+   * (read-only) are disconnected: they reconnect to a writable export.
+   */
+  async activate(name: string): Promise<VolumeInfo> {
+    validateVolumeName(name);
+    await this.#serially(name, 'activate it', async () => {
+      const record = await this.#record(name);
+      if (!record.standby)
+        throw new CorralError('INVALID_ARGUMENT', `Volume ${name} is not a standby volume`);
+      if (record.restoring !== undefined)
+        throw new CorralError('BUSY', `Standby ${name} is still being restored: activate it after`);
+      if (record.standby.applying !== undefined)
+        throw new CorralError(
+          'UNAVAILABLE',
+          `Standby ${name} holds part of backup ${record.standby.applying} (its apply was cut off): it is applied whole at the next poll; activate it then (is ${record.standby.from} reachable?)`,
+        );
+      const held = record.standby.backup;
+      await this.#o.records.update(name, (r) => {
+        delete r.standby;
+      });
+      const entry = this.#attached.get(name);
+      if (entry)
+        entry.view = entry.cipher
+          ? encryptedDevice(entry.supervisor, entry.cipher)
+          : entry.supervisor;
+      this.#standby.get(name)?.open(false);
+      this.#standby.delete(name);
+      this.#o.disconnect(name);
+      this.#o.events.add({
+        type: 'standby-activated',
+        volume: name,
+        message: `writable, holding backup ${held ?? '?'}`,
+      });
+    });
+    return this.get(name);
   }
 
   /**
@@ -1179,7 +1342,11 @@ export class VolumeManager {
     validateVolumeName(volume);
     const snap = validateSnapshotName(name);
     return this.#serially(volume, `revert to ${snap}`, async () => {
-      await this.#record(volume);
+      if ((await this.#record(volume)).standby)
+        throw new CorralError(
+          'READ_ONLY',
+          `Volume ${volume} is a standby: it holds its source's backups (activate it first)`,
+        );
       this.#checkNotHeld(volume, undefined, `revert it to ${snap}`);
       const now = new Date(this.#o.clock.nowMs());
       const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(

@@ -43,6 +43,24 @@ export interface VolumeRecord {
   diskTag?: string;
   /** Encrypted: the master key wrapped by the user's key (replication/crypt.ts `WrappedKey`). */
   encryption?: Record<string, string | number>;
+  /** A standby (DR) volume: read-only, following a volume's backups (daemon/standby.ts). */
+  standby?: StandbyRecord;
+}
+
+export interface StandbyRecord {
+  /** The backups it follows: a target URL naming a volume (`?volume=NAME`). */
+  from: string;
+  /** How often the target is looked at for a newer backup. */
+  pollMs: number;
+  /** The last backup it holds whole, and when that backup's snapshot was taken. */
+  backup?: string;
+  backupAt?: string;
+  /** When the snapshot of the backup before that one was taken: the backups' interval. */
+  previousAt?: string;
+  /** A backup being applied: until it is done the volume holds a mix and is not served. */
+  applying?: string;
+  /** The key id the backups are encrypted under (the key itself is never stored). */
+  keyId?: string;
 }
 
 export interface LayerRecord {
@@ -108,6 +126,9 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(typeof r.encryption === 'object' && r.encryption !== null
       ? { encryption: r.encryption as Record<string, string | number> }
       : {}),
+    ...(typeof r.standby === 'object' && r.standby !== null
+      ? { standby: validateStandby(r.standby as Record<string, unknown>, key) }
+      : {}),
     ...(typeof r.qos === 'object' && r.qos !== null
       ? {
           qos: Object.fromEntries(
@@ -118,6 +139,20 @@ function validateVolume(r: Record<string, unknown>, key: string): VolumeRecord {
     ...(Array.isArray(r.failedReplicas)
       ? { failedReplicas: r.failedReplicas.filter((x): x is string => typeof x === 'string') }
       : {}),
+  };
+}
+
+function validateStandby(r: Record<string, unknown>, key: string): StandbyRecord {
+  const text = (name: string): Record<string, string> =>
+    typeof r[name] === 'string' ? { [name]: r[name] } : {};
+  return {
+    from: field(r, key, 'from', 'string'),
+    pollMs: field(r, key, 'pollMs', 'number'),
+    ...text('backup'),
+    ...text('backupAt'),
+    ...text('previousAt'),
+    ...text('applying'),
+    ...text('keyId'),
   };
 }
 

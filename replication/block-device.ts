@@ -69,7 +69,10 @@ export function readOnlyDevice(
   const refuse = (what: string) => () =>
     Promise.reject(new CorralError('READ_ONLY', `Cannot ${what}: ${label} is read-only`));
   return {
-    sizeBytes: device.sizeBytes,
+    // Read through: a standby volume grows under its read-only view.
+    get sizeBytes() {
+      return device.sizeBytes;
+    },
     capabilities: () => ({ ...device.capabilities(), readOnly: true }),
     read: (offset, length, into) => device.read(offset, length, into),
     extents: (offset, length) => device.extents(offset, length),

@@ -163,7 +163,7 @@ describe('encryption at rest', () => {
     assert.equal(await markerCount(store), 0, 'the marker in the backup store');
     const noKey = await d.cli(['backup', 'restore', backupName, 'r0']);
     assert.equal(noKey.code, 1);
-    assert.match(noKey.stderr, /is encrypted: restore it with its key/);
+    assert.match(noKey.stderr, /is encrypted: give its key/);
     const badKey = await d.cli(['backup', 'restore', backupName, 'r0', '--key-file', wrong]);
     assert.equal(badKey.code, 1);
     assert.match(badKey.stderr, /Wrong key for backup .*: it needs key [0-9a-f]{16}, this one is/);
