@@ -6,7 +6,7 @@
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
  * BENCH_TLS=0 the TLS-cost table;
- * BENCH_ONLY=backup|replication|metrics|tls|services|crypt runs one table alone.
+ * BENCH_ONLY=backup|replication|metrics|tls|services|crypt|cpu runs one table alone.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -19,6 +19,7 @@ import { replicationBench } from './replication.ts';
 import { expandBench, trimBench } from './services.ts';
 import { tlsBench } from './tls.ts';
 import { cryptBench } from './crypt.ts';
+import { cpuBench } from './cpu.ts';
 import { median } from './proc.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
@@ -299,6 +300,21 @@ async function main(): Promise<void> {
       const table = `${await expandBench(dir)}\n\n${await trimBench(dir)}`;
       console.log(`\n${table}`);
       await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), 'bench-services', table);
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'cpu') {
+    try {
+      const table = await cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8));
+      console.log(`\n${table}`);
+      const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=cpu npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons with a shared secret, fio over NBD on daemon 1, ${process.env.BENCH_RUNTIME ?? 8} s per job).`;
+      await replaceSection(
+        path.join(ROOT, 'docs', 'PERFORMANCE.md'),
+        'bench-cpu',
+        `${stamp}\n\n${table}`,
+      );
     } finally {
       await fs.promises.rm(dir, { recursive: true, force: true });
     }
