@@ -144,7 +144,9 @@ export class Metrics {
         },
       });
     }
-    collectDefaultMetrics({ register: this.registry });
+    // The event-loop lag histogram samples with a timer: prom-client's 10 ms default woke an
+    // idle daemon 100 times a second (most of its idle CPU); 10 a second still shows a stall.
+    collectDefaultMetrics({ register: this.registry, eventLoopMonitoringPrecision: 100 });
     const perKind = (name: string, help: string, pick: (m: VolumeMeter) => Float64Array): void =>
       this.#register(name, help, 'counter', () =>
         [...this.#meters].flatMap(([volume, m]) =>

@@ -62,6 +62,8 @@ export class Repairs {
   readonly #o: RepairOptions;
   /** When each `volume/replica` was first seen in ERR. */
   readonly #failedSince = new Map<string, number>();
+  /** How many replicas each volume should have, as its record said at the last full look. */
+  readonly #wanted = new Map<string, number>();
   #timer: { cancel(): void } | undefined;
   /** Rebuilds under way, to stop them at detach and shutdown. */
   readonly #rebuilds = new Map<string, AbortController>();
@@ -73,6 +75,7 @@ export class Repairs {
   /** Stops a volume's rebuild (it is being detached). */
   abort(name: string): void {
     this.#rebuilds.get(name)?.abort();
+    this.#wanted.delete(name);
   }
 
   /** Stops the loop and every rebuild (the daemon stops). */
@@ -95,6 +98,15 @@ export class Repairs {
       // Behind the node watch, a slow sweep: a failover missed while this node was busy or away.
       if (ticks % 15 === 0) void this.#o.failover?.sweep().catch(() => undefined);
       for (const name of this.#o.host.volumes()) {
+        // A volume whose replicas are all healthy and as many as it should have needs no
+        // look (most volumes, most of the time); every 30th tick looks at all of them anyway.
+        const healthy = this.#o.host.supervisor(name)?.engine?.healthyCount();
+        if (
+          ticks % 30 !== 0 &&
+          healthy !== undefined &&
+          healthy >= (this.#wanted.get(name) ?? Infinity)
+        )
+          continue;
         // A volume whose lane is taken (a repair still running, or a user's operation) is
         // looked at again next tick: the lane is also what keeps repairs one at a time.
         if (this.#o.host.lanes.holder(name) !== undefined) continue;
@@ -123,6 +135,7 @@ export class Repairs {
     if (!engine || !cluster) return;
     const record = await this.#o.host.records.cached(name);
     if (!record) return;
+    this.#wanted.set(name, record.replicaCount);
     await engine.noticeFailures();
     const now = this.#o.clock.nowMs();
     const modes = engine.replicaModes();

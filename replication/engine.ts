@@ -210,6 +210,17 @@ export class Engine implements SupervisedEngine {
     }));
   }
 
+  /**
+   * How many replicas serve reads and writes, when all of them do and none
+   * has a failure waiting to be noticed; else undefined. The repair loop's
+   * look at a healthy volume, without allocating.
+   */
+  healthyCount(): number | undefined {
+    for (const m of this.#members)
+      if (m.mode !== 'RW' || m.replica.failure !== undefined) return undefined;
+    return this.#members.length;
+  }
+
   /** The operation changing or reading the chains now (snapshot, delete, revert, rebuild, verify). */
   #chainOp: string | undefined;
 

@@ -27,6 +27,8 @@ export interface SupervisedEngine extends BlockDevice {
   /** After a fault: persist nothing more, release resources once idle. */
   abandon(): void;
   replicaModes(): ReplicaStatus[];
+  /** How many replicas there are when all are healthy; else undefined (see Engine). */
+  healthyCount(): number | undefined;
   /** Sets replicas whose connection died while idle to ERR (see Engine). */
   noticeFailures(): Promise<void>;
   snapshots(): SnapshotInfo[];

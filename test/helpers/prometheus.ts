@@ -32,7 +32,9 @@ export function parsePrometheus(text: string): PromSample[] {
     if (at !== body.length) throw new Error(`bad labels: ${line}`);
     const raw = m[4]!;
     const value = raw === '+Inf' ? Infinity : raw === '-Inf' ? -Infinity : Number(raw);
-    if (Number.isNaN(value) && raw !== 'NaN') throw new Error(`bad value: ${line}`);
+    // Prometheus reads NaN in any case (Go's ParseFloat); prom-client writes `Nan` for an empty
+    // event-loop histogram.
+    if (Number.isNaN(value) && !/^nan$/i.test(raw)) throw new Error(`bad value: ${line}`);
     out.push({ name: m[1]!, labels, value });
   }
   return out;
