@@ -1605,6 +1605,21 @@ export class LocalReplica implements Replica {
     return out;
   }
 
+  layerSums(name: string, offset: number, length: number): Promise<Uint8Array> {
+    this.#checkRange(offset, length);
+    assert(offset % BLOCK_SIZE === 0 && length % BLOCK_SIZE === 0, 'layer ranges are whole blocks');
+    const layer = this.#layerOf(name);
+    const first = offset / BLOCK_SIZE;
+    const count = length / BLOCK_SIZE;
+    const out = Buffer.alloc(count * 5);
+    for (let i = 0; i < count; i++) {
+      const state = layer.map.state(first + i);
+      out[i * 5] = state;
+      if (state === DATA) out.writeUInt32LE(layer.sums.get(first + i) ?? 0, i * 5 + 1);
+    }
+    return Promise.resolve(out);
+  }
+
   /** After a rebuild: the revision of the replica it was copied from, made durable. */
   async setRevision(revision: bigint): Promise<void> {
     this.#revision = revision;

@@ -1,4 +1,5 @@
 import { assert } from '../common/assert.ts';
+import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import { Pacer } from '../common/pacer.ts';
 import type { Clock } from '../common/clock.ts';
@@ -8,6 +9,8 @@ import type { Replica } from './replica.ts';
 /** Rebuild and verify compare in granules of this size, and ask for this much per request. */
 export const GRANULE_BYTES = 1024 * 1024;
 export const WINDOW_BYTES = 64 * 1024 * 1024;
+/** Granules copied at once: round trips to both replicas overlap instead of adding up. */
+const COPIES_IN_FLIGHT = 4;
 assert(
   GRANULE_BYTES % BLOCK_SIZE === 0 && WINDOW_BYTES % GRANULE_BYTES === 0,
   'rebuild windows are whole granules of whole blocks',
@@ -58,47 +61,65 @@ export async function copyLayers(
       if (options.signal?.aborted)
         throw new CorralError('SHUTTING_DOWN', `Rebuild of replica ${target.id} was stopped`);
       const length = Math.min(WINDOW_BYTES, sizeBytes - offset);
-      const [want, have] = await Promise.all([
-        source.layerDigests(name, offset, length, GRANULE_BYTES),
-        target.layerDigests(name, offset, length, GRANULE_BYTES),
-      ]);
-      const wanted = new Map(want);
-      const held = new Map(have);
-      const differing = new Set<number>();
-      for (const [g, d] of want) if (held.get(g) !== d) differing.add(g);
-      for (const [g] of have) if (!wanted.has(g)) differing.add(g);
-      for (const g of [...differing].sort((a, b) => a - b)) {
+      const copy = async (g: number, mask: Uint8Array | undefined): Promise<void> => {
         const at = g * GRANULE_BYTES;
         const n = Math.min(GRANULE_BYTES, sizeBytes - at);
-        // Within a differing granule, only the blocks whose state or bytes differ travel.
-        const [mine, theirs] = await Promise.all([
-          source.layerBlockDigests(name, at, n),
-          target.layerBlockDigests(name, at, n),
-        ]);
-        const mask = new Uint8Array(n / BLOCK_SIZE);
-        for (let b = 0; b < mask.length; b++) {
-          for (let k = b * 8; k < b * 8 + 8; k++) {
-            if (mine[k] !== theirs[k]) {
-              mask[b] = 1;
-              break;
-            }
-          }
-        }
         const chunk = await source.readLayerChunk(name, at, n, mask);
         await target.writeLayerChunk(name, at, chunk.states, chunk.data, mask);
         progress.bytesCopied += chunk.data.length;
         copiedHere += chunk.data.length;
         await pacer.paced(chunk.data.length);
-      }
-      if (differing.size > 0) {
-        // Verified by checksum: the target's granules must now digest as the source's.
-        const after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
-        for (const g of differing) {
-          if (after.get(g) !== wanted.get(g))
+      };
+      const [theirSums, mySums] = await Promise.all([
+        target.layerSums(name, offset, length),
+        source.layerSums(name, offset, length),
+      ]);
+      if (holdsNothing(theirSums) && !lacksSums(mySums)) {
+        // A window the target holds nothing of (a new replica's): what the source holds is
+        // copied whole, unhashed, and checked against the source's block checksums after.
+        const todo = granulesHolding(mySums, offset);
+        await concurrently(todo.length, COPIES_IN_FLIGHT, (i) => copy(todo[i]!, undefined));
+        if (todo.length > 0) {
+          const after = await target.layerSums(name, offset, length);
+          const bad = firstDifference(mySums, after);
+          if (bad !== undefined)
             throw new CorralError(
               'IO_ERROR',
-              `Rebuild of replica ${target.id}: layer ${name} at ${g * GRANULE_BYTES} differs from the source after the copy`,
+              `Rebuild of replica ${target.id}: layer ${name} at ${offset + bad * BLOCK_SIZE} differs from the source after the copy`,
             );
+        }
+      } else {
+        const [want, have] = await Promise.all([
+          source.layerDigests(name, offset, length, GRANULE_BYTES),
+          target.layerDigests(name, offset, length, GRANULE_BYTES),
+        ]);
+        const wanted = new Map(want);
+        const held = new Map(have);
+        const differing = new Set<number>();
+        for (const [g, d] of want) if (held.get(g) !== d) differing.add(g);
+        for (const [g] of have) if (!wanted.has(g)) differing.add(g);
+        const todo = [...differing].sort((a, b) => a - b);
+        await concurrently(todo.length, COPIES_IN_FLIGHT, async (i) => {
+          const g = todo[i]!;
+          const at = g * GRANULE_BYTES;
+          const n = Math.min(GRANULE_BYTES, sizeBytes - at);
+          // Within a granule the target holds data in, only the blocks whose state or bytes
+          // differ travel; one it holds none in is copied whole.
+          await copy(
+            g,
+            held.has(g) ? await differingBlocks(source, target, name, at, n) : undefined,
+          );
+        });
+        if (differing.size > 0) {
+          // Verified by checksum: the target's granules must now digest as the source's.
+          const after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+          for (const g of differing) {
+            if (after.get(g) !== wanted.get(g))
+              throw new CorralError(
+                'IO_ERROR',
+                `Rebuild of replica ${target.id}: layer ${name} at ${g * GRANULE_BYTES} differs from the source after the copy`,
+              );
+          }
         }
       }
       progress.done += length;
@@ -107,6 +128,71 @@ export async function copyLayers(
     if (copiedHere === 0) progress.layersSkipped++;
   }
   return progress;
+}
+
+/** `layerSums` bytes per block: the state, then the checksum. */
+const SUM_BYTES = 5;
+
+/** True when every block of a `layerSums` answer is absent (ABSENT is 0). */
+function holdsNothing(sums: Uint8Array): boolean {
+  for (let i = 0; i < sums.length; i += SUM_BYTES) if (sums[i] !== 0) return false;
+  return true;
+}
+
+/** True when a DATA block (state 1) has no known checksum: such a copy is checked by digests. */
+function lacksSums(sums: Uint8Array): boolean {
+  for (let i = 0; i < sums.length; i += SUM_BYTES)
+    if (
+      sums[i] === 1 &&
+      sums[i + 1] === 0 &&
+      sums[i + 2] === 0 &&
+      sums[i + 3] === 0 &&
+      sums[i + 4] === 0
+    )
+      return true;
+  return false;
+}
+
+/** The granules (volume-wide indexes) of a window starting at `offset` with any block not absent. */
+function granulesHolding(sums: Uint8Array, offset: number): number[] {
+  const perGranule = GRANULE_BYTES / BLOCK_SIZE;
+  const out: number[] = [];
+  for (let b = 0; b * SUM_BYTES < sums.length; b++) {
+    if (sums[b * SUM_BYTES] === 0) continue;
+    const g = (offset / BLOCK_SIZE + b - ((offset / BLOCK_SIZE + b) % perGranule)) / perGranule;
+    if (out.at(-1) !== g) out.push(g);
+  }
+  return out;
+}
+
+/** The first block whose state or checksum differs between two `layerSums` answers. */
+function firstDifference(a: Uint8Array, b: Uint8Array): number | undefined {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return Math.floor(i / SUM_BYTES);
+  return undefined;
+}
+
+/** A byte per block of the range: 1 where the two layers' block state or digest differ. */
+async function differingBlocks(
+  source: Replica,
+  target: Replica,
+  name: string,
+  at: number,
+  n: number,
+): Promise<Uint8Array> {
+  const [mine, theirs] = await Promise.all([
+    source.layerBlockDigests(name, at, n),
+    target.layerBlockDigests(name, at, n),
+  ]);
+  const mask = new Uint8Array(n / BLOCK_SIZE);
+  for (let b = 0; b < mask.length; b++) {
+    for (let k = b * 8; k < b * 8 + 8; k++) {
+      if (mine[k] !== theirs[k]) {
+        mask[b] = 1;
+        break;
+      }
+    }
+  }
+  return mask;
 }
 
 export interface Difference {

@@ -422,6 +422,10 @@ export class RemoteReplica implements Replica {
     return this.#send(Op.LAYER_BLOCK_DIGESTS, 0, offset, length, Buffer.from(name));
   }
 
+  async layerSums(name: string, offset: number, length: number): Promise<Uint8Array> {
+    return this.#send(Op.LAYER_SUMS, 0, offset, length, Buffer.from(name));
+  }
+
   async setRevision(revision: bigint): Promise<void> {
     this.#apply(await this.#call<RemoteInfo>('setRevision', { revision: revision.toString() }));
   }

@@ -163,6 +163,10 @@ export class ReplicaSession {
         );
         return Buffer.from(digests.buffer, digests.byteOffset, digests.length);
       }
+      case Op.LAYER_SUMS: {
+        const sums = await r.layerSums(req.payload.toString('utf8'), req.offset, req.count);
+        return Buffer.from(sums.buffer, sums.byteOffset, sums.length);
+      }
       case Op.CONTROL:
         return json(await this.#control(JSON.parse(req.payload.toString('utf8')) as Call));
       default:

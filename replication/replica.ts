@@ -110,6 +110,13 @@ export interface CopyOps {
   ): Promise<void>;
   /** Rebuild: 8 bytes per block (state, 7 bytes of its data's SHA-256). */
   layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * Rebuild: 5 bytes per block of a snapshot layer's range, from memory (no
+   * data read): its state, then its stored checksum (uint32 LE; 0 when it
+   * holds no data or its sum is unknown). A copy into a replica that held
+   * nothing there is checked against these.
+   */
+  layerSums(name: string, offset: number, length: number): Promise<Uint8Array>;
   /** Rebuild: takes the source's revision once the copy is complete, durably. */
   setRevision(revision: bigint): Promise<void>;
   /** Scrub: every layer's DATA blocks in the range read and checked against their checksums. */

@@ -38,6 +38,7 @@ export const Op = {
   WRITE_LAYER: 10,
   LAYER_BLOCK_DIGESTS: 11,
   PING: 12,
+  LAYER_SUMS: 13,
 } as const;
 export type OpCode = (typeof Op)[keyof typeof Op];
 

@@ -88,7 +88,9 @@ export class DaemonProcess {
       : options.netns
         ? // `ip netns exec` execs the command: the child's pid is the daemon's.
           ['ip', ['netns', 'exec', options.netns, process.execPath, CLI, ...daemonArgs]]
-        : [process.execPath, [CLI, ...daemonArgs]];
+        : // CORRAL_DAEMON_NODE_ARGS: Node flags for the daemons, e.g. `--cpu-prof --cpu-prof-dir=D`
+          // (NODE_OPTIONS refuses --cpu-prof) to profile a bench's daemons.
+          [process.execPath, [...nodeArgs(), CLI, ...daemonArgs]];
     const child = spawn(command, args, {
       cwd: ROOT,
       env: { ...process.env, ...options.env },
@@ -227,4 +229,9 @@ export class DaemonProcess {
     await run('umount', ['-l', path.join(this.dataDir, 'images')]);
     await fs.promises.rm(this.dataDir, { recursive: true, force: true });
   }
+}
+
+function nodeArgs(): string[] {
+  const args = process.env.CORRAL_DAEMON_NODE_ARGS?.trim();
+  return args ? args.split(/\s+/) : [];
 }
