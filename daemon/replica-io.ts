@@ -18,24 +18,30 @@ import type { UpgradeHandler } from './http.ts';
 const STATUS: Partial<Record<string, number>> = { NOT_FOUND: 404, BUSY: 409 };
 
 /**
- * `GET /v1/replicas/:id/io` with `Upgrade: corral-replica/1`: one engine's
+ * `GET /v1/replicas/:id/io` with `Upgrade: corral-replica/2`: one engine's
  * long-lived connection to a replica kept here (replication/wire.ts). The
  * cluster secret and the engine's epoch are checked before the switch.
  */
 export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): UpgradeHandler {
   return (req: http.IncomingMessage, raw: net.Socket, head: Buffer) => {
     const url = req.url ?? '';
-    if (
-      req.headers.upgrade !== UPGRADE_PROTOCOL ||
-      !url.startsWith(PATH_PREFIX) ||
-      !url.endsWith('/io')
-    )
-      return false;
+    if (!url.startsWith(PATH_PREFIX) || !url.endsWith('/io')) return false;
     // The connection's socket: `raw`, or the one that reads it in place once the stream starts.
     let socket = raw;
     const refuse = (status: number, code: string, message: string) => {
       socket.end(upgradeRefused(status, code, message));
     };
+    const asked = req.headers.upgrade;
+    if (asked !== UPGRADE_PROTOCOL) {
+      if (!asked?.startsWith('corral-replica/')) return false;
+      // Another version of the daemon: its frames would fail every checksum here.
+      refuse(
+        426,
+        'UNSUPPORTED_FORMAT',
+        `This node speaks ${UPGRADE_PROTOCOL}, the engine asked for ${asked}: run the same Corral version on every node`,
+      );
+      return true;
+    }
     if (
       !cluster.authorized(req.headers.authorization) &&
       !cluster.isPeerSocket(raw as tls.TLSSocket)

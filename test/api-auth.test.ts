@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { mustRun, run } from './helpers/run.ts';
+import { UPGRADE_PROTOCOL, upgradeRequest } from '../replication/wire.ts';
 
 interface ApiErrorBody {
   error: { code: string; message: string };
@@ -200,6 +201,16 @@ describe('API tokens and roles', () => {
           headers: { authorization: 'Bearer a-secret-of-ours' },
         });
         assert.equal(r.status, 404);
+        // A replica stream asked for by another version of the daemon: refused, naming both.
+        const answer = await rawUpgrade(
+          peer.api,
+          upgradeRequest(new URL(peer.api).host, 'nope', 'a-secret-of-ours', 1).replace(
+            UPGRADE_PROTOCOL,
+            'corral-replica/1',
+          ),
+        );
+        assert.match(answer, /^HTTP\/1\.1 426 /);
+        assert.match(answer, /speaks corral-replica\/2, the engine asked for corral-replica\/1/);
         const ps = await mustRun('ps', ['-eo', 'args']);
         assert.ok(!ps.stdout.includes('a-secret-of-ours'), 'the secret shows in ps');
       } finally {
@@ -274,3 +285,16 @@ describe('backup targets are not a way out of the host', () => {
     }
   });
 });
+
+/** Sends `request` on a fresh connection to the API and returns all it answers before closing. */
+function rawUpgrade(api: string, request: string): Promise<string> {
+  const { hostname, port } = new URL(api);
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(Number(port), hostname, () => socket.write(request));
+    let answer = '';
+    socket.on('data', (d: Buffer) => (answer += d.toString('latin1')));
+    socket.on('error', reject);
+    socket.on('close', () => resolve(answer));
+    socket.setTimeout(10_000, () => socket.destroy(new Error('no answer to the upgrade')));
+  });
+}
