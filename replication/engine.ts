@@ -88,6 +88,8 @@ export class Engine implements SupervisedEngine {
   /** The rebuild under way: snapshot operations wait for it (the chains must hold still). */
   #rebuilding: { replica: string; progress: RebuildProgress } | undefined;
   #inflight = 0;
+  /** Client requests admitted so far: a rebuild watches it to yield to clients. */
+  #admitted = 0;
   /**
    * Set when a replica's failure could not be recorded (the store refused:
    * a newer engine owns the volume, or it does not answer): from then on
@@ -310,6 +312,7 @@ export class Engine implements SupervisedEngine {
       }
       const copied = await copyLayers(source.replica, target, this.sizeBytes, {
         ...options,
+        clientRequests: () => this.#admitted,
         onProgress: (p) => {
           Object.assign(progress, p);
           options.onProgress?.(p);
@@ -446,6 +449,7 @@ export class Engine implements SupervisedEngine {
     while (this.#gate) await this.#gate;
     if (this.#fenced) throw this.#fenced;
     this.#inflight++;
+    this.#admitted++;
     try {
       return await op();
     } finally {

@@ -1,5 +1,4 @@
 import { assert } from '../common/assert.ts';
-import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import { Pacer } from '../common/pacer.ts';
 import type { Clock } from '../common/clock.ts';
@@ -32,7 +31,20 @@ export interface CopyOptions {
   bytesPerSecond?: number;
   signal?: AbortSignal;
   onProgress?: (p: RebuildProgress) => void;
+  /**
+   * How many client requests the volume has taken so far: while it grows, the
+   * copy yields (two granules at a time, at most BUSY_BYTES_PER_SECOND), so
+   * that clients keep their latency; idle, it runs at full speed.
+   */
+  clientRequests?: () => number;
 }
+
+/** A rebuild's pace while clients use the volume (unless `--rebuild-rate` is lower). */
+export const BUSY_BYTES_PER_SECOND = 150 * 1000 * 1000;
+/** Copies in flight while clients use the volume. */
+const BUSY_COPIES = 2;
+/** How recent client requests must be for the copy to yield. */
+const BUSY_WINDOW_MS = 50;
 
 /**
  * Makes every snapshot layer of `target` equal to `source`'s: per granule,
@@ -55,6 +67,56 @@ export async function copyLayers(
     layersSkipped: 0,
   };
   const pacer = new Pacer(options.clock, options.bytesPerSecond);
+  const clients = {
+    count: options.clientRequests?.() ?? 0,
+    atMs: options.clock.elapsedMs(),
+    busy: false,
+  };
+  /** Whether clients sent requests within the last window (sampled: many copies may ask). */
+  const busy = (): boolean => {
+    if (!options.clientRequests) return false;
+    const now = options.clock.elapsedMs();
+    if (now - clients.atMs >= BUSY_WINDOW_MS) {
+      const count = options.clientRequests();
+      clients.busy = count !== clients.count;
+      clients.count = count;
+      clients.atMs = now;
+    }
+    return clients.busy;
+  };
+  /** After a copy, while clients are busy: paced to BUSY_BYTES_PER_SECOND over BUSY_COPIES. */
+  const yieldToClients = async (bytes: number, startedMs: number): Promise<void> => {
+    if (!busy()) return;
+    const perCopy = BUSY_BYTES_PER_SECOND / BUSY_COPIES;
+    const wait = (bytes / perCopy) * 1000 - (options.clock.elapsedMs() - startedMs);
+    if (wait > 1) await options.clock.sleep(wait);
+  };
+  /**
+   * Runs `copyOne` for 0..count-1, COPIES_IN_FLIGHT at a time, BUSY_COPIES
+   * while clients are busy (the others wait a window, then look again);
+   * the first failure stops the others from taking more.
+   */
+  const copies = async (count: number, copyOne: (i: number) => Promise<void>): Promise<void> => {
+    let next = 0;
+    let failed = false;
+    const worker = async (w: number): Promise<void> => {
+      while (!failed && next < count) {
+        if (w >= BUSY_COPIES && busy()) {
+          await options.clock.sleep(BUSY_WINDOW_MS);
+          continue;
+        }
+        try {
+          await copyOne(next++);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
+    };
+    await Promise.all(
+      Array.from({ length: Math.min(COPIES_IN_FLIGHT, count) }, (_, w) => worker(w)),
+    );
+  };
   for (const name of names) {
     let copiedHere = 0;
     for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
@@ -62,6 +124,7 @@ export async function copyLayers(
         throw new CorralError('SHUTTING_DOWN', `Rebuild of replica ${target.id} was stopped`);
       const length = Math.min(WINDOW_BYTES, sizeBytes - offset);
       const copy = async (g: number, mask: Uint8Array | undefined): Promise<void> => {
+        const startedMs = options.clock.elapsedMs();
         const at = g * GRANULE_BYTES;
         const n = Math.min(GRANULE_BYTES, sizeBytes - at);
         const chunk = await source.readLayerChunk(name, at, n, mask);
@@ -69,6 +132,7 @@ export async function copyLayers(
         progress.bytesCopied += chunk.data.length;
         copiedHere += chunk.data.length;
         await pacer.paced(chunk.data.length);
+        await yieldToClients(chunk.data.length, startedMs);
       };
       const [theirSums, mySums] = await Promise.all([
         target.layerSums(name, offset, length),
@@ -78,7 +142,7 @@ export async function copyLayers(
         // A window the target holds nothing of (a new replica's): what the source holds is
         // copied whole, unhashed, and checked against the source's block checksums after.
         const todo = granulesHolding(mySums, offset);
-        await concurrently(todo.length, COPIES_IN_FLIGHT, (i) => copy(todo[i]!, undefined));
+        await copies(todo.length, (i) => copy(todo[i]!, undefined));
         if (todo.length > 0) {
           const after = await target.layerSums(name, offset, length);
           const bad = firstDifference(mySums, after);
@@ -99,7 +163,7 @@ export async function copyLayers(
         for (const [g, d] of want) if (held.get(g) !== d) differing.add(g);
         for (const [g] of have) if (!wanted.has(g)) differing.add(g);
         const todo = [...differing].sort((a, b) => a - b);
-        await concurrently(todo.length, COPIES_IN_FLIGHT, async (i) => {
+        await copies(todo.length, async (i) => {
           const g = todo[i]!;
           const at = g * GRANULE_BYTES;
           const n = Math.min(GRANULE_BYTES, sizeBytes - at);

@@ -73,6 +73,33 @@ describe('a rebuild copies snapshot layers and checks what it copied', () => {
     await sameLayer(source, target);
   });
 
+  it('yields to clients: paces itself while requests arrive, runs flat out while none do', async () => {
+    const run = async (clientsWrite: boolean) => {
+      const { source, target } = await pair(env);
+      let now = 0;
+      const slept: number[] = [];
+      let requests = 0;
+      await copyLayers(source, target, SIZE, {
+        clock: {
+          ...simClock,
+          // Every look at the clock is 20 ms later: the client sampling sees time pass.
+          elapsedMs: () => (now += 20),
+          // A pause lets I/O completions in (a timer would), without taking the time.
+          sleep: (ms) => {
+            slept.push(ms);
+            return new Promise((resolve) => setImmediate(resolve));
+          },
+        },
+        clientRequests: () => (clientsWrite ? ++requests : requests),
+      });
+      await sameLayer(source, target);
+      return slept;
+    };
+    assert.equal((await run(false)).length, 0, 'an idle volume: no pauses');
+    const paused = await run(true);
+    assert.ok(paused.length > 0, 'a busy volume: the copy paused');
+  });
+
   it('fails, naming the place, when the target does not end up holding what was sent', async () => {
     const { source, target } = await pair(env);
     // A target that flips a byte of every chunk it is given (a bug or a bad disk on its side).
