@@ -9,7 +9,7 @@
 import { CLUSTER_SECRET, TestCluster } from '../test/helpers/cluster.ts';
 import { DaemonProcess } from '../test/helpers/daemon.ts';
 import { EtcdProcess } from '../test/helpers/etcd.ts';
-import { waitFor } from '../test/helpers/run.ts';
+import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 export interface BenchJob {
   name: string;
@@ -67,6 +67,7 @@ export async function replicationBench<J extends BenchJob>(
     if (op.state !== 'succeeded') throw new Error(`rebuild ${op.state}`);
     const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
     const mb = op.result!.bytesCopied / 1e6;
+    const underLoad = await rebuildUnderLoad(d1);
     await cluster.cleanup();
     const inCluster = await clusterRun(jobs, fio, prefill);
     const rows = [
@@ -83,6 +84,8 @@ export async function replicationBench<J extends BenchJob>(
     rows.push(
       '',
       `Rebuild of a whole replica of the 1 GiB volume (every block written): ${mb.toFixed(0)} MB copied in ${seconds.toFixed(1)} s, ${(mb / seconds).toFixed(0)} MB/s.`,
+      '',
+      `The same while a client writes 4 KiB at QD1 (fio, 20 s): the client's p50/p99 ${underLoad.during} (steady, no rebuild: ${underLoad.steady}); the rebuild ${underLoad.rate}.`,
     );
     return rows.join('\n');
   } finally {
@@ -117,4 +120,67 @@ async function clusterRun<J extends BenchJob>(
     for (const d of daemons) await d.cleanup();
     await etcd.cleanup();
   }
+}
+
+/** fio 4k randwrite QD1 for `seconds`: completion latency p50/p99 in µs. */
+async function qd1(uri: string, seconds: number): Promise<string> {
+  const { stdout } = await mustRun('fio', [
+    '--name=lat',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    '--rw=randwrite',
+    '--bs=4k',
+    '--iodepth=1',
+    '--size=1G',
+    '--time_based',
+    `--runtime=${seconds}`,
+    '--output-format=json',
+  ]);
+  const p = (
+    JSON.parse(stdout.slice(stdout.indexOf('{'))) as {
+      jobs: Array<{ write: { clat_ns: { percentile: Record<string, number> } } }>;
+    }
+  ).jobs[0]!.write.clat_ns.percentile;
+  return `${((p['50.000000'] ?? 0) / 1000).toFixed(0)}/${((p['99.000000'] ?? 0) / 1000).toFixed(0)} µs`;
+}
+
+/**
+ * Client latency while a whole replica is rebuilt (the rebuild yields to clients): QD1 writes
+ * alone, then again while a replica is taken out and rebuilt.
+ */
+async function rebuildUnderLoad(
+  d1: DaemonProcess,
+): Promise<{ steady: string; during: string; rate: string }> {
+  const steady = await qd1(d1.uri('three'), 5);
+  const during = qd1(d1.uri('three'), 20);
+  const { replicas } = (
+    await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
+      'GET',
+      '/v1/volumes/three/replicas',
+    )
+  ).json;
+  const remote = replicas.find((r) => r.location !== 'local')!;
+  const before = new Set(
+    (
+      await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')
+    ).json.operations.map((o) => o.id),
+  );
+  await d1.api_('DELETE', `/v1/volumes/three/replicas/${remote.id}`);
+  const op = await waitFor(
+    'the rebuild under load',
+    async () =>
+      (
+        await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')
+      ).json.operations.find(
+        (o) => o.kind === 'rebuild' && o.state !== 'running' && !before.has(o.id),
+      ),
+    600_000,
+  );
+  const latency = await during;
+  const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
+  return {
+    steady,
+    during: latency,
+    rate: `${op.state}: ${((op.result?.bytesCopied ?? 0) / 1e6).toFixed(0)} MB in ${seconds.toFixed(1)} s, ${((op.result?.bytesCopied ?? 0) / 1e6 / seconds).toFixed(0)} MB/s`,
+  };
 }
