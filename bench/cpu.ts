@@ -106,7 +106,11 @@ function rss(pid: number): number {
   return Number(m?.[1] ?? 0) * 1024;
 }
 
-export async function cpuBench(dir: string, runtimeS: number): Promise<string> {
+export async function cpuBench(
+  dir: string,
+  runtimeS: number,
+  prefill: (uri: string) => Promise<void>,
+): Promise<string> {
   const cluster = await TestCluster.start(3);
   const file = path.join(dir, 'nbdkit.img');
   await mustRun('truncate', ['-s', '1G', file]);
@@ -131,20 +135,7 @@ export async function cpuBench(dir: string, runtimeS: number): Promise<string> {
       const r = await d1.api_('POST', '/v1/volumes', { name, size: '1G', replicas });
       if (r.status !== 201) throw new Error(`create ${name}: ${JSON.stringify(r.json)}`);
     }
-    for (const uri of [kit, d1.uri('one'), d1.uri('three')])
-      await mustRun(
-        'fio',
-        [
-          '--name=fill',
-          '--ioengine=nbd',
-          `--uri=${uri}`,
-          '--rw=write',
-          '--bs=1M',
-          '--iodepth=8',
-          '--size=1G',
-        ],
-        { timeoutMs: 600_000 },
-      );
+    for (const uri of [kit, d1.uri('one'), d1.uri('three')]) await prefill(uri);
     const pids = {
       nbdkit: nbdkit.pid!,
       d1: d1.child.pid!,

@@ -54,16 +54,7 @@ export async function replicationBench<J extends BenchJob>(
         '/v1/volumes/three/replicas',
       )
     ).json;
-    const remote = replicas.find((r) => r.location !== 'local')!;
-    await d1.api_('DELETE', `/v1/volumes/three/replicas/${remote.id}`);
-    const op = await waitFor(
-      'the rebuild',
-      async () =>
-        (await d1.api_<{ operations: Op[] }>('GET', '/v1/operations')).json.operations.find(
-          (o) => o.kind === 'rebuild' && o.state !== 'running',
-        ),
-      600_000,
-    );
+    const op = await rebuildOne(d1, replicas);
     if (op.state !== 'succeeded') throw new Error(`rebuild ${op.state}`);
     const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
     const mb = op.result!.bytesCopied / 1e6;
@@ -151,7 +142,10 @@ async function qd1(uri: string, seconds: number): Promise<string> {
 async function rebuildUnderLoad(
   d1: DaemonProcess,
 ): Promise<{ steady: string; during: string; rate: string }> {
+  // Both from the same page-cache state: the first rebuild's writes drained.
+  await mustRun('sync', []);
   const steady = await qd1(d1.uri('three'), 5);
+  await mustRun('sync', []);
   const during = qd1(d1.uri('three'), 20);
   const { replicas } = (
     await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
@@ -159,23 +153,7 @@ async function rebuildUnderLoad(
       '/v1/volumes/three/replicas',
     )
   ).json;
-  const remote = replicas.find((r) => r.location !== 'local')!;
-  const before = new Set(
-    (
-      await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')
-    ).json.operations.map((o) => o.id),
-  );
-  await d1.api_('DELETE', `/v1/volumes/three/replicas/${remote.id}`);
-  const op = await waitFor(
-    'the rebuild under load',
-    async () =>
-      (
-        await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')
-      ).json.operations.find(
-        (o) => o.kind === 'rebuild' && o.state !== 'running' && !before.has(o.id),
-      ),
-    600_000,
-  );
+  const op = await rebuildOne(d1, replicas);
   const latency = await during;
   const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
   return {
@@ -183,4 +161,23 @@ async function rebuildUnderLoad(
     during: latency,
     rate: `${op.state}: ${((op.result?.bytesCopied ?? 0) / 1e6).toFixed(0)} MB in ${seconds.toFixed(1)} s, ${((op.result?.bytesCopied ?? 0) / 1e6 / seconds).toFixed(0)} MB/s`,
   };
+}
+
+/** Takes a remote replica of volume `three` out and waits for the rebuild of its successor. */
+async function rebuildOne(
+  d1: DaemonProcess,
+  replicas: Array<{ id: string; location: string }>,
+): Promise<Op> {
+  const ops = async () =>
+    (await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')).json
+      .operations;
+  const before = new Set((await ops()).map((o) => o.id));
+  const remote = replicas.find((r) => r.location !== 'local')!;
+  await d1.api_('DELETE', `/v1/volumes/three/replicas/${remote.id}`);
+  return waitFor(
+    'the rebuild',
+    async () =>
+      (await ops()).find((o) => o.kind === 'rebuild' && o.state !== 'running' && !before.has(o.id)),
+    600_000,
+  );
 }

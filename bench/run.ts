@@ -307,7 +307,7 @@ async function main(): Promise<void> {
   }
   if (process.env.BENCH_ONLY === 'cpu') {
     try {
-      const table = await cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8));
+      const table = await cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8), prefill);
       console.log(`\n${table}`);
       const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=cpu npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons with a shared secret, fio over NBD on daemon 1, ${process.env.BENCH_RUNTIME ?? 8} s per job).`;
       await replaceSection(
