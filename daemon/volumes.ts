@@ -1181,7 +1181,8 @@ export class VolumeManager {
   async standbys(): Promise<Array<{ name: string; standby: StandbyRecord }>> {
     const out: Array<{ name: string; standby: StandbyRecord }> = [];
     for (const name of this.#standby.keys()) {
-      const standby = (await this.#o.records.get(name))?.standby;
+      // As last seen: polls look every second (in a cluster, the watch keeps it current).
+      const standby = (await this.#o.records.cached(name))?.standby;
       if (standby && !this.#restoring.has(name)) out.push({ name, standby });
     }
     return out;
