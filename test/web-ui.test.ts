@@ -138,6 +138,20 @@ describe('the web UI in Chromium', () => {
     );
     await mustRun('qemu-io', ['-f', 'raw', d.uri('db1-restored'), '-c', 'read -P 0x42 0 1M']);
 
+    // A standby of db1: its page says what it follows, the backup it holds, how to activate it.
+    const standby = await d.api_('POST', '/v1/volumes?wait=true', {
+      name: 'db1-dr',
+      standbyFrom: 'db1',
+      pollSeconds: 60,
+    });
+    assert.equal(standby.status, 200, JSON.stringify(standby.json));
+    await page.goto(`${d.api}/ui/volumes/db1-dr`);
+    const line = (await page.textContent('#standby')) ?? '';
+    assert.match(line, /follows \S+volume=db1 every 60 s; holds backup-\S+/);
+    assert.match(line, /corral volume activate db1-dr/);
+    assert.equal((await d.api_('DELETE', '/v1/volumes/db1-dr')).status, 204);
+    await page.goto(`${d.api}/ui/volumes/db1`);
+
     // A recurring job, added and removed from the page.
     await page.selectOption('#jobs select[name=task]', 'snapshot');
     await page.fill('#jobs input[name=cron]', '0 3 * * *');

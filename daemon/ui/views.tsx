@@ -360,6 +360,19 @@ export function VolumeDetail(props: {
         {formatSize(v.sizeBytes)}, {v.frontend}, <span class={`state-${v.state}`}>{v.state}</span>
         {v.node !== undefined ? ` on ${v.node}` : ''}, {v.nbdConnections} NBD connection(s)
       </p>
+      {v.encrypted || (v.qos && Object.keys(v.qos).length > 0) ? (
+        <p id="settings">
+          {v.encrypted ? `Encrypted at rest (key ${v.encrypted.keyId}). ` : ''}
+          {v.qos && Object.keys(v.qos).length > 0
+            ? `Limits: ${Object.entries(v.qos)
+                .map(([k, n]) => `${k} ${n}`)
+                .join(', ')}.`
+            : ''}
+        </p>
+      ) : (
+        ''
+      )}
+      {v.standby ? <StandbyLine name={v.name} standby={v.standby} /> : ''}
       <h2>I/O</h2>
       <StatsTable name={v.name} stats={props.stats} history={props.history} />
       <h2>Replicas</h2>
@@ -385,6 +398,21 @@ export function VolumeDetail(props: {
       <h2>Recurring jobs</h2>
       <Jobs volume={v.name} jobs={props.jobs} />
     </div>
+  );
+}
+
+/** A standby volume: what it follows, the backup it holds, how far behind, its RPO. */
+function StandbyLine(props: { name: string; standby: NonNullable<VolumeInfo['standby']> }) {
+  const s = props.standby;
+  return (
+    <p id="standby">
+      Standby (read-only): follows <code>{s.from}</code> every {s.pollSeconds} s; holds{' '}
+      <code>{s.backup ?? '?'}</code>
+      {s.behindSeconds !== undefined ? `, ${s.behindSeconds} s behind` : ''}
+      {s.rpoSeconds !== undefined ? `, RPO ${s.rpoSeconds} s` : ''}
+      {s.applying !== undefined ? `; applying ${s.applying}` : ''}. After a disaster:{' '}
+      <code>corral volume activate {props.name}</code>.
+    </p>
   );
 }
 
