@@ -48,13 +48,7 @@ export async function replicationBench<J extends BenchJob>(
       console.error(`${job.name}: 1 replica ${one.toFixed(0)}, 3 replicas ${three.toFixed(0)}`);
     }
     // A whole replica rebuilt: take one out, the repair loop builds a new one.
-    const { replicas } = (
-      await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
-        'GET',
-        '/v1/volumes/three/replicas',
-      )
-    ).json;
-    const op = await rebuildOne(d1, replicas);
+    const op = await rebuildOne(d1);
     if (op.state !== 'succeeded') throw new Error(`rebuild ${op.state}`);
     const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
     const mb = op.result!.bytesCopied / 1e6;
@@ -147,13 +141,7 @@ async function rebuildUnderLoad(
   const steady = await qd1(d1.uri('three'), 5);
   await mustRun('sync', []);
   const during = qd1(d1.uri('three'), 20);
-  const { replicas } = (
-    await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
-      'GET',
-      '/v1/volumes/three/replicas',
-    )
-  ).json;
-  const op = await rebuildOne(d1, replicas);
+  const op = await rebuildOne(d1);
   const latency = await during;
   const seconds = (Date.parse(op.endedAt!) - Date.parse(op.startedAt)) / 1000;
   return {
@@ -164,10 +152,13 @@ async function rebuildUnderLoad(
 }
 
 /** Takes a remote replica of volume `three` out and waits for the rebuild of its successor. */
-async function rebuildOne(
-  d1: DaemonProcess,
-  replicas: Array<{ id: string; location: string }>,
-): Promise<Op> {
+async function rebuildOne(d1: DaemonProcess): Promise<Op> {
+  const { replicas } = (
+    await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
+      'GET',
+      '/v1/volumes/three/replicas',
+    )
+  ).json;
   const ops = async () =>
     (await d1.api_<{ operations: Array<Op & { id: string }> }>('GET', '/v1/operations')).json
       .operations;
