@@ -7,11 +7,22 @@ export async function concurrently(
   count: number,
   concurrency: number,
   fn: (i: number, worker: number) => Promise<void>,
+  /**
+   * Asked before a worker takes an item: a promise holds it back until it
+   * settles (then it asks again), undefined lets it go on. Lets a job run
+   * fewer at a time for a while (a rebuild yielding to clients).
+   */
+  hold?: (worker: number) => Promise<void> | undefined,
 ): Promise<void> {
   let next = 0;
   let failed = false;
   const run = async (worker: number): Promise<void> => {
     while (!failed && next < count) {
+      const held = hold?.(worker);
+      if (held) {
+        await held;
+        continue;
+      }
       const i = next++;
       try {
         await fn(i, worker);

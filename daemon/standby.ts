@@ -194,8 +194,8 @@ export class StandbyService {
 
   /** The backup key of a standby following encrypted backups, given again (after a restart). */
   async giveKey(name: string, key: unknown): Promise<void> {
-    const standby = (await this.#volumes.get(name)).standby;
-    const keyId = standby ? await this.#keyIdOf(name) : undefined;
+    await this.#volumes.get(name); // NOT_FOUND for a name no volume has
+    const keyId = await this.#keyIdOf(name);
     if (keyId === undefined)
       throw new CorralError(
         'INVALID_ARGUMENT',

@@ -1,4 +1,5 @@
 import { assert } from '../common/assert.ts';
+import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import { Pacer } from '../common/pacer.ts';
 import type { Clock } from '../common/clock.ts';
@@ -92,31 +93,13 @@ export async function copyLayers(
     if (wait > 1) await options.clock.sleep(wait);
   };
   /**
-   * Runs `copyOne` for 0..count-1, COPIES_IN_FLIGHT at a time, BUSY_COPIES
-   * while clients are busy (the others wait a window, then look again);
-   * the first failure stops the others from taking more.
+   * COPIES_IN_FLIGHT copies at a time, BUSY_COPIES while clients are busy
+   * (the other workers wait a window, then look again).
    */
-  const copies = async (count: number, copyOne: (i: number) => Promise<void>): Promise<void> => {
-    let next = 0;
-    let failed = false;
-    const worker = async (w: number): Promise<void> => {
-      while (!failed && next < count) {
-        if (w >= BUSY_COPIES && busy()) {
-          await options.clock.sleep(BUSY_WINDOW_MS);
-          continue;
-        }
-        try {
-          await copyOne(next++);
-        } catch (err) {
-          failed = true;
-          throw err;
-        }
-      }
-    };
-    await Promise.all(
-      Array.from({ length: Math.min(COPIES_IN_FLIGHT, count) }, (_, w) => worker(w)),
+  const copies = (count: number, copyOne: (i: number) => Promise<void>): Promise<void> =>
+    concurrently(count, COPIES_IN_FLIGHT, copyOne, (worker) =>
+      worker >= BUSY_COPIES && busy() ? options.clock.sleep(BUSY_WINDOW_MS) : undefined,
     );
-  };
   for (const name of names) {
     let copiedHere = 0;
     for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
