@@ -279,9 +279,10 @@ export interface Spaces {
    * Write-intent marks: regions (bitmap chunks, 128 MiB of volume) of a layer
    * that may hold writes newer than their stored checksums. Key
    * `<replicaId>/<layerId>/<chunk, 8 hex digits>`, empty value; set (synced)
-   * before the first write into a region, cleared by a flush after which the
-   * region had no writes; a region still marked at open has its sums
-   * recomputed from the data, so a crash never reads as corruption.
+   * before the first write into a region, cleared (with the region's sums) by
+   * a flush after the region has had no writes for a few seconds; a region
+   * still marked at open has its sums recomputed from the data, so a crash
+   * never reads as corruption.
    */
   marks: KeySpace<Uint8Array>;
   /** Replicas kept here for engines on other hosts: key `<replicaId>`. */

@@ -122,10 +122,15 @@ export class BlockSums {
     this.#chunks[chunkIndex] = chunk;
   }
 
-  /** The chunks changed since the last call, copied (little-endian u32s), and forgets them. */
-  takeDirty(): Array<[number, Uint8Array]> {
+  /**
+   * The chunks changed since the last call (those `wanted` accepts, if given), copied
+   * (little-endian u32s), and forgets them; the others stay changed.
+   */
+  takeDirty(wanted?: (chunkIndex: number) => boolean): Array<[number, Uint8Array]> {
     const out: Array<[number, Uint8Array]> = [];
     for (const index of this.#dirty) {
+      if (wanted && !wanted(index)) continue;
+      this.#dirty.delete(index);
       const chunk = this.#chunks[index];
       if (!chunk) continue;
       const bytes = new Uint8Array(SUMS_PER_CHUNK * 4);
@@ -133,7 +138,6 @@ export class BlockSums {
       for (let i = 0; i < SUMS_PER_CHUNK; i++) view.setUint32(i * 4, chunk[i]!, true);
       out.push([index, bytes]);
     }
-    this.#dirty.clear();
     return out;
   }
 

@@ -58,9 +58,13 @@ export class LayerMap {
     const bit = block % BLOCKS_PER_CHUNK;
     const byte = bit >> 3;
     const mask = 1 << (bit & 7);
-    chunk[byte] = state === DATA ? chunk[byte]! | mask : chunk[byte]! & ~mask;
-    chunk[BITMAP_BYTES + byte] =
+    const data = state === DATA ? chunk[byte]! | mask : chunk[byte]! & ~mask;
+    const zero =
       state === ZERO ? chunk[BITMAP_BYTES + byte]! | mask : chunk[BITMAP_BYTES + byte]! & ~mask;
+    // An overwrite changes no bit: its chunk need not be written again at the next flush.
+    if (data === chunk[byte] && zero === chunk[BITMAP_BYTES + byte]) return;
+    chunk[byte] = data;
+    chunk[BITMAP_BYTES + byte] = zero;
     this.#dirty.add(index);
   }
 

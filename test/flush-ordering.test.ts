@@ -1,0 +1,120 @@
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { LocalReplica } from '../replication/local-replica.ts';
+import { handClock } from './helpers/hand-clock.ts';
+import { closeReplicaEnv, replicaEnv, type ReplicaEnv } from './helpers/replica-env.ts';
+import { waitFor } from './helpers/run.ts';
+
+const MiB = 1024 * 1024;
+/** Two 128 MiB regions. */
+const SIZE = 256 * MiB;
+/** How long a write-intent mark lingers after its region's last write (local-replica.ts). */
+const LINGER_MS = 5000;
+
+/**
+ * A database commits with a write and a flush into the same region, over and over. The flush
+ * ordering that keeps such a commit to one sync's latency — marks that linger, sums that wait
+ * while their region is marked, the data sync and the revision's batch at once — must still read
+ * back exactly what was flushed after a crash (a replica abandoned without its closing flush, as
+ * a SIGKILL leaves it), and must still clear its marks so that recovery stays short.
+ */
+describe('flush ordering: marks linger, sums wait, a crash still reads what was flushed', () => {
+  const envs: ReplicaEnv[] = [];
+  after(async () => {
+    for (const e of envs) await closeReplicaEnv(e);
+  });
+
+  async function world() {
+    const env = await replicaEnv();
+    envs.push(env);
+    const clock = handClock(Date.parse('2026-12-03T00:00:00Z'));
+    const replica = await LocalReplica.create({
+      spaces: env.spaces,
+      root: env.root,
+      volume: 'v',
+      sizeBytes: SIZE,
+      now: new Date(),
+      clock,
+    });
+    const marks = () => env.spaces.marks.keys(`${replica.id}/`);
+    const sums = async () => (await env.spaces.sums.entries()).length;
+    const reopen = async (): Promise<LocalReplica> => {
+      const r = await LocalReplica.open({
+        spaces: env.spaces,
+        root: env.root,
+        id: replica.id,
+        clock,
+      });
+      env.open.push(r);
+      return r;
+    };
+    return { env, clock, replica, marks, sums, reopen };
+  }
+
+  it('a region written and flushed keeps its mark and defers its sums until quiet, then clears both at once', async () => {
+    const { clock, replica, marks, sums, env } = await world();
+    env.open.push(replica);
+    await replica.write(0, Buffer.alloc(MiB, 0x11));
+    await replica.flush();
+    assert.equal((await marks()).length, 1, 'the region stays marked after its flush');
+    assert.equal(await sums(), 0, 'its sums wait while it is marked');
+    // A commit: the same region again, and a flush that changes no bitmap.
+    await replica.write(0, Buffer.alloc(8192, 0x12));
+    await replica.flush();
+    await clock.advance(LINGER_MS - 1);
+    assert.equal((await marks()).length, 1, 'still marked before it has been quiet long enough');
+    await clock.advance(1);
+    await waitFor('the lingering mark cleared by a flush of its own', async () =>
+      (await marks()).length === 0 ? true : undefined,
+    );
+    assert.equal(await sums(), 1, 'the sums of the region were written with the mark cleared');
+    // The region in the other half of the volume was never written: never marked.
+    await replica.write(200 * MiB, Buffer.alloc(4096, 0x13));
+    await replica.close();
+    assert.deepEqual(await marks(), [], 'close clears the marks of every region, lingering or not');
+    assert.equal(await sums(), 2);
+  });
+
+  it('a crash after flushes that left the mark and deferred the sums reads back the flushed bytes, checked', async () => {
+    const { clock, replica, marks, reopen, env } = await world();
+    await replica.write(0, Buffer.alloc(2 * MiB, 0x21));
+    await replica.flush();
+    // Quiet: the mark goes and the sums of 0x21 reach LevelDB.
+    await clock.advance(LINGER_MS);
+    await waitFor('mark cleared', async () => ((await marks()).length === 0 ? true : undefined));
+    // Overwritten and flushed (marked again first): the sums of 0x22 are not in LevelDB.
+    await replica.write(0, Buffer.alloc(MiB, 0x22));
+    await replica.flush();
+    await replica.write(MiB, Buffer.alloc(4096, 0x23));
+    await replica.flush();
+    replica.abandon();
+    assert.equal((await marks()).length, 1, 'the crash left the region marked');
+
+    const again = await reopen();
+    const got = await again.read(0, 2 * MiB);
+    assert.ok(
+      got.subarray(0, MiB).every((b) => b === 0x22),
+      'the flushed overwrite',
+    );
+    assert.ok(
+      got.subarray(MiB, MiB + 4096).every((b) => b === 0x23),
+      'the flushed commit',
+    );
+    assert.ok(
+      got.subarray(MiB + 4096).every((b) => b === 0x21),
+      'the older bytes around it',
+    );
+    assert.deepEqual(await marks(), [], 'recovery cleared the mark');
+    // The sums were computed again from the data, not left unknown: a flipped byte is caught.
+    await again.close();
+    const dir = LocalReplica.dirOf(env.root, again.id);
+    const layer = (await fs.promises.readdir(dir)).find((f) => f.endsWith('.layer'))!;
+    const fh = await fs.promises.open(path.join(dir, layer), 'r+');
+    await fh.write(Buffer.from([0x99]), 0, 1, 4096 + 7);
+    await fh.close();
+    const third = await reopen();
+    await assert.rejects(third.read(4096, 4096), /checksum/i);
+  });
+});
