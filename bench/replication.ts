@@ -151,12 +151,12 @@ async function rebuildUnderLoad(
   };
 }
 
-/** Takes a remote replica of volume `three` out and waits for the rebuild of its successor. */
-async function rebuildOne(d1: DaemonProcess): Promise<Op> {
+/** Takes a remote replica of a volume out and waits for the rebuild of its successor. */
+export async function rebuildOne(d1: DaemonProcess, volume = 'three'): Promise<Op> {
   const { replicas } = (
     await d1.api_<{ replicas: Array<{ id: string; location: string }> }>(
       'GET',
-      '/v1/volumes/three/replicas',
+      `/v1/volumes/${volume}/replicas`,
     )
   ).json;
   const ops = async () =>
@@ -164,7 +164,7 @@ async function rebuildOne(d1: DaemonProcess): Promise<Op> {
       .operations;
   const before = new Set((await ops()).map((o) => o.id));
   const remote = replicas.find((r) => r.location !== 'local')!;
-  await d1.api_('DELETE', `/v1/volumes/three/replicas/${remote.id}`);
+  await d1.api_('DELETE', `/v1/volumes/${volume}/replicas/${remote.id}`);
   return waitFor(
     'the rebuild',
     async () =>

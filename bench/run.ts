@@ -6,7 +6,8 @@
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
  * BENCH_TLS=0 the TLS-cost table;
- * BENCH_ONLY=backup|replication|metrics|tls|services|crypt|cpu runs one table alone.
+ * BENCH_ONLY=backup|replication|metrics|tls|services|crypt|cpu|pgbench runs one table alone
+ * (cpu and pgbench only so: they start daemons of their own and take minutes).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -20,6 +21,7 @@ import { expandBench, trimBench } from './services.ts';
 import { tlsBench } from './tls.ts';
 import { cryptBench } from './crypt.ts';
 import { cpuBench } from './cpu.ts';
+import { pgbenchBench } from './pgbench.ts';
 import { median } from './proc.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
@@ -313,6 +315,21 @@ async function main(): Promise<void> {
       await replaceSection(
         path.join(ROOT, 'docs', 'PERFORMANCE.md'),
         'bench-cpu',
+        `${stamp}\n\n${table}`,
+      );
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
+    return;
+  }
+  if (process.env.BENCH_ONLY === 'pgbench') {
+    try {
+      const table = await pgbenchBench(dir);
+      console.log(`\n${table}`);
+      const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=pgbench npm run bench\` (PostgreSQL's pgbench, Node ${process.version}, ${os.cpus().length} cores; three daemons, postgres and pgbench share them).`;
+      await replaceSection(
+        path.join(ROOT, 'docs', 'PERFORMANCE.md'),
+        'bench-pgbench',
         `${stamp}\n\n${table}`,
       );
     } finally {
