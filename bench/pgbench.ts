@@ -259,6 +259,10 @@ async function duringRebuild(
   const to = Date.parse(op.endedAt!);
   const before = seconds.filter((s) => s.wall < from && s.at > 2);
   const during = seconds.filter((s) => s.wall > from && s.wall <= to + 1000);
+  for (const s of seconds)
+    console.error(
+      `pgbench: ${((s.wall - from) / 1000).toFixed(1)} s from the rebuild's start: ${s.tps.toFixed(0)} tps, ${s.latencyMs.toFixed(1)} ms`,
+    );
   const rebuildS = (to - from) / 1000;
   const mb = (op.result?.bytesCopied ?? 0) / 1e6;
   const latBefore = mean(before.map((s) => s.latencyMs));
