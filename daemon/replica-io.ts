@@ -18,7 +18,7 @@ import type { UpgradeHandler } from './http.ts';
 const STATUS: Partial<Record<string, number>> = { NOT_FOUND: 404, BUSY: 409 };
 
 /**
- * `GET /v1/replicas/:id/io` with `Upgrade: corral-replica/2`: one engine's
+ * `GET /v1/replicas/:id/io` with `Upgrade: corral-replica/3`: one engine's
  * long-lived connection to a replica kept here (replication/wire.ts). The
  * cluster secret and the engine's epoch are checked before the switch.
  */

@@ -1555,8 +1555,9 @@ export class LocalReplica implements Replica {
     offset: number,
     length: number,
     mask?: Uint8Array,
+    into?: Uint8Array,
   ): Promise<{ states: Uint8Array; data: Uint8Array }> {
-    return this.#layerChunk(name, offset, length, mask, false);
+    return this.#layerChunk(name, offset, length, mask, false, into);
   }
 
   /**
@@ -1570,6 +1571,7 @@ export class LocalReplica implements Replica {
     length: number,
     mask: Uint8Array | undefined,
     poison: boolean,
+    into?: Uint8Array,
   ): Promise<{ states: Uint8Array; data: Uint8Array }> {
     this.#checkRange(offset, length);
     assert(offset % BLOCK_SIZE === 0 && length % BLOCK_SIZE === 0, 'layer ranges are whole blocks');
@@ -1582,7 +1584,10 @@ export class LocalReplica implements Replica {
       states[i] = layer.map.state(first + i);
       if (wanted(i)) dataBlocks++;
     }
-    const data = Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE);
+    const data =
+      into && into.length >= dataBlocks * BLOCK_SIZE
+        ? Buffer.from(into.buffer, into.byteOffset, dataBlocks * BLOCK_SIZE)
+        : Buffer.allocUnsafe(dataBlocks * BLOCK_SIZE);
     this.#pending++;
     try {
       let at = 0;

@@ -1,4 +1,5 @@
 import { assert } from '../common/assert.ts';
+import { BufferPool } from '../common/buffer-pool.ts';
 import { concurrently } from '../common/concurrently.ts';
 import { CorralError } from '../common/errors.ts';
 import { Pacer } from '../common/pacer.ts';
@@ -11,6 +12,12 @@ export const GRANULE_BYTES = 1024 * 1024;
 export const WINDOW_BYTES = 64 * 1024 * 1024;
 /** Granules copied at once: round trips to both replicas overlap instead of adding up. */
 const COPIES_IN_FLIGHT = 4;
+/**
+ * The granules in flight, read into buffers used again: a fresh 1 MiB buffer per granule (and a
+ * second one joining it with its header) had the engine's garbage collector at 18 % of its CPU
+ * during a rebuild.
+ */
+const copyBuffers = new BufferPool(2 * COPIES_IN_FLIGHT * GRANULE_BYTES);
 assert(
   GRANULE_BYTES % BLOCK_SIZE === 0 && WINDOW_BYTES % GRANULE_BYTES === 0,
   'rebuild windows are whole granules of whole blocks',
@@ -110,8 +117,11 @@ export async function copyLayers(
         const startedMs = options.clock.elapsedMs();
         const at = g * GRANULE_BYTES;
         const n = Math.min(GRANULE_BYTES, sizeBytes - at);
-        const chunk = await source.readLayerChunk(name, at, n, mask);
+        const buffer = copyBuffers.acquire(n);
+        const chunk = await source.readLayerChunk(name, at, n, mask, buffer);
         await target.writeLayerChunk(name, at, chunk.states, chunk.data, mask);
+        // Only after success: a failed copy's buffer may still be on its way somewhere.
+        copyBuffers.release(buffer);
         progress.bytesCopied += chunk.data.length;
         copiedHere += chunk.data.length;
         await pacer.paced(chunk.data.length);

@@ -14,6 +14,7 @@ import {
   decodeParts,
   encodeParts,
   Flag,
+  layerWriteParts,
   FrameReader,
   Op,
   parseReply,
@@ -242,7 +243,7 @@ export class RemoteReplica implements Replica {
     flags: number,
     offset: number,
     count: number,
-    payload: Uint8Array,
+    payload: Uint8Array | readonly Uint8Array[],
     onPooled?: (frame: Buffer) => void,
   ) {
     if (this.#dead) return Promise.reject(this.#dead);
@@ -264,7 +265,10 @@ export class RemoteReplica implements Replica {
       // Requests of one loop turn leave together: one DATA frame for many small writes.
       this.#batch!.hold();
       const header = requestHeader(op, id, flags, offset, count, payload);
-      if (payload.length === 0) stream.write(header);
+      if (!(payload instanceof Uint8Array)) {
+        stream.write(header);
+        for (const part of payload) stream.write(part);
+      } else if (payload.length === 0) stream.write(header);
       else if (payload.length <= SMALL_PAYLOAD) stream.write(Buffer.concat([header, payload]));
       else {
         stream.write(header);
@@ -414,8 +418,13 @@ export class RemoteReplica implements Replica {
     data: Uint8Array,
     mask?: Uint8Array,
   ): Promise<void> {
-    const payload = Buffer.concat(encodeParts([Buffer.from(name), states, data, mask ?? EMPTY]));
-    await this.#send(Op.WRITE_LAYER, 0, offset, states.length * 4096, payload);
+    await this.#send(
+      Op.WRITE_LAYER,
+      0,
+      offset,
+      states.length * 4096,
+      layerWriteParts(name, states, data, mask),
+    );
   }
 
   async layerBlockDigests(name: string, offset: number, length: number): Promise<Uint8Array> {

@@ -140,7 +140,9 @@ export class ReplicaSession {
         return Buffer.concat(encodeParts([states, data]));
       }
       case Op.WRITE_LAYER: {
-        const [name, states, data, mask] = decodeParts(req.payload) as [
+        // layerWriteParts: name, states, mask, padding, data.
+        const [name, states, mask, , data] = decodeParts(req.payload) as [
+          Buffer,
           Buffer,
           Buffer,
           Buffer,

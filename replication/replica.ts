@@ -93,12 +93,17 @@ export interface CopyOps {
     length: number,
     granuleBytes: number,
   ): Promise<Array<[number, string]>>;
-  /** Rebuild: a snapshot layer's block states (0 absent, 1 data, 2 zero) and its DATA blocks' bytes. */
+  /**
+   * Rebuild: a snapshot layer's block states (0 absent, 1 data, 2 zero) and its DATA blocks'
+   * bytes — read into `into` (at least `length` bytes) where the replica can, else into a
+   * buffer of its own.
+   */
   readLayerChunk(
     name: string,
     offset: number,
     length: number,
     mask?: Uint8Array,
+    into?: Uint8Array,
   ): Promise<{ states: Uint8Array; data: Uint8Array }>;
   /** Rebuild: makes a snapshot layer's range (the blocks `mask` selects) equal to `readLayerChunk`'s answer elsewhere. */
   writeLayerChunk(

@@ -63,7 +63,7 @@ export function ioPath(replicaId: string): string {
 /** Headers of the I/O stream: who may write (the cluster secret) and which engine (its epoch). */
 export const EPOCH_HEADER = 'x-corral-epoch';
 /** 2: payload checksums are XXH32 of its 4 KiB blocks, folded (1 was zlib's CRC-32). */
-export const UPGRADE_PROTOCOL = 'corral-replica/2';
+export const UPGRADE_PROTOCOL = 'corral-replica/3';
 
 export function upgradeRequest(host: string, id: string, secret: string, epoch: number): string {
   return [
@@ -136,18 +136,29 @@ const blockSums = new Uint32Array(MAX_FRAME_BYTES / BLOCK_SIZE + 1);
  * would in transit (flipped bits, a block lost, two blocks swapped).
  */
 function crc(data: Uint8Array): number {
-  if (data.length === 0) return 0;
-  const whole = data.length - (data.length % BLOCK_SIZE);
-  let acc = Math.imul(data.length ^ 0x165667b1, 0x9e3779b1);
-  if (whole > 0) {
-    const count = whole / BLOCK_SIZE;
-    hashBlocks(data.subarray(0, whole), blockSums);
-    for (let i = 0; i < count; i++) {
-      acc = Math.imul(acc ^ blockSums[i]!, 0x85ebca77);
-      acc = (acc << 13) | (acc >>> 19);
+  return data.length === 0 ? 0 : crcOfParts([data], data.length);
+}
+
+/**
+ * `crc` of the parts' concatenation, without making it: every part but the
+ * last is whole blocks, so block boundaries fall where they would.
+ */
+function crcOfParts(parts: readonly Uint8Array[], length: number): number {
+  let acc = Math.imul(length ^ 0x165667b1, 0x9e3779b1);
+  for (let p = 0; p < parts.length; p++) {
+    const data = parts[p]!;
+    const whole = data.length - (data.length % BLOCK_SIZE);
+    assert(whole === data.length || p === parts.length - 1, 'only the last part may end mid-block');
+    if (whole > 0) {
+      const count = whole / BLOCK_SIZE;
+      hashBlocks(data.subarray(0, whole), blockSums);
+      for (let i = 0; i < count; i++) {
+        acc = Math.imul(acc ^ blockSums[i]!, 0x85ebca77);
+        acc = (acc << 13) | (acc >>> 19);
+      }
     }
+    if (whole < data.length) acc ^= zlib.crc32(data.subarray(whole));
   }
-  if (whole < data.length) acc ^= zlib.crc32(data.subarray(whole));
   return acc >>> 0;
 }
 
@@ -178,23 +189,37 @@ function requestCrc(data: Uint8Array): number {
 }
 
 /** The header of a request; send it followed by `payload` (not copied). */
+/**
+ * A request's header. A payload in parts (sent one after the other, never
+ * joined) has every part but the last in whole blocks (see `crcOfParts`).
+ */
 export function requestHeader(
   op: OpCode,
   id: number,
   flags: number,
   offset: number,
   count: number,
-  payload: Uint8Array,
+  payload: Uint8Array | readonly Uint8Array[],
 ): Buffer {
+  const length = payloadLength(payload);
   const h = Buffer.allocUnsafe(REQUEST_HEADER);
-  h.writeUInt32BE(REQUEST_HEADER - 4 + payload.length, 0);
+  h.writeUInt32BE(REQUEST_HEADER - 4 + length, 0);
   h.writeUInt8(op, 4);
   h.writeUInt32BE(id, 5);
   h.writeUInt8(flags, 9);
   h.writeBigUInt64BE(BigInt(offset), 10);
   h.writeUInt32BE(count, 18);
-  h.writeUInt32BE(requestCrc(payload), 22);
+  h.writeUInt32BE(
+    payload instanceof Uint8Array ? requestCrc(payload) : crcOfParts(payload, length),
+    22,
+  );
   return h;
+}
+
+export function payloadLength(payload: Uint8Array | readonly Uint8Array[]): number {
+  return payload instanceof Uint8Array
+    ? payload.length
+    : payload.reduce((sum, part) => sum + part.length, 0);
 }
 
 export function replyHeader(
@@ -417,6 +442,25 @@ export function parseReply(frame: Buffer): Reply {
  * WRITE_LAYER: [name, states, data, mask]; LAYER_DIGESTS: [name] → [digests].
  * An empty mask selects every block.
  */
+/**
+ * A rebuild's WRITE_LAYER payload: name, block states and mask, padded to
+ * whole blocks, then the data as a part of its own — sent as it is, not
+ * copied into one buffer with the rest (`requestHeader`'s parts).
+ */
+export function layerWriteParts(
+  name: string,
+  states: Uint8Array,
+  data: Uint8Array,
+  mask: Uint8Array | undefined,
+): [Buffer, Uint8Array] {
+  const parts = [Buffer.from(name), states, mask ?? new Uint8Array(0)];
+  // The head of encodeParts for five parts, the three above, then the padding.
+  const before = 2 + 4 * 5 + parts.reduce((n, p) => n + p.length, 0);
+  const pad = new Uint8Array((BLOCK_SIZE - (before % BLOCK_SIZE)) % BLOCK_SIZE);
+  const encoded = encodeParts([...parts, pad, data]);
+  return [Buffer.concat(encoded.slice(0, -1)), data];
+}
+
 export function encodeParts(parts: Uint8Array[]): Buffer[] {
   const head = Buffer.allocUnsafe(2 + 4 * parts.length);
   head.writeUInt16BE(parts.length, 0);
