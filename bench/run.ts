@@ -261,6 +261,35 @@ async function replaceSection(doc: string, name: string, content: string): Promi
   return true;
 }
 
+const today = (): string => new Date().toISOString().slice(0, 10);
+
+/** Tables that BENCH_ONLY runs alone: how each is measured, and its section of PERFORMANCE.md. */
+const ALONE: Record<
+  string,
+  { section: string; measure: (dir: string) => Promise<string>; stamp?: () => string }
+> = {
+  crypt: {
+    section: 'bench-crypt',
+    measure: (dir) => cryptBench(dir, JOBS, fio, prefill, RUNTIME_S),
+  },
+  services: {
+    section: 'bench-services',
+    measure: async (dir) => `${await expandBench(dir)}\n\n${await trimBench(dir)}`,
+  },
+  cpu: {
+    section: 'bench-cpu',
+    measure: (dir) => cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8), prefill),
+    stamp: () =>
+      `Measured ${today()} by \`BENCH_ONLY=cpu npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons with a shared secret, fio over NBD on daemon 1, ${process.env.BENCH_RUNTIME ?? 8} s per job).`,
+  },
+  pgbench: {
+    section: 'bench-pgbench',
+    measure: pgbenchBench,
+    stamp: () =>
+      `Measured ${today()} by \`BENCH_ONLY=pgbench npm run bench\` (PostgreSQL's pgbench, Node ${process.version}, ${os.cpus().length} cores; three daemons, postgres and pgbench share them).`,
+  },
+};
+
 async function main(): Promise<void> {
   const dir = await fs.promises.mkdtemp(path.join(ROOT, '.bench-'));
   const children: ChildProcess[] = [];
@@ -287,50 +316,16 @@ async function main(): Promise<void> {
     await fs.promises.rm(dir, { recursive: true, force: true });
     return;
   }
-  if (process.env.BENCH_ONLY === 'crypt') {
+  const alone = ALONE[process.env.BENCH_ONLY ?? ''];
+  if (alone) {
     try {
-      const table = await cryptBench(dir, JOBS, fio, prefill, RUNTIME_S);
+      const table = await alone.measure(dir);
       console.log(`\n${table}`);
-      await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), 'bench-crypt', table);
-    } finally {
-      await fs.promises.rm(dir, { recursive: true, force: true });
-    }
-    return;
-  }
-  if (process.env.BENCH_ONLY === 'services') {
-    try {
-      const table = `${await expandBench(dir)}\n\n${await trimBench(dir)}`;
-      console.log(`\n${table}`);
-      await replaceSection(path.join(ROOT, 'docs', 'PERFORMANCE.md'), 'bench-services', table);
-    } finally {
-      await fs.promises.rm(dir, { recursive: true, force: true });
-    }
-    return;
-  }
-  if (process.env.BENCH_ONLY === 'cpu') {
-    try {
-      const table = await cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8), prefill);
-      console.log(`\n${table}`);
-      const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=cpu npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons with a shared secret, fio over NBD on daemon 1, ${process.env.BENCH_RUNTIME ?? 8} s per job).`;
+      const stamp = alone.stamp?.();
       await replaceSection(
         path.join(ROOT, 'docs', 'PERFORMANCE.md'),
-        'bench-cpu',
-        `${stamp}\n\n${table}`,
-      );
-    } finally {
-      await fs.promises.rm(dir, { recursive: true, force: true });
-    }
-    return;
-  }
-  if (process.env.BENCH_ONLY === 'pgbench') {
-    try {
-      const table = await pgbenchBench(dir);
-      console.log(`\n${table}`);
-      const stamp = `Measured ${new Date().toISOString().slice(0, 10)} by \`BENCH_ONLY=pgbench npm run bench\` (PostgreSQL's pgbench, Node ${process.version}, ${os.cpus().length} cores; three daemons, postgres and pgbench share them).`;
-      await replaceSection(
-        path.join(ROOT, 'docs', 'PERFORMANCE.md'),
-        'bench-pgbench',
-        `${stamp}\n\n${table}`,
+        alone.section,
+        stamp ? `${stamp}\n\n${table}` : table,
       );
     } finally {
       await fs.promises.rm(dir, { recursive: true, force: true });
