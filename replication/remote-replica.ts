@@ -407,7 +407,8 @@ export class RemoteReplica implements Replica {
   ): Promise<{ states: Uint8Array; data: Uint8Array }> {
     const payload = Buffer.concat(encodeParts([Buffer.from(name), mask ?? EMPTY]));
     const reply = await this.#send(Op.READ_LAYER, 0, offset, length, payload);
-    const [states, data] = decodeParts(reply) as [Buffer, Buffer];
+    // layerReadParts: states, padding, data.
+    const [states, , data] = decodeParts(reply) as [Buffer, Buffer, Buffer];
     return { states, data };
   }
 

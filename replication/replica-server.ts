@@ -4,10 +4,10 @@ import { CorralError } from '../common/errors.ts';
 import type { Replica } from './replica.ts';
 import {
   decodeParts,
-  encodeParts,
   errorPayload,
   Flag,
   FrameReader,
+  layerReadParts,
   Op,
   parseRequest,
   replyHeader,
@@ -81,11 +81,12 @@ export class ReplicaSession {
     this.#closed = true;
   }
 
-  #reply(id: number, ok: boolean, payload: Buffer): void {
+  #reply(id: number, ok: boolean, payload: Buffer | readonly Uint8Array[]): void {
     if (this.#closed) return;
     this.#batch.hold();
     this.#out.write(replyHeader(id, ok, this.#replica.revision(), payload));
-    if (payload.length > 0) this.#out.write(payload);
+    for (const part of payload instanceof Uint8Array ? [payload] : payload)
+      if (part.length > 0) this.#out.write(Buffer.from(part.buffer, part.byteOffset, part.length));
   }
 
   #handle(req: Request, pooled: Buffer | undefined): void {
@@ -99,7 +100,7 @@ export class ReplicaSession {
     );
   }
 
-  async #run(req: Request): Promise<Buffer> {
+  async #run(req: Request): Promise<Buffer | readonly Uint8Array[]> {
     const r = this.#replica;
     const fua = (req.flags & Flag.FUA) !== 0;
     switch (req.op) {
@@ -137,7 +138,7 @@ export class ReplicaSession {
           req.count,
           mask.length > 0 ? mask : undefined,
         );
-        return Buffer.concat(encodeParts([states, data]));
+        return layerReadParts(states, data);
       }
       case Op.WRITE_LAYER: {
         // layerWriteParts: name, states, mask, padding, data.

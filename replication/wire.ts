@@ -222,19 +222,24 @@ export function payloadLength(payload: Uint8Array | readonly Uint8Array[]): numb
     : payload.reduce((sum, part) => sum + part.length, 0);
 }
 
+/** A reply's header; a payload in parts as for `requestHeader`. */
 export function replyHeader(
   id: number,
   ok: boolean,
   revision: bigint,
-  payload: Uint8Array,
+  payload: Uint8Array | readonly Uint8Array[],
 ): Buffer {
+  const length = payloadLength(payload);
   const h = Buffer.allocUnsafe(REPLY_HEADER);
-  h.writeUInt32BE(REPLY_HEADER - 4 + payload.length, 0);
+  h.writeUInt32BE(REPLY_HEADER - 4 + length, 0);
   h.writeUInt8(REPLY, 4);
   h.writeUInt32BE(id, 5);
   h.writeUInt8(ok ? 0 : 1, 9);
   h.writeBigUInt64BE(revision, 10);
-  h.writeUInt32BE(crc(payload), 18);
+  h.writeUInt32BE(
+    payload instanceof Uint8Array ? crc(payload) : length === 0 ? 0 : crcOfParts(payload, length),
+    18,
+  );
   return h;
 }
 
@@ -453,11 +458,19 @@ export function layerWriteParts(
   data: Uint8Array,
   mask: Uint8Array | undefined,
 ): [Buffer, Uint8Array] {
-  const parts = [Buffer.from(name), states, mask ?? new Uint8Array(0)];
-  // The head of encodeParts for five parts, the three above, then the padding.
-  const before = 2 + 4 * 5 + parts.reduce((n, p) => n + p.length, 0);
+  return blockAlignedParts([Buffer.from(name), states, mask ?? new Uint8Array(0)], data);
+}
+
+/** A READ_LAYER reply's payload the same way: states, padding, then the data. */
+export function layerReadParts(states: Uint8Array, data: Uint8Array): [Buffer, Uint8Array] {
+  return blockAlignedParts([states], data);
+}
+
+/** encodeParts of `small`, a padding part, and `data`: all before `data` joined, in whole blocks. */
+function blockAlignedParts(small: Uint8Array[], data: Uint8Array): [Buffer, Uint8Array] {
+  const before = 2 + 4 * (small.length + 2) + small.reduce((n, p) => n + p.length, 0);
   const pad = new Uint8Array((BLOCK_SIZE - (before % BLOCK_SIZE)) % BLOCK_SIZE);
-  const encoded = encodeParts([...parts, pad, data]);
+  const encoded = encodeParts([...small, pad, data]);
   return [Buffer.concat(encoded.slice(0, -1)), data];
 }
 

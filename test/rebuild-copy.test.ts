@@ -62,6 +62,21 @@ describe('a rebuild copies snapshot layers and checks what it copied', () => {
     await sameLayer(source, target);
   });
 
+  it('between two replicas over streams, whole and then only a stale block (payloads sent in parts)', async () => {
+    const { source, target, writes } = await pair(env);
+    const [from, to] = [await overStream(env, source), await overStream(env, target)];
+    const p = await copyLayers(from, to, SIZE, { clock: simClock });
+    assert.equal(
+      p.bytesCopied,
+      writes.reduce((n, [, d]) => n + d.length, 0),
+    );
+    await sameLayer(source, target);
+    await target.writeLayerChunk('s1', 3 * MiB + 8192, Uint8Array.of(1), randomBytes(4096));
+    const again = await copyLayers(from, to, SIZE, { clock: simClock });
+    assert.equal(again.bytesCopied, 4096, 'the stale block alone, selected by a mask');
+    await sameLayer(source, target);
+  });
+
   it('into a replica holding stale data: only differing blocks travel', async () => {
     const { source, target } = await pair(env);
     await copyLayers(source, target, SIZE, { clock: simClock });
