@@ -170,8 +170,19 @@ describe('I/O limits on a daemon, measured by fio', () => {
           fio(daemon.uri(neighbour), 5, 'randrw', '4k', extra),
         ])
       )[0];
-    const byClient = await beside('noisy', ['--rate_iops=1000,1000']);
-    const byCorral = await beside('slow', []);
+    // Alternated, best of two each: this VM's speed can halve for seconds (a CI run measured
+    // 25.6k beside the client-limited load, then 15.6k beside the Corral-limited one, everything
+    // at half its usual rate), and one slow spell must not decide the comparison.
+    const fastest = (runs: Array<{ iops: number }>) =>
+      runs.reduce((a, b) => (b.iops > a.iops ? b : a));
+    const clientRuns: Array<{ iops: number }> = [];
+    const corralRuns: Array<{ iops: number }> = [];
+    for (let i = 0; i < 2; i++) {
+      clientRuns.push(await beside('noisy', ['--rate_iops=1000,1000']));
+      corralRuns.push(await beside('slow', []));
+    }
+    const byClient = fastest(clientRuns);
+    const byCorral = fastest(corralRuns);
     const unlimited = await beside('noisy', []);
     t.diagnostic(
       `unlimited volume beside: 2000 IOPS limited by fio ${byClient.iops.toFixed(0)} IOPS, by Corral ${byCorral.iops.toFixed(0)}, an unlimited neighbour ${unlimited.iops.toFixed(0)}`,
