@@ -14,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { TestCluster } from '../test/helpers/cluster.ts';
 import { freePort, mustRun, run } from '../test/helpers/run.ts';
-import { cpuSeconds } from './proc.ts';
+import { cpuSeconds, machineShare, machineTicks } from './proc.ts';
 import { rebuildOne } from './replication.ts';
 
 const SCALE = Number(process.env.BENCH_PG_SCALE ?? 50);
@@ -26,6 +26,8 @@ interface Result {
   tps: number;
   latencyMs: number;
   transactions: number;
+  /** Shares of all cores over the run: CPU-bound runs are busy, latency-bound ones wait. */
+  machine: { busy: number; iowait: number };
   /** CPU seconds of each daemon over the run. */
   cpu: Record<string, number>;
 }
@@ -135,6 +137,7 @@ async function pgbench(
   progress?: (line: string) => void,
 ): Promise<Result> {
   const before = Object.fromEntries(Object.entries(processes).map(([k, p]) => [k, cpuSeconds(p)]));
+  const ticks = machineTicks();
   const args = ['-h', '/tmp', '-p', String(port), '-c', String(CLIENTS), '-j', String(THREADS)];
   args.push('-T', String(seconds), ...(progress ? ['-P', '1'] : []), 'postgres');
   const child = spawn('runuser', ['-u', 'postgres', '--', path.join(bin, 'pgbench'), ...args]);
@@ -153,6 +156,7 @@ async function pgbench(
   const cpu = Object.fromEntries(
     Object.entries(processes).map(([k, p]) => [k, cpuSeconds(p) - before[k]!]),
   );
+  const machine = machineShare(ticks, machineTicks());
   const number = (re: RegExp) => {
     const m = re.exec(out);
     if (!m) throw new Error(`pgbench said nothing matching ${re}:\n${out}`);
@@ -163,6 +167,7 @@ async function pgbench(
     latencyMs: number(/latency average = ([\d.]+) ms/),
     transactions: number(/number of transactions actually processed: (\d+)/),
     cpu,
+    machine,
   };
 }
 
@@ -217,8 +222,8 @@ export async function pgbenchBench(dir: string): Promise<string> {
     }
     const base = results[0]![1];
     const rows = [
-      `| target (pgbench -c ${CLIENTS} -j ${THREADS} -T ${SECONDS}, scale ${SCALE}) | TPS | latency avg | TPS vs plain file | daemon CPU ms per transaction (d1 / d2 / d3) |`,
-      '| --- | ---: | ---: | ---: | ---: |',
+      `| target (pgbench -c ${CLIENTS} -j ${THREADS} -T ${SECONDS}, scale ${SCALE}) | TPS | latency avg | TPS vs plain file | daemon CPU ms per transaction (d1 / d2 / d3) | cores busy (iowait) |`,
+      '| --- | ---: | ---: | ---: | ---: | ---: |',
       ...results.map(
         ([label, r]) =>
           `| ${label} | ${r.tps.toFixed(0)} | ${r.latencyMs.toFixed(2)} ms | ${(r.tps / base.tps).toFixed(2)}× | ${
@@ -227,7 +232,7 @@ export async function pgbenchBench(dir: string): Promise<string> {
               : Object.values(r.cpu)
                   .map((c) => ((c * 1000) / r.transactions).toFixed(2))
                   .join(' / ')
-          } |`,
+          } | ${(r.machine.busy * 100).toFixed(0)} % (${(r.machine.iowait * 100).toFixed(0)} %) |`,
       ),
     ];
     return `${rows.join('\n')}\n\n${rebuildRow}`;
