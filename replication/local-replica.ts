@@ -106,7 +106,7 @@ const QUIET = 4;
  * A region's write-intent mark stays this long after its last write (md's bitmap lingers the
  * same way). Cleared at the first flush after each write, a database's commit — write, fsync,
  * write into the same region — paid a synced LevelDB write for the mark before every write:
- * three syncs per commit instead of two. The cost is bounded: at open after a crash, the regions
+ * three syncs in a row per commit. The cost is bounded: at open after a crash, the regions
  * written in the last few seconds are hashed again.
  */
 const MARK_LINGER_MS = 5000;
@@ -975,6 +975,7 @@ export class LocalReplica implements Replica {
     // quiet for MARK_LINGER_MS (all, at close) lose their marks in this flush.
     const now = this.#clock.elapsedMs();
     let quietMarks = false;
+    let lingering = false;
     for (const l of this.#layers)
       for (let r = 0; r < l.regions.length; r++) {
         l.regions[r]! &= ~QUIET;
@@ -985,7 +986,7 @@ export class LocalReplica implements Replica {
         if (l.regions[r] === MARKED && (this.#closing || now - l.writtenAt[r]! >= MARK_LINGER_MS)) {
           l.regions[r] = MARKED | QUIET;
           quietMarks = true;
-        }
+        } else if ((l.regions[r]! & MARKED) !== 0) lingering = true;
       }
     // The sums of a region that stays marked wait: at open after a crash they are computed
     // again from the data anyway. A commit's flush then writes 8 bytes to LevelDB, not a 4 KiB
@@ -1026,15 +1027,13 @@ export class LocalReplica implements Replica {
         for (const [index, bytes] of sums)
           kvBatch.put(this.#spaces.sums, bitmapKey(layer.record.id, index), bytes);
       }
-      // A region with no write since this flush began has its data synced above and its sums
-      // in this batch: its mark goes with them. (Taken out of memory now, so that a write
-      // starting meanwhile marks it again, after this batch.)
-      let lingering = false;
-      for (const l of this.#layers) {
+      // A region quiet since before this flush began, and still, has its data synced above and
+      // its sums in this batch: its mark goes with them. (Taken out of memory now, so that a
+      // write starting meanwhile marks it again, after this batch.)
+      for (const l of quietMarks ? this.#layers : []) {
         for (let r = 0; r < l.regions.length; r++) {
-          if ((l.regions[r]! & ~QUIET) !== MARKED || l.writing[r] !== 0) continue;
-          // Only a region quiet since this flush began: its sums are in this batch.
-          if (l.regions[r] !== (MARKED | QUIET)) {
+          if (l.regions[r] !== (MARKED | QUIET)) continue;
+          if (l.writing[r] !== 0) {
             lingering = true;
             continue;
           }

@@ -136,7 +136,7 @@ const blockSums = new Uint32Array(MAX_FRAME_BYTES / BLOCK_SIZE + 1);
  * would in transit (flipped bits, a block lost, two blocks swapped).
  */
 function crc(data: Uint8Array): number {
-  return data.length === 0 ? 0 : crcOfParts([data], data.length);
+  return data.length === 0 ? 0 : crcFold(crcStart(data.length), data, true) >>> 0;
 }
 
 /**
@@ -144,22 +144,29 @@ function crc(data: Uint8Array): number {
  * last is whole blocks, so block boundaries fall where they would.
  */
 function crcOfParts(parts: readonly Uint8Array[], length: number): number {
-  let acc = Math.imul(length ^ 0x165667b1, 0x9e3779b1);
-  for (let p = 0; p < parts.length; p++) {
-    const data = parts[p]!;
-    const whole = data.length - (data.length % BLOCK_SIZE);
-    assert(whole === data.length || p === parts.length - 1, 'only the last part may end mid-block');
-    if (whole > 0) {
-      const count = whole / BLOCK_SIZE;
-      hashBlocks(data.subarray(0, whole), blockSums);
-      for (let i = 0; i < count; i++) {
-        acc = Math.imul(acc ^ blockSums[i]!, 0x85ebca77);
-        acc = (acc << 13) | (acc >>> 19);
-      }
-    }
-    if (whole < data.length) acc ^= zlib.crc32(data.subarray(whole));
-  }
+  let acc = crcStart(length);
+  for (let p = 0; p < parts.length; p++) acc = crcFold(acc, parts[p]!, p === parts.length - 1);
   return acc >>> 0;
+}
+
+function crcStart(length: number): number {
+  return Math.imul(length ^ 0x165667b1, 0x9e3779b1);
+}
+
+/** Folds `data`'s blocks into `acc`; only the `last` part may end mid-block (its tail's CRC-32). */
+function crcFold(acc: number, data: Uint8Array, last: boolean): number {
+  const whole = data.length - (data.length % BLOCK_SIZE);
+  assert(whole === data.length || last, 'only the last part may end mid-block');
+  if (whole > 0) {
+    const count = whole / BLOCK_SIZE;
+    hashBlocks(data.subarray(0, whole), blockSums);
+    for (let i = 0; i < count; i++) {
+      acc = Math.imul(acc ^ blockSums[i]!, 0x85ebca77);
+      acc = (acc << 13) | (acc >>> 19);
+    }
+  }
+  if (whole < data.length) acc ^= zlib.crc32(data.subarray(whole));
+  return acc;
 }
 
 /** Below this a payload's CRC costs less than looking it up. */
