@@ -187,11 +187,14 @@ describe('I/O limits on a daemon, measured by fio', () => {
     t.diagnostic(
       `unlimited volume beside: 2000 IOPS limited by fio ${byClient.iops.toFixed(0)} IOPS, by Corral ${byCorral.iops.toFixed(0)}, an unlimited neighbour ${unlimited.iops.toFixed(0)}`,
     );
+    // Between runs of one build the two measured 0.90-1.08 of each other (CI and three local
+    // runs); a limiter that costs real CPU, or lets the neighbour through, lands far below:
+    // the unlimited neighbour leaves a third.
     assert.ok(
-      byCorral.iops >= byClient.iops * 0.9,
+      byCorral.iops >= byClient.iops * 0.8,
       `beside a neighbour limited by Corral ${byCorral.iops} IOPS, by fio ${byClient.iops}`,
     );
-    assert.ok(unlimited.iops < byCorral.iops, 'an unlimited neighbour takes more');
+    assert.ok(unlimited.iops < byCorral.iops * 0.7, 'an unlimited neighbour takes more');
 
     // Live: from 2000 to 500 while fio runs; its next second shows it.
     const watched = run(
