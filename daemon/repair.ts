@@ -241,8 +241,15 @@ export class Repairs {
       record.epoch ?? 1,
       record.diskTag,
     );
-    const replica = await connect(id, target.url);
-    if (replica.failure !== undefined) {
+    // A new replica on the engine's own node is opened in place, as the engine opens the others
+    // it hosts: a rebuild through a loopback stream had this node receive every granule, send it
+    // to itself and receive it again (a 1 GiB rebuild cost it 5.4-6.2 CPU-s instead of 1.3).
+    const here = cluster.registry !== undefined && target.name === cluster.nodeName;
+    const replica: Replica | undefined = here
+      ? await this.#o.host.openLocal(id, record.epoch ?? 1).catch(() => undefined)
+      : await connect(id, target.url);
+    if (replica === undefined || replica.failure !== undefined) {
+      replica?.abandon();
       await this.#o.peers.remove(record.name, [{ id, url: target.url }]);
       return false;
     }

@@ -63,7 +63,8 @@ export function replicaUpgrades(cluster: Cluster, hosted: HostedReplicas): Upgra
     const epoch = Number(req.headers[EPOCH_HEADER]);
     socket.setNoDelay(true);
     const out = {
-      write: (b: Buffer) => void socket.write(b),
+      write: (b: Buffer, done?: () => void) =>
+        void socket.write(b, done && ((err) => (err ? undefined : done()))),
       cork: () => socket.cork(),
       uncork: () => socket.uncork(),
     };

@@ -404,12 +404,20 @@ export class RemoteReplica implements Replica {
     offset: number,
     length: number,
     mask?: Uint8Array,
+    into?: Uint8Array,
   ): Promise<{ states: Uint8Array; data: Uint8Array }> {
     const payload = Buffer.concat(encodeParts([Buffer.from(name), mask ?? EMPTY]));
-    const reply = await this.#send(Op.READ_LAYER, 0, offset, length, payload);
+    let pooled: Buffer | undefined;
+    const reply = await this.#send(Op.READ_LAYER, 0, offset, length, payload, (p) => (pooled = p));
     // layerReadParts: states, padding, data.
     const [states, , data] = decodeParts(reply) as [Buffer, Buffer, Buffer];
-    return { states, data };
+    if (!pooled || !into || into.length < data.length) return { states, data };
+    // Copied out so that the frame's buffer goes back to the pool: a fresh 1 MiB frame per
+    // granule kept an engine's garbage collector busy pulling a rebuild from another node.
+    into.set(data);
+    const copied = { states: Uint8Array.from(states), data: into.subarray(0, data.length) };
+    this.#pool.release(pooled);
+    return copied;
   }
 
   async writeLayerChunk(

@@ -1,6 +1,7 @@
 import { TurnBatch, type Corkable } from '../common/turn-batch.ts';
 import { BufferPool } from '../common/buffer-pool.ts';
 import { CorralError } from '../common/errors.ts';
+import { MAX_REQUEST_BYTES } from './block-device.ts';
 import type { Replica } from './replica.ts';
 import {
   decodeParts,
@@ -15,8 +16,16 @@ import {
 } from './wire.ts';
 
 export interface StreamOut extends Corkable {
-  write(chunk: Buffer): void;
+  /** `done` once the chunk has left (handed to the kernel), never after a failed write. */
+  write(chunk: Buffer, done?: () => void): void;
 }
+
+/** An answer whose last part is a buffer of the session's pool, lent until it has been sent. */
+interface Lent {
+  parts: readonly Uint8Array[];
+  lent: Buffer;
+}
+type Answer = Buffer | readonly Uint8Array[] | Lent;
 
 /**
  * The replica side of one engine's I/O stream (replication/wire.ts): parses
@@ -81,12 +90,18 @@ export class ReplicaSession {
     this.#closed = true;
   }
 
-  #reply(id: number, ok: boolean, payload: Buffer | readonly Uint8Array[]): void {
+  #reply(id: number, ok: boolean, answer: Answer): void {
+    const lent = 'lent' in answer ? answer.lent : undefined;
     if (this.#closed) return;
+    const payload = 'lent' in answer ? answer.parts : answer;
     this.#batch.hold();
     this.#out.write(replyHeader(id, ok, this.#replica.revision(), payload));
-    for (const part of payload instanceof Uint8Array ? [payload] : payload)
-      if (part.length > 0) this.#out.write(Buffer.from(part.buffer, part.byteOffset, part.length));
+    const parts = payload instanceof Uint8Array ? [payload] : payload;
+    parts.forEach((part, i) => {
+      if (part.length === 0) return;
+      const done = lent && i === parts.length - 1 ? () => this.#pool.release(lent) : undefined;
+      this.#out.write(Buffer.from(part.buffer, part.byteOffset, part.length), done);
+    });
   }
 
   #handle(req: Request, pooled: Buffer | undefined): void {
@@ -100,7 +115,7 @@ export class ReplicaSession {
     );
   }
 
-  async #run(req: Request): Promise<Buffer | readonly Uint8Array[]> {
+  async #run(req: Request): Promise<Answer> {
     const r = this.#replica;
     const fua = (req.flags & Flag.FUA) !== 0;
     switch (req.op) {
@@ -132,13 +147,18 @@ export class ReplicaSession {
       }
       case Op.READ_LAYER: {
         const [name, mask] = decodeParts(req.payload) as [Buffer, Buffer];
+        // Read into a pooled buffer, back once the reply has left: a fresh 1 MiB per granule
+        // had the garbage collector at 12 % of a rebuild source's CPU.
+        const lent = req.count <= MAX_REQUEST_BYTES ? this.#pool.acquire(req.count) : undefined;
         const { states, data } = await r.readLayerChunk(
           name.toString('utf8'),
           req.offset,
           req.count,
           mask.length > 0 ? mask : undefined,
+          lent,
         );
-        return layerReadParts(states, data);
+        const parts = layerReadParts(states, data);
+        return lent && data.buffer === lent.buffer ? { parts, lent } : parts;
       }
       case Op.WRITE_LAYER: {
         // layerWriteParts: name, states, mask, padding, data.
