@@ -18,6 +18,7 @@ import {
   FrameReader,
   Op,
   parseReply,
+  DirectFrameReader,
   requestHeader,
   type OpCode,
 } from './wire.ts';
@@ -126,6 +127,20 @@ export class RemoteReplica implements Replica {
         // Small requests must leave at once (Nagle would hold them for the previous ACK).
         noDelay: true,
       };
+      // Over plain TCP replies are read where we choose (as the replica side reads requests):
+      // a large reply straight into a pooled buffer, the rest into slabs, after the upgrade
+      // answer has been read into a buffer of its own. (TLS decrypts into OpenSSL's buffers;
+      // Deno's node:net has no `onread`.)
+      let upgraded = false;
+      const headSpace = Buffer.allocUnsafe(4096);
+      const direct =
+        secure || 'deno' in process.versions
+          ? undefined
+          : new DirectFrameReader(
+              (n) => this.#pool.acquire(n),
+              (f, pooled) => this.#settle(f, pooled ? f : undefined),
+              (err) => this.#die(this.#err(err.message)),
+            );
       const socket = secure
         ? tls.connect({
             ...endpoint,
@@ -135,7 +150,20 @@ export class RemoteReplica implements Replica {
             ...(this.#o.tls!.ca ? { ca: this.#o.tls!.ca } : {}),
             ALPNProtocols: ['http/1.1'],
           })
-        : net.connect(endpoint);
+        : !direct
+          ? net.connect(endpoint)
+          : net.connect({
+              ...endpoint,
+              onread: {
+                buffer: () => (upgraded ? direct.nextBuffer() : headSpace),
+                callback: (bytes: number) => {
+                  if (upgraded) direct.onRead(bytes);
+                  else onHead(Buffer.from(headSpace.subarray(0, bytes)));
+                  return true;
+                },
+              },
+            });
+      if (direct) socket.resume(); // flowing, so that 'end' and 'close' come (no 'data' events)
       this.#socket = socket;
       this.#batch = new TurnBatch(socket);
       const timer = this.#clock.after(this.#o.timeoutMs, () => {
@@ -165,6 +193,13 @@ export class RemoteReplica implements Replica {
           socket.destroy();
           return;
         }
+        if (direct) {
+          upgraded = true;
+          direct.push(answer.rest);
+          this.#startPings();
+          resolve();
+          return;
+        }
         socket.on('data', (data: Buffer) => {
           this.#reader.push(data);
           try {
@@ -179,7 +214,7 @@ export class RemoteReplica implements Replica {
         this.#startPings();
         resolve();
       };
-      socket.on('data', onHead);
+      if (!direct) socket.on('data', onHead);
     });
   }
 

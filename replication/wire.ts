@@ -404,7 +404,18 @@ export class DirectFrameReader implements DirectReader {
     }
     // nextBuffer() runs after every read, so a read lands in the slab only while no frame is in place.
     assert(!target, 'a read landed in the slab while a frame was being read in place');
-    this.#reader.push(this.#slab.take(bytes));
+    this.#consume(this.#slab.take(bytes));
+  }
+
+  /** Bytes received before reading in place began (after a connection's HTTP upgrade answer). */
+  push(bytes: Buffer): void {
+    if (this.#failed || bytes.length === 0) return;
+    assert(!this.#inPlace, 'bytes pushed while a frame was being read in place');
+    this.#consume(bytes);
+  }
+
+  #consume(bytes: Buffer): void {
+    this.#reader.push(bytes);
     try {
       const acquire = this.#acquire;
       for (let f = this.#reader.next(acquire); f; f = this.#reader.next(acquire)) {
