@@ -310,8 +310,20 @@ export class Engine implements SupervisedEngine {
       } finally {
         resume();
       }
+      // Every healthy replica with the source's chain serves part of the copy.
+      const chain = source.replica.snapshots().map(key).join('|');
+      const alsoFrom = this.#members
+        .filter(
+          (m) =>
+            m.mode === 'RW' &&
+            m !== source &&
+            m !== member &&
+            m.replica.snapshots().map(key).join('|') === chain,
+        )
+        .map((m) => m.replica);
       const copied = await copyLayers(source.replica, target, this.sizeBytes, {
         ...options,
+        alsoFrom,
         clientRequests: () => this.#admitted,
         onProgress: (p) => {
           Object.assign(progress, p);

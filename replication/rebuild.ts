@@ -45,6 +45,13 @@ export interface CopyOptions {
    * that clients keep their latency; idle, it runs at full speed.
    */
   clientRequests?: () => number;
+  /**
+   * Other healthy replicas holding the same layers as `source`: granules are
+   * read from them and `source` in turn, so that several disks and links
+   * share the copy. Digests and checks stay `source`'s; a granule another one
+   * gave that the check refuses is copied again from `source`.
+   */
+  alsoFrom?: readonly Replica[];
 }
 
 /** A rebuild's pace while clients use the volume (unless `--rebuild-rate` is lower). */
@@ -107,18 +114,31 @@ export async function copyLayers(
     concurrently(count, COPIES_IN_FLIGHT, copyOne, (worker) =>
       worker >= BUSY_COPIES && busy() ? options.clock.sleep(BUSY_WINDOW_MS) : undefined,
     );
+  const sources = [source, ...(options.alsoFrom ?? [])];
   for (const name of names) {
     let copiedHere = 0;
     for (let offset = 0; offset < sizeBytes; offset += WINDOW_BYTES) {
       if (options.signal?.aborted)
         throw new CorralError('SHUTTING_DOWN', `Rebuild of replica ${target.id} was stopped`);
       const length = Math.min(WINDOW_BYTES, sizeBytes - offset);
-      const copy = async (g: number, mask: Uint8Array | undefined): Promise<void> => {
+      const copy = async (
+        g: number,
+        mask: Uint8Array | undefined,
+        from = sources[g % sources.length]!,
+      ): Promise<void> => {
         const startedMs = options.clock.elapsedMs();
         const at = g * GRANULE_BYTES;
         const n = Math.min(GRANULE_BYTES, sizeBytes - at);
-        const buffer = copyBuffers.acquire(n);
-        const chunk = await source.readLayerChunk(name, at, n, mask, buffer);
+        let buffer = copyBuffers.acquire(n);
+        let chunk: { states: Uint8Array; data: Uint8Array };
+        try {
+          chunk = await from.readLayerChunk(name, at, n, mask, buffer);
+        } catch (err) {
+          // Another source that fails (its node died) leaves the copy to the first.
+          if (from === source) throw err;
+          buffer = copyBuffers.acquire(n);
+          chunk = await source.readLayerChunk(name, at, n, mask, buffer);
+        }
         await target.writeLayerChunk(name, at, chunk.states, chunk.data, mask);
         // Only after success: a failed copy's buffer may still be on its way somewhere.
         copyBuffers.release(buffer);
@@ -137,7 +157,12 @@ export async function copyLayers(
         const todo = granulesHolding(mySums, offset);
         await copies(todo.length, (i) => copy(todo[i]!, undefined));
         if (todo.length > 0) {
-          const after = await target.layerSums(name, offset, length);
+          let after = await target.layerSums(name, offset, length);
+          const again = differingGranules(mySums, after, offset);
+          if (again.length > 0 && sources.length > 1) {
+            for (const g of again) await copy(g, undefined, source);
+            after = await target.layerSums(name, offset, length);
+          }
           const bad = firstDifference(mySums, after);
           if (bad !== undefined)
             throw new CorralError(
@@ -169,7 +194,12 @@ export async function copyLayers(
         });
         if (differing.size > 0) {
           // Verified by checksum: the target's granules must now digest as the source's.
-          const after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+          let after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+          const again = [...differing].filter((g) => after.get(g) !== wanted.get(g));
+          if (again.length > 0 && sources.length > 1) {
+            for (const g of again) await copy(g, undefined, source);
+            after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+          }
           for (const g of differing) {
             if (after.get(g) !== wanted.get(g))
               throw new CorralError(
@@ -226,6 +256,18 @@ function granulesHolding(sums: Uint8Array, offset: number): number[] {
 function firstDifference(a: Uint8Array, b: Uint8Array): number | undefined {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return Math.floor(i / SUM_BYTES);
   return undefined;
+}
+
+/** The granules (volume-wide indexes) of a window at `offset` where two `layerSums` answers differ. */
+function differingGranules(a: Uint8Array, b: Uint8Array, offset: number): number[] {
+  const perGranule = GRANULE_BYTES / BLOCK_SIZE;
+  const out: number[] = [];
+  for (let i = 0; i < a.length; i++) {
+    if (a[i] === b[i]) continue;
+    const g = Math.floor((offset / BLOCK_SIZE + Math.floor(i / SUM_BYTES)) / perGranule);
+    if (out.at(-1) !== g) out.push(g);
+  }
+  return out;
 }
 
 /** A byte per block of the range: 1 where the two layers' block state or digest differ. */

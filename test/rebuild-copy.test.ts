@@ -115,6 +115,56 @@ describe('a rebuild copies snapshot layers and checks what it copied', () => {
     assert.ok(paused.length > 0, 'a busy volume: the copy paused');
   });
 
+  it('from two sources at once; what the other source gives wrong, or cannot give, comes from the first', async () => {
+    const { source, target, writes } = await pair(env);
+    const twin = await newReplica(env, SIZE);
+    env.open.push(twin);
+    await twin.snapshot('s1', new Date(source.snapshots()[0]!.createdAt));
+    await copyLayers(source, twin, SIZE, { clock: simClock });
+    const reads = new Map<string, number>();
+    const counted = (r: Replica, tag: string, change?: (data: Uint8Array) => Uint8Array) =>
+      filter<Replica>(r, {
+        readLayerChunk: async (name, offset, length, mask, into) => {
+          reads.set(tag, (reads.get(tag) ?? 0) + 1);
+          const chunk = await r.readLayerChunk(name, offset, length, mask, into);
+          return change ? { states: chunk.states, data: change(chunk.data) } : chunk;
+        },
+      });
+    const p = await copyLayers(counted(source, 'first'), target, SIZE, {
+      clock: simClock,
+      alsoFrom: [counted(twin, 'other')],
+    });
+    assert.equal(
+      p.bytesCopied,
+      writes.reduce((n, [, d]) => n + d.length, 0),
+    );
+    assert.ok(
+      (reads.get('first') ?? 0) > 0 && (reads.get('other') ?? 0) > 0,
+      JSON.stringify([...reads]),
+    );
+    await sameLayer(source, target);
+
+    for (const other of [
+      // A bad disk: one byte of every chunk flipped.
+      counted(twin, 'flips', (data) => {
+        const copy = Buffer.from(data);
+        if (copy.length > 0) copy[0]! ^= 1;
+        return copy;
+      }),
+      // Its node died.
+      filter<Replica>(twin, {
+        readLayerChunk: () => Promise.reject(new Error('connection closed')),
+      }),
+    ]) {
+      const fresh = await newReplica(env, SIZE);
+      env.open.push(fresh);
+      await fresh.snapshot('s1', new Date(source.snapshots()[0]!.createdAt));
+      await copyLayers(source, fresh, SIZE, { clock: simClock, alsoFrom: [other] });
+      await sameLayer(source, fresh);
+    }
+    assert.ok((reads.get('flips') ?? 0) > 0);
+  });
+
   it('fails, naming the place, when the target does not end up holding what was sent', async () => {
     const { source, target } = await pair(env);
     // A target that flips a byte of every chunk it is given (a bug or a bad disk on its side).
