@@ -356,7 +356,7 @@ export class Repairs {
           name,
           work,
           (p: RebuildProgress) =>
-            `${p.bytesCopied} bytes copied; ${p.layersSkipped} of ${p.layers} layers already held`,
+            `${p.bytesCopied} bytes copied from ${p.sources === 1 ? 'one replica' : `${p.sources} replicas`}; ${p.layersSkipped} of ${p.layers} layers already held`,
         ).done;
     } catch (err) {
       target.abandon();

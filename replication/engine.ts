@@ -272,6 +272,7 @@ export class Engine implements SupervisedEngine {
       bytesCopied: 0,
       layers: 0,
       layersSkipped: 0,
+      sources: 1,
     };
     this.#rebuilding = { replica: target.id, progress };
     let member: Member | undefined;

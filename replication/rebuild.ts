@@ -31,6 +31,8 @@ export interface RebuildProgress {
   bytesCopied: number;
   layers: number;
   layersSkipped: number;
+  /** Replicas read from (`source` and `alsoFrom`). */
+  sources: number;
 }
 
 export interface CopyOptions {
@@ -80,6 +82,7 @@ export async function copyLayers(
     bytesCopied: 0,
     layers: names.length,
     layersSkipped: 0,
+    sources: 1 + (options.alsoFrom?.length ?? 0),
   };
   const pacer = new Pacer(options.clock, options.bytesPerSecond);
   const clients = {

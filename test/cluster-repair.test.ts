@@ -113,33 +113,27 @@ describe('repair across a cluster', () => {
     const n1Row = (await cliJson<NodeRow[]>(n2, ['node', 'ls'])).find((n) => n.name === 'n1')!;
     assert.equal(n1Row.cordoned, true);
 
-    // A volume served by a node that holds none of its replicas: when one goes, its successor
-    // is placed on the engine's node and rebuilt in place (no stream to itself), with the data.
-    const made = await n2.cli(['volume', 'create', 'own', '--size', '32M', '--replicas', '2']);
+    // A volume served by a node that holds none of its replicas (n1, back in service): when one
+    // goes, its successor is placed on the engine's node, opened in place (no stream to itself),
+    // and copied from both replicas left, with the data.
+    const made = await n2.cli(['volume', 'create', 'own', '--size', '32M', '--replicas', '3']);
     assert.equal(made.code, 0, made.stderr);
     await mustRun('nbdcopy', [file, n2.uri('own')]);
-    const holders = new Set(
-      (await cliJson<VolumeRow>(n2, ['volume', 'get', 'own'])).replicas.map((r) => r.location),
-    );
-    const now = await cliJson<NodeRow[]>(n2, ['node', 'ls']);
-    const spareName = ['n3', 'n4'].find(
-      (name) => !holders.has(now.find((n) => n.name === name)!.url),
-    )!;
-    const spare = nodes[spareName === 'n3' ? 2 : 3]!;
-    const moved2 = await spare.cli(['volume', 'attach', 'own', '--node', spareName]);
+    assert.equal((await n2.cli(['node', 'uncordon', 'n1'])).code, 0);
+    const moved2 = await n1.cli(['volume', 'attach', 'own', '--node', 'n1']);
     assert.equal(moved2.code, 0, moved2.stderr);
-    const served = await cliJson<VolumeRow>(spare, ['volume', 'get', 'own']);
+    const served = await cliJson<VolumeRow>(n1, ['volume', 'get', 'own']);
     assert.ok(
       served.replicas.every((r) => r.location !== 'local'),
       'no replica on the engine node yet',
     );
-    const gone = await spare.cli(['replica', 'rm', 'own', served.replicas[0]!.id]);
+    const gone = await n1.cli(['replica', 'rm', 'own', served.replicas[0]!.id]);
     assert.equal(gone.code, 0, gone.stderr);
     const rebuilt = await waitFor(
       'a replica rebuilt on the engine node',
       async () => {
-        const v = await cliJson<VolumeRow>(spare, ['volume', 'get', 'own']);
-        return v.replicas.length === 2 && v.replicas.every((r) => r.mode === 'RW') ? v : undefined;
+        const v = await cliJson<VolumeRow>(n1, ['volume', 'get', 'own']);
+        return v.replicas.length === 3 && v.replicas.every((r) => r.mode === 'RW') ? v : undefined;
       },
       30_000,
     );
@@ -147,8 +141,13 @@ describe('repair across a cluster', () => {
       rebuilt.replicas.some((r) => r.location === 'local'),
       JSON.stringify(rebuilt),
     );
-    assert.ok(Buffer.compare(await readVolume(spare, 'own', data.length), data) === 0);
-    const verified = await spare.cli(['volume', 'verify', 'own']);
+    const ops = await n1.api_<{
+      operations: Array<{ kind: string; volume?: string; result?: { sources: number } }>;
+    }>('GET', '/v1/operations');
+    const op = ops.json.operations.find((o) => o.kind === 'rebuild' && o.volume === 'own');
+    assert.equal(op?.result?.sources, 2, JSON.stringify(op));
+    assert.ok(Buffer.compare(await readVolume(n1, 'own', data.length), data) === 0);
+    const verified = await n1.cli(['volume', 'verify', 'own']);
     assert.equal(verified.code, 0, verified.stdout + verified.stderr);
   });
 
