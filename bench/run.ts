@@ -6,7 +6,7 @@
  * BENCH_FUSE=0 skips the FUSE table, BENCH_BACKUP=0 the backup table;
  * BENCH_REPLICATION=0 the 3-replica table, BENCH_METRICS=0 the metrics-cost table;
  * BENCH_TLS=0 the TLS-cost table;
- * BENCH_ONLY=backup|replication|metrics|tls|services|crypt|cpu|pgbench runs one table alone
+ * BENCH_ONLY=backup|replication|metrics|tls|services|crypt|cpu|pgbench|commit runs one table alone
  * (cpu and pgbench only so: they start daemons of their own and take minutes).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -22,6 +22,7 @@ import { tlsBench } from './tls.ts';
 import { cryptBench } from './crypt.ts';
 import { cpuBench } from './cpu.ts';
 import { pgbenchBench } from './pgbench.ts';
+import { commitBench } from './commit.ts';
 import { median } from './proc.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
@@ -281,6 +282,12 @@ const ALONE: Record<
     measure: (dir) => cpuBench(dir, Number(process.env.BENCH_RUNTIME ?? 8), prefill),
     stamp: () =>
       `Measured ${today()} by \`BENCH_ONLY=cpu npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; three daemons with a shared secret, fio over NBD on daemon 1, ${process.env.BENCH_RUNTIME ?? 8} s per job).`,
+  },
+  commit: {
+    section: 'bench-commit',
+    measure: commitBench,
+    stamp: () =>
+      `Measured ${today()} by \`BENCH_ONLY=commit npm run bench\` (Node ${process.version}, ${os.cpus().length} cores; one replica in the bench process, 3000 commits each).`,
   },
   pgbench: {
     section: 'bench-pgbench',

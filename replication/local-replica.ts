@@ -44,6 +44,11 @@ interface OpenLayer {
   sums: BlockSums;
   /** Per region (bitmap chunk): write-intent mark durable (MARKED), written since the last flush began (RECENT), its mark to be cleared by the running flush (QUIET). */
   regions: Uint8Array;
+  /**
+   * The regions with any bit set: a flush looks at these only (a commit's flush of a 1 TiB
+   * volume with 100 snapshots walked every region of every layer, ~800k a flush).
+   */
+  active: Set<number>;
   /** Per region: writes under way. */
   writing: Uint32Array;
   /** Per region: when a flush last found it written (the clock's elapsedMs), for MARK_LINGER_MS. */
@@ -114,12 +119,13 @@ const MARK_LINGER_MS = 5000;
 /** A layer's in-memory state, empty (its bitmaps and sums are loaded into it, if any). */
 function layerState(
   blockCount: number,
-): Pick<OpenLayer, 'map' | 'sums' | 'regions' | 'writing' | 'writtenAt'> {
+): Pick<OpenLayer, 'map' | 'sums' | 'regions' | 'active' | 'writing' | 'writtenAt'> {
   const regions = Math.ceil(blockCount / BLOCKS_PER_CHUNK);
   return {
     map: new LayerMap(blockCount),
     sums: new BlockSums(blockCount),
     regions: new Uint8Array(regions),
+    active: new Set(),
     writing: new Uint32Array(regions),
     writtenAt: new Float64Array(regions),
   };
@@ -653,6 +659,7 @@ export class LocalReplica implements Replica {
     for (let r = first; r <= last; r++) {
       layer.writing[r]!++;
       layer.regions[r] = layer.regions[r]! | RECENT;
+      layer.active.add(r);
       if ((layer.regions[r]! & MARKED) === 0) unmarked = true;
     }
     // An unaligned write reads its edge blocks first (a read-modify-write).
@@ -977,7 +984,7 @@ export class LocalReplica implements Replica {
     let quietMarks = false;
     let lingering = false;
     for (const l of this.#layers)
-      for (let r = 0; r < l.regions.length; r++) {
+      for (const r of l.active) {
         l.regions[r]! &= ~QUIET;
         if ((l.regions[r]! & RECENT) !== 0) {
           l.regions[r]! &= ~RECENT;
@@ -987,6 +994,7 @@ export class LocalReplica implements Replica {
           l.regions[r] = MARKED | QUIET;
           quietMarks = true;
         } else if ((l.regions[r]! & MARKED) !== 0) lingering = true;
+        else if (l.regions[r] === 0 && l.writing[r] === 0) l.active.delete(r);
       }
     // The sums of a region that stays marked wait: at open after a crash they are computed
     // again from the data anyway. A commit's flush then writes 8 bytes to LevelDB, not a 4 KiB
@@ -1031,7 +1039,7 @@ export class LocalReplica implements Replica {
       // its sums in this batch: its mark goes with them. (Taken out of memory now, so that a
       // write starting meanwhile marks it again, after this batch.)
       for (const l of quietMarks ? this.#layers : []) {
-        for (let r = 0; r < l.regions.length; r++) {
+        for (const r of l.active) {
           if (l.regions[r] !== (MARKED | QUIET)) continue;
           if (l.writing[r] !== 0) {
             lingering = true;
@@ -1039,6 +1047,7 @@ export class LocalReplica implements Replica {
           }
           kvBatch.del(this.#spaces.marks, this.#markKey(l, r));
           l.regions[r] = 0;
+          l.active.delete(r);
         }
       }
       if (lingering)
