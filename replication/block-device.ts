@@ -8,6 +8,12 @@ import { CorralError, isCorralError } from '../common/errors.ts';
 export interface WriteOptions {
   /** Force unit access: durable before the promise resolves. */
   fua?: boolean;
+  /**
+   * The XXH32 of each 4 KiB piece of the data (`block-hash.ts`), when the
+   * caller computed them already (a replica stream's check of the payload):
+   * a replica's block checksums of an aligned write are these.
+   */
+  hashes?: Uint32Array;
 }
 
 export interface ZeroOptions extends WriteOptions {

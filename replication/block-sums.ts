@@ -25,6 +25,12 @@ function sumsOf(data: Uint8Array): Uint32Array {
   return out;
 }
 
+/** `hashes` as stored: 0 moved to 1 (in place). */
+function storedForm(hashes: Uint32Array): Uint32Array {
+  for (let i = 0; i < hashes.length; i++) if (hashes[i] === UNKNOWN) hashes[i] = 1;
+  return hashes;
+}
+
 /**
  * The checksums of one layer's blocks, in chunks allocated where the layer
  * holds data. Chunks changed since the last flush are remembered so that a
@@ -65,10 +71,16 @@ export class BlockSums {
     this.#dirty.add(index);
   }
 
-  /** Sets the sums of `count` whole blocks laid out in `data` from `firstBlock` on. */
-  setFrom(firstBlock: number, data: Uint8Array, count: number): void {
+  /**
+   * Sets the sums of `count` whole blocks laid out in `data` from `firstBlock` on;
+   * `hashes`, when given, are their XXH32s computed already (`WriteOptions.hashes`).
+   */
+  setFrom(firstBlock: number, data: Uint8Array, count: number, hashes?: Uint32Array): void {
     assert(firstBlock >= 0 && firstBlock + count <= this.blockCount, `blocks outside layer`);
-    const sums = sumsOf(data.subarray(0, count * BLOCK_SIZE));
+    const sums =
+      hashes && hashes.length === count
+        ? storedForm(hashes)
+        : sumsOf(data.subarray(0, count * BLOCK_SIZE));
     for (let i = 0; i < count;) {
       const block = firstBlock + i;
       const index = Math.floor(block / SUMS_PER_CHUNK);

@@ -734,7 +734,7 @@ export class LocalReplica implements Replica {
     const intent = this.#intend(head, startBlock, endBlock, aligned);
     const done = typeof intent === 'function' ? intent : await intent;
     try {
-      await this.#write(head, offset, data, startBlock, endBlock, aligned);
+      await this.#write(head, offset, data, startBlock, endBlock, aligned, options?.hashes);
     } finally {
       done();
     }
@@ -756,6 +756,7 @@ export class LocalReplica implements Replica {
     startBlock: number,
     endBlock: number,
     aligned: boolean,
+    hashes: Uint32Array | undefined,
   ): Promise<void> {
     assert(head === this.#head, `replica ${this.id}'s head changed under a write`);
     const unlocked = aligned && this.#mergeInto !== head && this.#punching === 0;
@@ -765,7 +766,7 @@ export class LocalReplica implements Replica {
       try {
         if (unlocked) {
           await pwriteFull(head.fd, data, offset);
-          head.sums.setFrom(startBlock, data, endBlock - startBlock);
+          head.sums.setFrom(startBlock, data, endBlock - startBlock, hashes);
         } else {
           const release = await this.#locks.acquire(startBlock, endBlock);
           try {

@@ -125,7 +125,7 @@ export class ReplicaSession {
       }
       case Op.WRITE:
         // The payload is a view of the received chunk: the replica writes it before we return.
-        await r.write(req.offset, req.payload, { fua });
+        await r.write(req.offset, req.payload, req.hashes ? { fua, hashes: req.hashes } : { fua });
         return EMPTY;
       case Op.PING:
         return EMPTY;

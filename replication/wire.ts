@@ -117,6 +117,12 @@ export interface Request {
   offset: number;
   count: number;
   payload: Buffer;
+  /**
+   * A large WRITE's payload in whole blocks: the XXH32 of each block, which
+   * checking the payload computed (`crc`) — the replica's block checksums,
+   * so that they are not computed a second time.
+   */
+  hashes?: Uint32Array;
 }
 
 export interface Reply {
@@ -435,13 +441,18 @@ export function parseRequest(frame: Buffer): Request {
   const payload = frame.subarray(REQUEST_HEADER - 4);
   if (crc(payload) !== frame.readUInt32BE(18))
     throw new CorralError('IO_ERROR', 'Replica stream: request payload fails its checksum');
+  const op = frame.readUInt8(0) as OpCode;
   return {
-    op: frame.readUInt8(0) as OpCode,
+    op,
     id: frame.readUInt32BE(1),
     flags: frame.readUInt8(5),
     offset: Number(frame.readBigUInt64BE(6)),
     count: frame.readUInt32BE(14),
     payload,
+    // `crc` left them in blockSums; kept for large writes only (a copy of 1 KiB per MiB).
+    ...(op === Op.WRITE && payload.length >= CRC_MEMO_MIN && payload.length % BLOCK_SIZE === 0
+      ? { hashes: blockSums.slice(0, payload.length / BLOCK_SIZE) }
+      : {}),
   };
 }
 

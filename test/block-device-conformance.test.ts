@@ -156,6 +156,34 @@ describe('the close contract', () => {
   });
 });
 
+describe('a write over a replica stream', () => {
+  it('stores the block checksums its stream check computed: the same as a local write’s', async () => {
+    const e = await fresh();
+    try {
+      const [streamed, local] = await replicas(e, 2);
+      e.open.push(streamed!, local!);
+      const remote = await overStream(e, streamed!);
+      const data = randomBytes(128 * 1024); // large enough to carry the stream's block hashes
+      await remote.write(64 * 1024, data);
+      await remote.flush();
+      await local!.write(64 * 1024, data);
+      const at = new Date();
+      await streamed!.snapshot('s', at);
+      await local!.snapshot('s', at);
+      const [a, b] = [
+        await streamed!.layerSums('s', 0, SIZE),
+        await local!.layerSums('s', 0, SIZE),
+      ];
+      assert.ok(Buffer.from(a).equals(Buffer.from(b)), 'the same states and checksums');
+      // A checksum of all zeros would mean "unknown" and check nothing.
+      assert.ok(Buffer.from(a.subarray(16 * 5, 17 * 5)).some((x, i) => i > 0 && x !== 0));
+      assert.ok(Buffer.from(await remote.readSnapshot('s', 64 * 1024, data.length)).equals(data));
+    } finally {
+      await cleanup();
+    }
+  });
+});
+
 describe('the two AES-XTS paths', () => {
   it("the addon and Node's crypto write the same ciphertext, and read each other's", async () => {
     const key = randomBytes(64);
