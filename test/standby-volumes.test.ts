@@ -276,6 +276,51 @@ describe('standby volumes follow a volume’s backups on a clock the test turns'
     }
   });
 
+  it('a disk that fills during an apply: the apply fails as NO_SPACE, the standby shows nothing half-applied, and the next poll once space is back applies it whole', async () => {
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-standby-full-'));
+    dirs.push(dir);
+    // The replicas' disk is small; the metadata and the backup store live elsewhere.
+    const disk = path.join(dir, 'replicas');
+    await fs.promises.mkdir(disk);
+    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=32m', 'tmpfs', disk]);
+    const w = await world(dir);
+    try {
+      await w.volumes.create({ name: 'db', size: '16M' });
+      const src = w.volumes.device('db')!;
+      await src.write(0, randomBytes(4 * MiB));
+      const first = await w.backup('db');
+      await (
+        await w.standby.create({ name: 'dr', from: 'db', pollSeconds: POLL_S })
+      ).done;
+      await assertSameBytes(w.uri('dr'), w.uri(`db@${first.snapshot}`));
+      // The next backup (named by the second: the clock moves, less than a poll interval)
+      // changes 8 MiB the standby holds nothing of: its apply needs new space.
+      await w.clock.advance(5000);
+      await src.write(8 * MiB, randomBytes(8 * MiB));
+      const second = await w.backup('db');
+      const { bavail, bsize } = await fs.promises.statfs(disk);
+      const ballast = path.join(disk, 'ballast');
+      await mustRun('fallocate', ['-l', String(bavail * bsize - MiB), ballast]);
+
+      await assert.rejects(w.standby.poll('dr'), (e) => isCorralError(e, 'NO_SPACE'));
+      assert.equal((await standbyOf(w, 'dr')).applying, second.name);
+      await assert.rejects(w.volumes.device('dr')!.read(0, 4096), (e) =>
+        isCorralError(e, 'UNAVAILABLE'),
+      );
+      await assert.rejects(w.standby.activate('dr'), (e) => isCorralError(e, 'UNAVAILABLE'));
+      // The source lost nothing either.
+      await assertSameBytes(w.uri('db'), w.uri(`db@${second.snapshot}`));
+
+      await fs.promises.rm(ballast);
+      assert.equal(await w.standby.poll('dr'), second.name);
+      assert.equal((await standbyOf(w, 'dr')).applying, undefined);
+      await assertSameBytes(w.uri('dr'), w.uri(`db@${second.snapshot}`));
+    } finally {
+      await w.close();
+      await run('umount', [disk]);
+    }
+  });
+
   it('from the CLI on a real daemon: follows with a 1 s poll, keeps following after a SIGKILL, activates', async () => {
     let d = await DaemonProcess.start();
     try {
