@@ -834,6 +834,10 @@ export class Engine implements SupervisedEngine {
   async close(): Promise<void> {
     let flushed: Error | undefined;
     try {
+      // Flushed here, and again by each replica's close: this flush records a replica that
+      // fails it as failed (as any mirrored request does), so that it is not trusted at the
+      // next start; the replica's own one, with nothing left to sync, clears its lingering
+      // write-intent marks.
       await this.#mirror('flush before closing', (r) => r.flush());
     } catch (err) {
       flushed = err instanceof Error ? err : new Error(String(err));
