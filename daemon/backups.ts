@@ -11,7 +11,8 @@ import {
 } from '../backup/jobs.ts';
 import { backupKeys, type BackupConfig } from '../backup/format.ts';
 import { BackupStore } from '../backup/store.ts';
-import { delayed, openTarget, type TargetPolicy } from '../backup/target.ts';
+import { openTarget } from '../backup/open-target.ts';
+import { delayed, type TargetPolicy } from '../backup/target.ts';
 import type { EventLog } from './events.ts';
 import type { Operation, Operations } from './operations.ts';
 import { validateSnapshotName, validateVolumeName } from './names.ts';

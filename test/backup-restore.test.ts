@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import { MULTIPART_THRESHOLD } from '../backup/s3-target.ts';
-import { openTarget } from '../backup/target.ts';
+import { openTarget } from '../backup/open-target.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { assertSameBytes, sha256OfExport, sha256OfImage } from './helpers/export-data.ts';
 import { mustRun, run } from './helpers/run.ts';
