@@ -33,14 +33,8 @@ import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
 import { Supervisor, type IoObserver } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
-import {
-  autoSnapshotName,
-  parseSnapshotRef,
-  validateSnapshotName,
-  validateVolumeName,
-  validateVolumeSize,
-  validateQos,
-} from './names.ts';
+import { SnapshotHolds, VolumeSnapshots } from './volume-snapshots.ts';
+import { parseSnapshotRef, validateVolumeName, validateVolumeSize, validateQos } from './names.ts';
 import type { ScrubReport, SnapshotInfo } from '../replication/replica.ts';
 
 export interface VolumeInfo {
@@ -175,8 +169,10 @@ export class VolumeManager {
   readonly #nbdAllow = new Map<string, readonly string[]>();
   /** Encrypted volumes' keys, given at create or attach, forgotten at detach. */
   readonly #keys = new Map<string, SectorCipher>();
-  /** Snapshots being read by long jobs (backups), `volume@snapshot` → count: not deleted meanwhile. */
-  readonly #holds = new Map<string, number>();
+  /** Snapshots being read by long jobs: not deleted, nor their volume detached or reverted. */
+  readonly #holds = new SnapshotHolds();
+  /** Snapshot operations (volume-snapshots.ts). */
+  readonly #snapshots: VolumeSnapshots;
   /** Volumes being restored: attached for the restore only, hidden from the frontends. */
   readonly #restoring = new Set<string>();
   /** Attached standby volumes: what their readers wait on while a backup is applied. */
@@ -193,6 +189,16 @@ export class VolumeManager {
   constructor(options: VolumeManagerOptions) {
     this.#o = options;
     this.#lanes = new Lanes({ clock: options.clock, waitMs: options.laneWaitMs ?? 30_000 });
+    this.#snapshots = new VolumeSnapshots(
+      {
+        clock: options.clock,
+        events: options.events,
+        record: (volume) => this.#record(volume),
+        attached: (volume, what) => this.#attachedEntry(volume, what),
+        serially: (volume, what, fn) => this.#serially(volume, what, fn),
+      },
+      this.#holds,
+    );
     options.records.onChange = (name, record) => this.#recordChanged(name, record);
     this.#engines = new EngineFactory({
       spaces: options.spaces,
@@ -920,7 +926,7 @@ export class VolumeManager {
   async #detach(record: VolumeRecord, force: boolean): Promise<void> {
     const entry = this.#attached.get(record.name);
     if (!entry) return;
-    this.#checkNotHeld(record.name, undefined, 'detach it');
+    this.#holds.check(record.name, undefined, 'detach it');
     this.#repairs.abort(record.name);
     const clients = this.#o.connections(record.name);
     if (clients > 0 && !force) {
@@ -1111,27 +1117,13 @@ export class VolumeManager {
     return entry;
   }
 
-  async snapshots(volume: string): Promise<SnapshotInfo[]> {
-    await this.#record(volume);
-    return this.#attachedEntry(volume, 'list its snapshots').supervisor.control(
-      'list snapshots',
-      (e) => e.snapshots(),
-    );
+  snapshots(volume: string): Promise<SnapshotInfo[]> {
+    return this.#snapshots.list(volume);
   }
 
-  async createSnapshot(volume: string, name?: unknown): Promise<SnapshotInfo> {
-    validateVolumeName(volume);
-    const now = new Date(this.#o.clock.nowMs());
-    const snap = name === undefined ? autoSnapshotName(now) : validateSnapshotName(name);
-    return this.#serially(volume, `take snapshot ${snap}`, async () => {
-      await this.#record(volume);
-      const entry = this.#attachedEntry(volume, 'take a snapshot');
-      const info = await entry.supervisor.control('take a snapshot', (e) => e.snapshot(snap, now));
-      this.#o.events.add({ type: 'snapshot-created', volume, message: snap });
-      return info;
-    });
+  createSnapshot(volume: string, name?: unknown): Promise<SnapshotInfo> {
+    return this.#snapshots.create(volume, name);
   }
-
   /**
    * Online expand of an attached volume. The replicas grow first (the engine
    * pauses I/O meanwhile, each replica's own record is its commit point), the
@@ -1322,110 +1314,25 @@ export class VolumeManager {
     return this.get(volume);
   }
 
-  async deleteSnapshot(volume: string, name: string): Promise<void> {
-    validateVolumeName(volume);
-    const snap = validateSnapshotName(name);
-    await this.#serially(volume, `delete snapshot ${snap}`, async () => {
-      await this.#record(volume);
-      this.#checkNotHeld(volume, snap, `delete snapshot ${snap}`);
-      const entry = this.#attachedEntry(volume, 'delete a snapshot');
-      this.#o.events.add({ type: 'snapshot-delete-started', volume, message: snap });
-      await entry.supervisor.control(`delete snapshot ${snap}`, (e) => e.deleteSnapshot(snap));
-      this.#o.events.add({ type: 'snapshot-deleted', volume, message: snap });
-    });
+  deleteSnapshot(volume: string, name: string): Promise<void> {
+    return this.#snapshots.delete(volume, name);
   }
 
-  async revert(
+  revert(
     volume: string,
     name: string,
     options: { discardNewer?: boolean },
   ): Promise<{ removed: string[] }> {
-    validateVolumeName(volume);
-    const snap = validateSnapshotName(name);
-    return this.#serially(volume, `revert to ${snap}`, async () => {
-      if ((await this.#record(volume)).standby)
-        throw new CorralError(
-          'READ_ONLY',
-          `Volume ${volume} is a standby: it holds its source's backups (activate it first)`,
-        );
-      this.#checkNotHeld(volume, undefined, `revert it to ${snap}`);
-      const now = new Date(this.#o.clock.nowMs());
-      const removed = await this.#attachedEntry(volume, 'revert it').supervisor.control(
-        `revert to ${snap}`,
-        (e) => e.revert(snap, now, options),
-      );
-      this.#o.events.add({
-        type: 'volume-reverted',
-        volume,
-        message: `to ${snap}${removed.length ? `, removed ${removed.join(', ')}` : ''}`,
-      });
-      return { removed };
-    });
+    return this.#snapshots.revert(volume, name, options);
   }
 
-  #checkNotHeld(volume: string, snapshot: string | undefined, what: string): void {
-    for (const [key, count] of this.#holds) {
-      const [v, snap] = key.split('@') as [string, string];
-      if (count > 0 && v === volume && (snapshot === undefined || snap === snapshot)) {
-        throw new CorralError(
-          'BUSY',
-          `Cannot ${what}: a backup or clone is reading snapshot ${key}; try again when it ends`,
-        );
-      }
-    }
-  }
-
-  /**
-   * Read access to one snapshot for a long job, through the volume's
-   * supervisor (so an engine restart mid-job is survived): the snapshot cannot
-   * be deleted, nor the volume detached or reverted, until `release`.
-   */
+  /** Read access to one snapshot for a long job (`VolumeSnapshots.access`). */
   snapshotAccess(
     volume: string,
     snapshot: string,
-    /** `plaintext`: an encrypted volume's snapshot as its clients see it (a backup re-encrypts it). */
     options: { plaintext?: boolean } = {},
-  ): {
-    info: SnapshotInfo;
-    sizeBytes: number;
-    /** The snapshot as a read-only device (through the supervisor). */
-    device: BlockDevice;
-    read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
-    touchedBlocks(base: string | undefined, granuleBytes: number): Promise<Set<number>>;
-    release(): void;
-  } {
-    const { supervisor, cipher } = this.#attachedEntry(volume, 'read its snapshots');
-    const info = supervisor.engine?.snapshots().find((s) => s.name === snapshot);
-    if (!info)
-      throw new CorralError('NOT_FOUND', `Volume ${volume} has no snapshot named ${snapshot}`);
-    const key = `${volume}@${snapshot}`;
-    this.#holds.set(key, (this.#holds.get(key) ?? 0) + 1);
-    let released = false;
-    const plain =
-      options.plaintext && cipher
-        ? encryptedDevice(supervisor.snapshotDevice(snapshot), cipher)
-        : undefined;
-    return {
-      info,
-      // The snapshot's own size: it keeps the one it was taken at.
-      sizeBytes: info.sizeBytes,
-      device: plain ?? supervisor.snapshotDevice(snapshot),
-      read: plain
-        ? (offset, length, into) => plain.read(offset, length, into)
-        : (offset, length, into) =>
-            supervisor.control(`read ${key}`, (e) =>
-              e.snapshotDevice(snapshot).read(offset, length, into),
-            ),
-      touchedBlocks: (base, granuleBytes) =>
-        supervisor.control(`compare ${key}`, (e) => e.touchedBlocks(base, snapshot, granuleBytes)),
-      release: () => {
-        if (released) return;
-        released = true;
-        const left = (this.#holds.get(key) ?? 1) - 1;
-        if (left > 0) this.#holds.set(key, left);
-        else this.#holds.delete(key);
-      },
-    };
+  ): ReturnType<VolumeSnapshots['access']> {
+    return this.#snapshots.access(volume, snapshot, options);
   }
 
   /** The device of a volume being restored (hidden from the frontends until `finishRestore`). */
