@@ -25,10 +25,9 @@ function sumsOf(data: Uint8Array): Uint32Array {
   return out;
 }
 
-/** `hashes` as stored: 0 moved to 1 (in place). */
+/** `hashes` as stored: 0 moved to 1 (in a copy: the caller's may serve others too). */
 function storedForm(hashes: Uint32Array): Uint32Array {
-  for (let i = 0; i < hashes.length; i++) if (hashes[i] === UNKNOWN) hashes[i] = 1;
-  return hashes;
+  return hashes.includes(UNKNOWN) ? hashes.map((h) => (h === UNKNOWN ? 1 : h)) : hashes;
 }
 
 /**

@@ -1,6 +1,7 @@
 import { assert } from '../common/assert.ts';
 import { CorralError, isCorralError } from '../common/errors.ts';
 import {
+  BLOCK_SIZE,
   MAX_REQUEST_BYTES,
   readOnlyDevice,
   type BlockDevice,
@@ -9,6 +10,7 @@ import {
   type WriteOptions,
   type ZeroOptions,
 } from './block-device.ts';
+import { hashBlocks } from './block-hash.ts';
 import type { Replica, ReplicaMode, ScrubReport, SnapshotInfo } from './replica.ts';
 import type { ReplicaStatus, SupervisedEngine } from './supervisor.ts';
 import {
@@ -18,6 +20,9 @@ import {
   type Difference,
   type RebuildProgress,
 } from './rebuild.ts';
+
+/** Writes from this size on carry their block hashes to the replicas (`#withHashes`). */
+const HASHED_WRITE_MIN = 64 * 1024;
 
 function isUserError(err: unknown): boolean {
   return (
@@ -520,7 +525,31 @@ export class Engine implements SupervisedEngine {
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     this.#checkWritable('write');
     this.#check('write', offset, data.length, MAX_REQUEST_BYTES);
-    return this.#admit(() => this.#mirror('write', (r) => r.write(offset, data, options)));
+    const hashed = this.#withHashes(offset, data, options);
+    return this.#admit(() => this.#mirror('write', (r) => r.write(offset, data, hashed)));
+  }
+
+  /**
+   * A large aligned write to several replicas carries the XXH32 of each of its blocks,
+   * computed once here: a replica on this host keeps them as its block checksums, and
+   * the stream to each other one checksums its payload from them (each hashed it before).
+   */
+  #withHashes(
+    offset: number,
+    data: Uint8Array,
+    options: WriteOptions | undefined,
+  ): WriteOptions | undefined {
+    if (
+      this.#members.length < 2 ||
+      data.length < HASHED_WRITE_MIN ||
+      offset % BLOCK_SIZE !== 0 ||
+      data.length % BLOCK_SIZE !== 0 ||
+      options?.hashes
+    )
+      return options;
+    const hashes = new Uint32Array(data.length / BLOCK_SIZE);
+    hashBlocks(data, hashes);
+    return { ...options, hashes };
   }
 
   flush(): Promise<void> {

@@ -280,6 +280,7 @@ export class RemoteReplica implements Replica {
     count: number,
     payload: Uint8Array | readonly Uint8Array[],
     onPooled?: (frame: Buffer) => void,
+    hashes?: Uint32Array,
   ) {
     if (this.#dead) return Promise.reject(this.#dead);
     const stream = this.#socket;
@@ -299,7 +300,7 @@ export class RemoteReplica implements Replica {
       });
       // Requests of one loop turn leave together: one DATA frame for many small writes.
       this.#batch!.hold();
-      const header = requestHeader(op, id, flags, offset, count, payload);
+      const header = requestHeader(op, id, flags, offset, count, payload, hashes);
       if (!(payload instanceof Uint8Array)) {
         stream.write(header);
         for (const part of payload) stream.write(part);
@@ -339,7 +340,8 @@ export class RemoteReplica implements Replica {
   }
 
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    await this.#send(Op.WRITE, options?.fua ? Flag.FUA : 0, offset, data.length, data);
+    const flags = options?.fua ? Flag.FUA : 0;
+    await this.#send(Op.WRITE, flags, offset, data.length, data, undefined, options?.hashes);
   }
 
   async flush(): Promise<void> {

@@ -155,6 +155,20 @@ function crcOfParts(parts: readonly Uint8Array[], length: number): number {
   return acc >>> 0;
 }
 
+/**
+ * `crc` of a payload of whole blocks from the XXH32 of each block, computed
+ * already (`WriteOptions.hashes`): the same value, without hashing again.
+ */
+function crcOfHashes(length: number, hashes: Uint32Array): number {
+  assert(length === hashes.length * BLOCK_SIZE, 'one hash per block of the payload');
+  let acc = crcStart(length);
+  for (let i = 0; i < hashes.length; i++) {
+    acc = Math.imul(acc ^ hashes[i]!, 0x85ebca77);
+    acc = (acc << 13) | (acc >>> 19);
+  }
+  return acc >>> 0;
+}
+
 function crcStart(length: number): number {
   return Math.imul(length ^ 0x165667b1, 0x9e3779b1);
 }
@@ -213,6 +227,7 @@ export function requestHeader(
   offset: number,
   count: number,
   payload: Uint8Array | readonly Uint8Array[],
+  hashes?: Uint32Array,
 ): Buffer {
   const length = payloadLength(payload);
   const h = Buffer.allocUnsafe(REQUEST_HEADER);
@@ -223,7 +238,11 @@ export function requestHeader(
   h.writeBigUInt64BE(BigInt(offset), 10);
   h.writeUInt32BE(count, 18);
   h.writeUInt32BE(
-    payload instanceof Uint8Array ? requestCrc(payload) : crcOfParts(payload, length),
+    hashes && length > 0
+      ? crcOfHashes(length, hashes)
+      : payload instanceof Uint8Array
+        ? requestCrc(payload)
+        : crcOfParts(payload, length),
     22,
   );
   return h;

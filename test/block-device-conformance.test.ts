@@ -184,6 +184,33 @@ describe('a write over a replica stream', () => {
   });
 });
 
+describe('an engine’s write to several replicas', () => {
+  it('hashes its blocks once for all: the stream accepts the payload checksum made from them, and every replica keeps the same block checksums', async () => {
+    const e = await fresh();
+    try {
+      const [local, far] = await replicas(e, 2);
+      e.open.push(local!, far!);
+      const engine = engineOf(e, [local!, await overStream(e, far!)]);
+      const data = randomBytes(128 * 1024);
+      await engine.write(64 * 1024, data);
+      await engine.flush();
+      assert.deepEqual(
+        engine.replicaModes().map((m) => m.mode),
+        ['RW', 'RW'],
+        'no replica refused the write',
+      );
+      const at = new Date();
+      await engine.snapshot('s', at);
+      const [a, b] = [await local!.layerSums('s', 0, SIZE), await far!.layerSums('s', 0, SIZE)];
+      assert.ok(Buffer.from(a).equals(Buffer.from(b)), 'the same states and checksums');
+      assert.ok(Buffer.from(await far!.readSnapshot('s', 64 * 1024, data.length)).equals(data));
+      assert.ok(Buffer.from(await local!.readSnapshot('s', 64 * 1024, data.length)).equals(data));
+    } finally {
+      await cleanup();
+    }
+  });
+});
+
 describe('the two AES-XTS paths', () => {
   it("the addon and Node's crypto write the same ciphertext, and read each other's", async () => {
     const key = randomBytes(64);
