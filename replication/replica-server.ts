@@ -102,6 +102,8 @@ export class ReplicaSession {
       const done = lent && i === parts.length - 1 ? () => this.#pool.release(lent) : undefined;
       this.#out.write(Buffer.from(part.buffer, part.byteOffset, part.length), done);
     });
+    // No data to send (a mask that selected none): nothing holds the lent buffer.
+    if (lent && parts.at(-1)?.length === 0) this.#pool.release(lent);
   }
 
   #handle(req: Request, pooled: Buffer | undefined): void {
