@@ -280,6 +280,67 @@ describe('a cluster with its state in etcd', () => {
       (await ranOn('n2')) ? true : undefined,
     );
   });
+
+  it('keeps a standby following its source’s backups on the node that serves it, after it moves too', async () => {
+    const n2 = daemons[1]!;
+    const n3 = daemons[2]!;
+    const store = path.join(os.tmpdir(), `corral-cluster-standby-${process.pid}`);
+    files.push(store);
+    const target = `file://${store}`;
+    const made = await n2.cli(['volume', 'create', 'sv', '--size', '16M', '--replicas', '2']);
+    assert.equal(made.code, 0, made.stderr);
+    const write = async (data: Buffer) => {
+      const file = path.join(os.tmpdir(), `corral-standby-src-${process.pid}`);
+      files.push(file);
+      await fs.promises.writeFile(file, data);
+      await mustRun('nbdcopy', [file, n2.uri('sv')]);
+      const b = await n2.cli(['backup', 'create', 'sv', '--target', target]);
+      assert.equal(b.code, 0, b.stderr);
+    };
+    const first = randomBytes(4 << 20);
+    await write(first);
+    const standby = await n3.cli([
+      'volume',
+      'create',
+      'dr',
+      '--standby-from',
+      `${target}?volume=sv`,
+      '--poll',
+      '1s',
+    ]);
+    assert.equal(standby.code, 0, standby.stderr);
+    assert.equal((await cliJson<VolumeRow>(n2, ['volume', 'get', 'dr'])).node, 'n3');
+    assert.ok((await readVolume(n3, 'dr', first.length)).equals(first));
+
+    // Served from n2 now: the next backup is applied there.
+    const moved = await n3.cli(['volume', 'attach', 'dr', '--node', 'n2']);
+    assert.equal(moved.code, 0, moved.stderr);
+    const second = randomBytes(4 << 20);
+    await write(second);
+    await waitFor(
+      'the standby on n2 to hold the second backup',
+      async () => {
+        // Reads are refused while a backup is applied: try again.
+        const held = await readVolume(n2, 'dr', second.length).catch(() => undefined);
+        return held?.equals(second) ? true : undefined;
+      },
+      30_000,
+    );
+    const events = await cliJson<Array<{ type: string; node?: string }>>(n3, [
+      'events',
+      '--volume',
+      'dr',
+    ]);
+    assert.ok(
+      events.some((e) => e.type === 'standby-apply-succeeded' && e.node === 'n2'),
+      JSON.stringify(events.map((e) => [e.type, e.node])),
+    );
+    const active = await n3.cli(['volume', 'activate', 'dr']);
+    assert.equal(active.code, 0, active.stderr);
+    const row = await cliJson<VolumeRow & { standby?: unknown }>(n3, ['volume', 'get', 'dr']);
+    assert.equal(row.standby, undefined);
+    assert.ok((await readVolume(n2, 'dr', second.length)).equals(second));
+  });
 });
 
 /**
