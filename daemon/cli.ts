@@ -18,7 +18,7 @@ import { readSecretFile } from './secrets.ts';
 import { createLogger, LOG_LEVELS, type LogLevel } from './log.ts';
 import type { DaemonEvent } from './events.ts';
 import type { VolumeStats } from './metrics.ts';
-import type { VolumeInfo } from './volumes.ts';
+import type { VolumeInfo } from './volume-info.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { SnapshotInfo } from '../replication/replica.ts';
 

@@ -3,7 +3,7 @@ import type { JobInfo } from './jobs.ts';
 import type { Operation } from './operations.ts';
 import type { IoKind, IoObserver } from '../replication/supervisor.ts';
 import type { NodeInfo } from './node-info.ts';
-import type { VolumeInfo } from './volumes.ts';
+import type { VolumeInfo } from './volume-info.ts';
 
 /** Latency buckets, in seconds: 50 µs (a cached 4k read) to 2.5 s (a flush behind a slow disk). */
 const LATENCY_BUCKETS = [

@@ -9,7 +9,8 @@ import type { BackupService } from './backups.ts';
 import type { EventLog } from './events.ts';
 import { validateVolumeName } from './names.ts';
 import type { Operation, Operations } from './operations.ts';
-import type { VolumeInfo, VolumeManager } from './volumes.ts';
+import type { VolumeInfo } from './volume-info.ts';
+import type { VolumeManager } from './volumes.ts';
 
 /** How often the target is looked at when `poll` is not given. */
 export const DEFAULT_POLL_MS = 60_000;

@@ -29,62 +29,14 @@ import { placeReplicas } from './placement.ts';
 import { Repairs } from './repair.ts';
 import type { VolumeRecords } from './volume-records.ts';
 import type { Operation, Operations } from './operations.ts';
-import type { Difference, RebuildProgress } from '../replication/rebuild.ts';
+import type { Difference } from '../replication/rebuild.ts';
 import { copyAllocated } from '../replication/copy.ts';
 import { Supervisor, type IoObserver } from '../replication/supervisor.ts';
 import type { EventLog } from './events.ts';
 import { SnapshotHolds, VolumeSnapshots } from './volume-snapshots.ts';
+import { volumeInfo, type VolumeInfo } from './volume-info.ts';
 import { parseSnapshotRef, validateVolumeName, validateVolumeSize, validateQos } from './names.ts';
 import type { ScrubReport, SnapshotInfo } from '../replication/replica.ts';
-
-export interface VolumeInfo {
-  name: string;
-  sizeBytes: number;
-  replicaCount: number;
-  frontend: Frontend;
-  createdAt: string;
-  attached: boolean;
-  state: 'attached' | 'detached' | 'failed' | 'restoring';
-  /** In a cluster: the node whose engine serves the volume (or served it last). */
-  node?: string;
-  /** In a cluster: `auto` when a surviving node takes the volume over by itself. */
-  failover?: 'auto';
-  /** Only these TLS identities may open it over NBD. */
-  nbdAllow?: string[];
-  /** I/O limits; absent: none. */
-  qos?: QosLimits;
-  /** Encrypted at rest; `keyId` names the key it needs (a digest, not the key). */
-  encrypted?: { keyId: string };
-  /** A standby (DR) volume: read-only, following another volume's backups. */
-  standby?: StandbyInfo;
-  engineRestarts: number;
-  nbdConnections: number;
-  replicas: Array<{
-    id: string;
-    location: string;
-    mode: string;
-    revision: string;
-    rebuild?: RebuildProgress;
-  }>;
-}
-
-export interface StandbyInfo {
-  /** The backups it follows (a target naming a volume). */
-  from: string;
-  pollSeconds: number;
-  /** The backup it holds, and when that backup's snapshot was taken. */
-  backup?: string;
-  backupTakenAt?: string;
-  /** How old the data it holds is: now minus that snapshot's time. */
-  behindSeconds?: number;
-  /**
-   * The data a disaster at the source can cost at most once it is activated:
-   * the poll interval plus the interval between the last two backups.
-   */
-  rpoSeconds?: number;
-  /** A backup being applied (or whose apply was cut off: then reads are refused). */
-  applying?: string;
-}
 
 export interface VolumeManagerOptions {
   spaces: Spaces;
@@ -1024,74 +976,14 @@ export class VolumeManager {
   }
 
   #info(record: VolumeRecord, upNodes: Set<string>): VolumeInfo {
-    const entry = this.#attached.get(record.name);
-    // Served by another node's engine: the modes as that engine recorded them.
-    const elsewhere =
-      !entry &&
-      this.#shared &&
-      record.engineNode !== undefined &&
-      record.engineNode !== this.#nodeName;
-    const failed = new Set(record.failedReplicas ?? []);
-    const replicas =
-      entry?.supervisor.engine?.replicaModes() ??
-      [
-        ...record.replicaIds.map((id) => ({ id, location: 'local' })),
-        ...(record.remoteReplicas ?? []).map((r) => ({ id: r.id, location: r.node ?? r.url })),
-      ].map((r) => ({
-        ...r,
-        mode:
-          elsewhere && record.attached
-            ? failed.has(r.id)
-              ? 'ERR'
-              : 'RW'
-            : entry
-              ? 'restarting'
-              : 'detached',
-        revision: '',
-      }));
-    const servedElsewhere = elsewhere && record.attached && upNodes.has(record.engineNode!);
-    return {
-      name: record.name,
-      sizeBytes: record.sizeBytes,
-      replicaCount: record.replicaCount,
-      frontend: record.frontend,
-      createdAt: record.createdAt,
-      attached: record.attached,
-      state: record.restoring
-        ? 'restoring'
-        : entry || servedElsewhere
-          ? 'attached'
-          : record.attached
-            ? 'failed'
-            : 'detached',
-      ...(record.engineNode !== undefined ? { node: record.engineNode } : {}),
-      ...(record.failover ? { failover: record.failover } : {}),
-      ...(record.nbdAllow ? { nbdAllow: record.nbdAllow } : {}),
-      ...(record.qos && Object.keys(record.qos).length > 0 ? { qos: record.qos } : {}),
-      ...(record.encryption ? { encrypted: { keyId: String(record.encryption.keyId) } } : {}),
-      ...(record.standby ? { standby: this.#standbyInfo(record.standby) } : {}),
-      engineRestarts: entry?.supervisor.restarts ?? 0,
+    return volumeInfo(record, {
+      supervisor: this.#attached.get(record.name)?.supervisor,
+      shared: this.#shared,
+      nodeName: this.#nodeName,
+      upNodes,
       nbdConnections: this.#o.connections(record.name),
-      replicas,
-    };
-  }
-
-  #standbyInfo(s: StandbyRecord): StandbyInfo {
-    const now = this.#o.clock.nowMs();
-    const at = s.backupAt !== undefined ? Date.parse(s.backupAt) : undefined;
-    const before = s.previousAt !== undefined ? Date.parse(s.previousAt) : undefined;
-    const seconds = (ms: number): number => Math.max(0, Math.round(ms / 1000));
-    return {
-      from: s.from,
-      pollSeconds: seconds(s.pollMs),
-      ...(s.backup !== undefined ? { backup: s.backup } : {}),
-      ...(s.backupAt !== undefined ? { backupTakenAt: s.backupAt } : {}),
-      ...(at !== undefined ? { behindSeconds: seconds(now - at) } : {}),
-      ...(at !== undefined && before !== undefined
-        ? { rpoSeconds: seconds(s.pollMs + at - before) }
-        : {}),
-      ...(s.applying !== undefined ? { applying: s.applying } : {}),
-    };
+      nowMs: this.#o.clock.nowMs(),
+    });
   }
 
   /** The block device of an attached volume, or of `volume@snapshot` (read-only), for the frontends. */

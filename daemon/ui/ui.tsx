@@ -6,7 +6,7 @@ import type { SnapshotInfo } from '../../replication/replica.ts';
 import type { DaemonEvent } from '../events.ts';
 import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
-import type { VolumeInfo } from '../volumes.ts';
+import type { VolumeInfo } from '../volume-info.ts';
 import type { BackupSummary } from '../backups.ts';
 import type { JobInfo } from '../jobs.ts';
 import type { Operation } from '../operations.ts';

@@ -7,7 +7,7 @@ import type { JobInfo } from '../jobs.ts';
 import type { Operation } from '../operations.ts';
 import type { VolumeStats } from '../metrics.ts';
 import type { NodeInfo } from '../node-info.ts';
-import type { VolumeInfo } from '../volumes.ts';
+import type { VolumeInfo } from '../volume-info.ts';
 
 const STYLE = `
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2327;background:#f6f7f7}
