@@ -14,6 +14,9 @@ interface StreamHandle {
   useUserBuffer?: unknown;
 }
 
+/** Whether sockets can read into buffers of our choosing (`onread`): Deno's node:net cannot. */
+export const DIRECT_READS = !('deno' in process.versions);
+
 /**
  * Re-homes an accepted socket (from a server made with `pauseOnConnect`) so
  * that the kernel copies received bytes straight into the reader's buffers,
@@ -29,7 +32,7 @@ interface StreamHandle {
  * 'data' events as before.
  */
 export function adoptDirect(raw: net.Socket, reader: DirectReader): net.Socket | undefined {
-  if ('deno' in process.versions) return undefined;
+  if (!DIRECT_READS) return undefined;
   const holder = raw as unknown as { _handle: StreamHandle | null };
   const handle = holder._handle;
   if (!handle || typeof handle.useUserBuffer !== 'function') return undefined;

@@ -150,6 +150,12 @@ export async function copyLayers(
         await pacer.paced(chunk.data.length);
         await yieldToClients(chunk.data.length, startedMs);
       };
+      /** Granules the check refused copied again from `source`, when others served some. */
+      const recopied = async (granules: number[]): Promise<boolean> => {
+        if (granules.length === 0 || sources.length === 1) return false;
+        for (const g of granules) await copy(g, undefined, source);
+        return true;
+      };
       const [theirSums, mySums] = await Promise.all([
         target.layerSums(name, offset, length),
         source.layerSums(name, offset, length),
@@ -160,12 +166,9 @@ export async function copyLayers(
         const todo = granulesHolding(mySums, offset);
         await copies(todo.length, (i) => copy(todo[i]!, undefined));
         if (todo.length > 0) {
-          let after = await target.layerSums(name, offset, length);
-          const again = differingGranules(mySums, after, offset);
-          if (again.length > 0 && sources.length > 1) {
-            for (const g of again) await copy(g, undefined, source);
-            after = await target.layerSums(name, offset, length);
-          }
+          const sums = () => target.layerSums(name, offset, length);
+          let after = await sums();
+          if (await recopied(differingGranules(mySums, after, offset))) after = await sums();
           const bad = firstDifference(mySums, after);
           if (bad !== undefined)
             throw new CorralError(
@@ -197,12 +200,11 @@ export async function copyLayers(
         });
         if (differing.size > 0) {
           // Verified by checksum: the target's granules must now digest as the source's.
-          let after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
-          const again = [...differing].filter((g) => after.get(g) !== wanted.get(g));
-          if (again.length > 0 && sources.length > 1) {
-            for (const g of again) await copy(g, undefined, source);
-            after = new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
-          }
+          const digests = async () =>
+            new Map(await target.layerDigests(name, offset, length, GRANULE_BYTES));
+          let after = await digests();
+          if (await recopied([...differing].filter((g) => after.get(g) !== wanted.get(g))))
+            after = await digests();
           for (const g of differing) {
             if (after.get(g) !== wanted.get(g))
               throw new CorralError(
@@ -245,14 +247,18 @@ function lacksSums(sums: Uint8Array): boolean {
 
 /** The granules (volume-wide indexes) of a window starting at `offset` with any block not absent. */
 function granulesHolding(sums: Uint8Array, offset: number): number[] {
-  const perGranule = GRANULE_BYTES / BLOCK_SIZE;
   const out: number[] = [];
   for (let b = 0; b * SUM_BYTES < sums.length; b++) {
     if (sums[b * SUM_BYTES] === 0) continue;
-    const g = (offset / BLOCK_SIZE + b - ((offset / BLOCK_SIZE + b) % perGranule)) / perGranule;
+    const g = granuleOf(offset, b);
     if (out.at(-1) !== g) out.push(g);
   }
   return out;
+}
+
+/** The granule (volume-wide index) of block `b` of a window starting at `offset`. */
+function granuleOf(offset: number, b: number): number {
+  return Math.floor((offset + b * BLOCK_SIZE) / GRANULE_BYTES);
 }
 
 /** The first block whose state or checksum differs between two `layerSums` answers. */
@@ -263,11 +269,10 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number | undefined {
 
 /** The granules (volume-wide indexes) of a window at `offset` where two `layerSums` answers differ. */
 function differingGranules(a: Uint8Array, b: Uint8Array, offset: number): number[] {
-  const perGranule = GRANULE_BYTES / BLOCK_SIZE;
   const out: number[] = [];
   for (let i = 0; i < a.length; i++) {
     if (a[i] === b[i]) continue;
-    const g = Math.floor((offset / BLOCK_SIZE + Math.floor(i / SUM_BYTES)) / perGranule);
+    const g = granuleOf(offset, Math.floor(i / SUM_BYTES));
     if (out.at(-1) !== g) out.push(g);
   }
   return out;

@@ -2,6 +2,7 @@ import * as net from 'node:net';
 import * as tls from 'node:tls';
 import { systemClock, type Clock } from '../common/clock.ts';
 import { BufferPool } from '../common/buffer-pool.ts';
+import { DIRECT_READS } from '../common/direct-socket.ts';
 import { CorralError } from '../common/errors.ts';
 import { TurnBatch } from '../common/turn-batch.ts';
 import type { Extent, WriteOptions, ZeroOptions } from './block-device.ts';
@@ -129,12 +130,11 @@ export class RemoteReplica implements Replica {
       };
       // Over plain TCP replies are read where we choose (as the replica side reads requests):
       // a large reply straight into a pooled buffer, the rest into slabs, after the upgrade
-      // answer has been read into a buffer of its own. (TLS decrypts into OpenSSL's buffers;
-      // Deno's node:net has no `onread`.)
+      // answer has been read into a buffer of its own. (TLS decrypts into OpenSSL's buffers.)
       let upgraded = false;
       const headSpace = Buffer.allocUnsafe(4096);
       const direct =
-        secure || 'deno' in process.versions
+        secure || !DIRECT_READS
           ? undefined
           : new DirectFrameReader(
               (n) => this.#pool.acquire(n),

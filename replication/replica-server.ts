@@ -91,9 +91,8 @@ export class ReplicaSession {
   }
 
   #reply(id: number, ok: boolean, answer: Answer): void {
-    const lent = 'lent' in answer ? answer.lent : undefined;
     if (this.#closed) return;
-    const payload = 'lent' in answer ? answer.parts : answer;
+    const [payload, lent] = 'lent' in answer ? [answer.parts, answer.lent] : [answer, undefined];
     this.#batch.hold();
     this.#out.write(replyHeader(id, ok, this.#replica.revision(), payload));
     const parts = payload instanceof Uint8Array ? [payload] : payload;

@@ -62,7 +62,10 @@ export function ioPath(replicaId: string): string {
 }
 /** Headers of the I/O stream: who may write (the cluster secret) and which engine (its epoch). */
 export const EPOCH_HEADER = 'x-corral-epoch';
-/** 2: payload checksums are XXH32 of its 4 KiB blocks, folded (1 was zlib's CRC-32). */
+/**
+ * 3: a rebuild's layer payloads carry their data as a part of its own after a head in whole
+ * blocks; 2: payload checksums are XXH32 of its 4 KiB blocks, folded (1 was zlib's CRC-32).
+ */
 export const UPGRADE_PROTOCOL = 'corral-replica/3';
 
 export function upgradeRequest(host: string, id: string, secret: string, epoch: number): string {
@@ -161,12 +164,16 @@ function crcOfParts(parts: readonly Uint8Array[], length: number): number {
  */
 function crcOfHashes(length: number, hashes: Uint32Array): number {
   assert(length === hashes.length * BLOCK_SIZE, 'one hash per block of the payload');
-  let acc = crcStart(length);
-  for (let i = 0; i < hashes.length; i++) {
+  return foldHashes(crcStart(length), hashes, hashes.length) >>> 0;
+}
+
+/** Folds the first `count` block hashes into `acc`, in order. */
+function foldHashes(acc: number, hashes: Uint32Array, count: number): number {
+  for (let i = 0; i < count; i++) {
     acc = Math.imul(acc ^ hashes[i]!, 0x85ebca77);
     acc = (acc << 13) | (acc >>> 19);
   }
-  return acc >>> 0;
+  return acc;
 }
 
 function crcStart(length: number): number {
@@ -178,12 +185,8 @@ function crcFold(acc: number, data: Uint8Array, last: boolean): number {
   const whole = data.length - (data.length % BLOCK_SIZE);
   assert(whole === data.length || last, 'only the last part may end mid-block');
   if (whole > 0) {
-    const count = whole / BLOCK_SIZE;
     hashBlocks(data.subarray(0, whole), blockSums);
-    for (let i = 0; i < count; i++) {
-      acc = Math.imul(acc ^ blockSums[i]!, 0x85ebca77);
-      acc = (acc << 13) | (acc >>> 19);
-    }
+    acc = foldHashes(acc, blockSums, whole / BLOCK_SIZE);
   }
   if (whole < data.length) acc ^= zlib.crc32(data.subarray(whole));
   return acc;
@@ -215,10 +218,11 @@ function requestCrc(data: Uint8Array): number {
   return value;
 }
 
-/** The header of a request; send it followed by `payload` (not copied). */
 /**
- * A request's header. A payload in parts (sent one after the other, never
- * joined) has every part but the last in whole blocks (see `crcOfParts`).
+ * A request's header; send it followed by the payload (not copied). A payload
+ * in parts (sent one after the other, never joined) has every part but the last
+ * in whole blocks (see `crcOfParts`); `hashes`, when given, are a whole-block
+ * payload's block XXH32s, folded instead of hashing it again.
  */
 export function requestHeader(
   op: OpCode,
@@ -490,12 +494,6 @@ export function parseReply(frame: Buffer): Reply {
 }
 
 /**
- * Rebuild payloads, as a list of parts: u16 count, then per part u32 length
- * and bytes. READ_LAYER: [name, mask]; its reply [states, data];
- * WRITE_LAYER: [name, states, data, mask]; LAYER_DIGESTS: [name] → [digests].
- * An empty mask selects every block.
- */
-/**
  * A rebuild's WRITE_LAYER payload: name, block states and mask, padded to
  * whole blocks, then the data as a part of its own — sent as it is, not
  * copied into one buffer with the rest (`requestHeader`'s parts).
@@ -522,6 +520,11 @@ function blockAlignedParts(small: Uint8Array[], data: Uint8Array): [Buffer, Uint
   return [Buffer.concat(encoded.slice(0, -1)), data];
 }
 
+/**
+ * Rebuild payloads, as a list of parts: u16 count, then per part u32 length
+ * and bytes. READ_LAYER: [name, mask]; its reply `layerReadParts`;
+ * WRITE_LAYER `layerWriteParts`. An empty mask selects every block.
+ */
 export function encodeParts(parts: Uint8Array[]): Buffer[] {
   const head = Buffer.allocUnsafe(2 + 4 * parts.length);
   head.writeUInt16BE(parts.length, 0);
