@@ -25,7 +25,7 @@ export class TestCluster {
     // Chosen together: ports picked one after another can repeat (each is free once closed).
     const ports = await freePorts(n);
     const urls = ports.map((p) => `http://127.0.0.1:${p}`);
-    const daemons = await Promise.all(
+    const started = await Promise.allSettled(
       ports.map((port, i) =>
         DaemonProcess.start({
           ...(dataDirs[i] !== undefined ? { dataDir: dataDirs[i] } : {}),
@@ -39,6 +39,13 @@ export class TestCluster {
         }),
       ),
     );
+    const daemons = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    const failed = started.find((r) => r.status === 'rejected');
+    if (failed) {
+      // The others stopped: left running, they kept the test's process alive after it failed.
+      for (const d of daemons) await d.stop('SIGKILL');
+      throw failed.reason;
+    }
     return new TestCluster(daemons, urls);
   }
 

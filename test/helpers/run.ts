@@ -1,4 +1,5 @@
 import { spawn, type SpawnOptions } from 'node:child_process';
+import * as fs from 'node:fs';
 import * as net from 'node:net';
 
 export interface RunResult {
@@ -88,30 +89,35 @@ export async function duBytes(dir: string): Promise<number> {
 
 /** A TCP port free on loopback now (for daemons that must know each other's address up front). */
 export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const port = (server.address() as net.AddressInfo).port;
-      server.close(() => resolve(port));
-    });
-  });
+  return (await freePorts(1))[0]!;
 }
 
-/** `n` distinct TCP ports free on loopback now (held together while chosen, so none repeats). */
+/**
+ * `n` distinct TCP ports free on loopback now, held together while chosen (so none repeats),
+ * and below the kernel's ephemeral range: a port from that range, free when chosen, could be
+ * taken by some process's outgoing connection before the daemon binds it (seen in CI:
+ * EADDRINUSE at a daemon's start, another daemon of the same test connecting out).
+ */
 export async function freePorts(n: number): Promise<number[]> {
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise<net.Server>((resolve, reject) => {
-          const server = net.createServer();
-          server.once('error', reject);
-          server.listen(0, '127.0.0.1', () => resolve(server));
-        }),
-    ),
-  );
-  const ports = servers.map((s) => (s.address() as net.AddressInfo).port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  return ports;
+  const [low] = (await fs.promises.readFile('/proc/sys/net/ipv4/ip_local_port_range', 'utf8'))
+    .trim()
+    .split(/\s+/)
+    .map(Number) as [number];
+  const servers: net.Server[] = [];
+  try {
+    for (let tries = 0; servers.length < n; tries++) {
+      if (tries > 1000) throw new Error(`no ${n} free ports below ${low}`);
+      const base = Math.floor(low / 3);
+      const port = base + Math.floor(Math.random() * (low - base));
+      const server = net.createServer();
+      const bound = await new Promise<boolean>((resolve) => {
+        server.once('error', () => resolve(false));
+        server.listen(port, '127.0.0.1', () => resolve(true));
+      });
+      if (bound) servers.push(server);
+    }
+    return servers.map((s) => (s.address() as net.AddressInfo).port);
+  } finally {
+    await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  }
 }
