@@ -24,6 +24,7 @@ import { RangeLock } from './range-lock.ts';
 import { BlockRanges } from './block-ranges.ts';
 import { punchHoles } from './punch.ts';
 import { BlockSums, SUMS_PER_CHUNK } from './block-sums.ts';
+import { decodeTrailer, encodeTrailer } from './revision-trailer.ts';
 import type { BadBlock, Replica, SnapshotInfo } from './replica.ts';
 
 /** A write under way: which blocks of which layer, and who waits for it to end. */
@@ -162,7 +163,8 @@ export interface LocalReplicaOptions {
  *   2. the block's bits change in memory, the write is acknowledged;
  *   3. a flush (or FUA) copies the changed bitmap chunks, fdatasyncs the
  *      layer files, and only then writes the copied chunks and the revision
- *      counter to LevelDB in one synced batch.
+ *      counter to LevelDB in one synced batch (a flush with nothing but the
+ *      counter to record writes it in the head's trailer, before the sync).
  * So a bit on disk always follows durable data: after a crash an unflushed
  * block reads as its previous content, never as bytes not written there.
  */
@@ -193,7 +195,10 @@ export class LocalReplica implements Replica {
   readonly #locks = new RangeLock();
   #blockCount: number;
   #revision: bigint;
+  /** The revision last made durable: in the head's trailer or in LevelDB. */
   #persistedRevision: bigint;
+  /** The revision LevelDB holds: behind the head's trailer after commits' flushes. */
+  #kvRevision: bigint;
   #unsynced = new Set<OpenLayer>();
   /** Bytes written since the last flush began: past WRITE_BEHIND_BYTES a flush starts on its own. */
   #unsyncedBytes = 0;
@@ -234,6 +239,7 @@ export class LocalReplica implements Replica {
     record: ReplicaRecord,
     layers: OpenLayer[],
     revision: bigint,
+    kvRevision: bigint,
   ) {
     this.#spaces = spaces;
     this.#dir = dir;
@@ -246,6 +252,7 @@ export class LocalReplica implements Replica {
     this.#index = new ReadIndex(this.#blockCount);
     this.#revision = revision;
     this.#persistedRevision = revision;
+    this.#kvRevision = kvRevision;
   }
 
   static dirOf(root: string, id: string): string {
@@ -318,8 +325,20 @@ export class LocalReplica implements Replica {
       throw ioError(`Cannot open replica ${record.id} of volume ${record.volume}`, err);
     }
     const rev = await options.spaces.revisions.get(record.id);
-    const revision = rev ? Buffer.from(rev).readBigUInt64BE(0) : 0n;
-    const replica = new LocalReplica(options.spaces, dir, record, layers, revision);
+    const kvRevision = rev ? Buffer.from(rev).readBigUInt64BE(0) : 0n;
+    // The head's trailer is ahead of LevelDB after flushes that changed nothing but the counter;
+    // LevelDB is ahead when the head has none yet (a new head, a volume just grown).
+    const head = layers[layers.length - 1]!;
+    const trailer = Buffer.alloc(BLOCK_SIZE);
+    let inTrailer: bigint | undefined;
+    try {
+      await preadFull(head.fd, trailer, 0, BLOCK_SIZE, record.sizeBytes);
+      inTrailer = decodeTrailer(trailer, head.record.id);
+    } catch {
+      // unreadable: LevelDB's counter stands
+    }
+    const revision = inTrailer !== undefined && inTrailer > kvRevision ? inTrailer : kvRevision;
+    const replica = new LocalReplica(options.spaces, dir, record, layers, revision, kvRevision);
     replica.#mergeLimit = options.mergeLimit;
     if (options.clock) replica.#clock = options.clock;
     // Layer files no record names were being created or deleted when a crash came.
@@ -1014,11 +1033,12 @@ export class LocalReplica implements Replica {
       this.#punchQueue = new Map();
       this.#punchReady.push(punch);
     }
-    // Ordered: the batch may only follow the data sync. Unordered when all it holds is the
-    // revision (which may then count writes not yet durable: unacknowledged ones, which a crash
-    // may keep or lose anyway) — then both syncs run at once, one sync's latency instead of two,
-    // which is what a database's commit waits for (overwrites of allocated blocks change no
-    // bitmap, and the sums of marked regions wait).
+    // Ordered: the batch may only follow the data sync. When nothing but the revision changed
+    // (a database's commit: overwrites of allocated blocks change no bitmap, and the sums of
+    // marked regions wait), the counter goes into the head's trailer instead, synced by the same
+    // fdatasync as the data: one device flush, no LevelDB write. Each page is made durable on
+    // its own, so the trailer may then count writes whose data a crash loses — unacknowledged
+    // ones, which a crash may keep or lose anyway.
     const ordered =
       quietMarks ||
       commits.length > 0 ||
@@ -1026,6 +1046,21 @@ export class LocalReplica implements Replica {
       chunks.some(({ dirty, sums }) => dirty.length > 0 || sums.length > 0);
     this.#pending++;
     try {
+      const head = this.#head;
+      let inTrailer = false;
+      if (!ordered && revision !== this.#persistedRevision) {
+        // Where the trailer cannot be written (a file size limit, a full disk before its block
+        // was ever allocated) the counter goes to LevelDB as it did before trailers.
+        inTrailer = await pwriteFull(
+          head.fd,
+          encodeTrailer(head.record.id, revision),
+          this.sizeBytes,
+        ).then(
+          () => true,
+          () => false,
+        );
+        if (inTrailer && !layers.includes(head)) layers.push(head);
+      }
       const synced = Promise.all(layers.map((l) => fdatasync(l.fd)));
       if (ordered) await synced;
       const kvBatch = this.#spaces.batch();
@@ -1056,15 +1091,18 @@ export class LocalReplica implements Replica {
           this.#lingerTimer = undefined;
           if (!this.#closed) this.flush().catch(() => undefined);
         });
-      if (revision !== this.#persistedRevision) {
-        const rev = Buffer.alloc(8);
-        rev.writeBigUInt64BE(revision);
-        kvBatch.put(this.#spaces.revisions, this.id, rev);
-      }
+      // An ordered batch brings LevelDB's counter up to date on the way; a flush with nothing
+      // new to make durable writes nothing.
+      const inKv =
+        !inTrailer &&
+        revision !== this.#kvRevision &&
+        (ordered || revision !== this.#persistedRevision);
+      if (inKv) kvBatch.put(this.#spaces.revisions, this.id, revisionBytes(revision));
       // Both settle before the flush ends: an fdatasync must not outlive the fd it syncs.
       const outcomes = await Promise.allSettled([synced, kvBatch.write({ sync: true })]);
       for (const o of outcomes) if (o.status === 'rejected') throw o.reason;
       this.#persistedRevision = revision;
+      if (inKv) this.#kvRevision = revision;
       if (punch) void this.#punch(punch);
     } catch (err) {
       if (punch) {
@@ -1085,6 +1123,21 @@ export class LocalReplica implements Replica {
     } finally {
       this.#leave();
     }
+  }
+
+  /**
+   * Puts the revision the head's trailer holds into `batch`, if LevelDB is
+   * behind it: every batch that changes which file is the head, or where its
+   * trailer sits, carries it (open reads the head's trailer only). Call the
+   * result once the batch is written.
+   */
+  #revisionCaughtUp(batch: KvBatch): () => void {
+    const persisted = this.#persistedRevision;
+    if (persisted === this.#kvRevision) return () => undefined;
+    batch.put(this.#spaces.revisions, this.id, revisionBytes(persisted));
+    return () => {
+      this.#kvRevision = persisted;
+    };
   }
 
   /** Runs `prepare` inside the next flush's batch: after the data it depends on is durable. */
@@ -1197,7 +1250,10 @@ export class LocalReplica implements Replica {
     );
     const record: ReplicaRecord = { ...this.#record, layers: [...layers, layer.record] };
     try {
-      await this.#spaces.replicas.put(this.id, record);
+      const batch = this.#spaces.batch().put(this.#spaces.replicas, this.id, record);
+      const caughtUp = this.#revisionCaughtUp(batch);
+      await batch.write();
+      caughtUp();
     } catch (err) {
       await closeFd(layer.fd).catch(() => undefined);
       await fs.promises.rm(layerPath(this.#dir, layer.record.id), { force: true });
@@ -1225,6 +1281,9 @@ export class LocalReplica implements Replica {
         `Cannot shrink replica ${this.id} from ${this.sizeBytes} to ${sizeBytes} bytes`,
       );
     this.#checkChainIdle('expand it');
+    // The head's trailer is about to lie inside the volume: its counter goes to LevelDB with
+    // the new size, so it must be final first (the engine has paused I/O).
+    await this.flush();
     const old = this.sizeBytes;
     const head = this.#head;
     try {
@@ -1242,7 +1301,10 @@ export class LocalReplica implements Replica {
         i < last && l.sizeBytes === undefined ? { ...l, sizeBytes: old } : l,
       ),
     };
-    await this.#spaces.replicas.put(this.id, record);
+    const batch = this.#spaces.batch().put(this.#spaces.replicas, this.id, record);
+    const caughtUp = this.#revisionCaughtUp(batch);
+    await batch.write();
+    caughtUp();
     this.#record = record;
     this.#layers.forEach((l, i) => (l.record = record.layers[i]!));
     const blockCount = Math.ceil(sizeBytes / BLOCK_SIZE);
@@ -1750,6 +1812,13 @@ export class LocalReplica implements Replica {
     }
     if (this.#pending > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
   }
+}
+
+/** The counter as `rev:<replica-id>` holds it. */
+function revisionBytes(revision: bigint): Buffer {
+  const bytes = Buffer.alloc(8);
+  bytes.writeBigUInt64BE(revision);
+  return bytes;
 }
 
 function layerPath(dir: string, layerId: string): string {

@@ -117,4 +117,83 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
     const third = await reopen();
     await assert.rejects(third.read(4096, 4096), /checksum/i);
   });
+
+  it("a commit's revision rides in the head's trailer: no LevelDB write, a crash reopens at it, a damaged trailer falls back", async () => {
+    const { replica, reopen, env } = await world();
+    const inKv = async () => {
+      const bytes = await env.spaces.revisions.get(replica.id);
+      return bytes ? Buffer.from(bytes).readBigUInt64BE(0) : 0n;
+    };
+    await replica.write(0, Buffer.alloc(MiB, 0x31));
+    await replica.flush();
+    const first = replica.revision();
+    assert.equal(await inKv(), first, 'a flush that set bits wrote the counter to LevelDB');
+    for (let i = 0; i < 3; i++) {
+      await replica.write(8192, Buffer.alloc(4096, 0x32 + i));
+      await replica.flush();
+    }
+    const committed = replica.revision();
+    assert.ok(committed > first);
+    assert.equal(await inKv(), first, 'the commits wrote nothing to LevelDB');
+    replica.abandon();
+
+    const again = await reopen();
+    assert.equal(again.revision(), committed, "reopened at the trailer's counter");
+    const got = await again.read(8192, 4096);
+    assert.ok(
+      got.every((b) => b === 0x34),
+      'and with the last commit',
+    );
+    again.abandon();
+
+    // A trailer that does not check out is ignored: LevelDB's counter stands, nothing else moves.
+    const dir = LocalReplica.dirOf(env.root, replica.id);
+    const layer = (await fs.promises.readdir(dir)).find((f) => f.endsWith('.layer'))!;
+    const fh = await fs.promises.open(path.join(dir, layer), 'r+');
+    await fh.write(Buffer.from([0xff]), 0, 1, SIZE + 9);
+    await fh.close();
+    const third = await reopen();
+    assert.equal(third.revision(), first, 'a damaged trailer falls back to LevelDB');
+    assert.ok((await third.read(8192, 4096)).every((b) => b === 0x34));
+    await third.close();
+  });
+
+  it("a snapshot and an expand carry the trailer's counter into LevelDB before the head changes or grows", async () => {
+    const { replica, reopen, env } = await world();
+    const inKv = async () =>
+      Buffer.from((await env.spaces.revisions.get(replica.id))!).readBigUInt64BE(0);
+    await replica.write(0, Buffer.alloc(MiB, 0x41));
+    await replica.flush();
+    await replica.write(0, Buffer.alloc(4096, 0x42));
+    await replica.flush();
+    const beforeSnapshot = replica.revision();
+    assert.ok((await inKv()) < beforeSnapshot, 'the commit left LevelDB behind');
+    // The new head has no trailer: LevelDB must hold the counter the old head's trailer held.
+    await replica.snapshot('s1', new Date());
+    assert.equal(await inKv(), beforeSnapshot);
+    replica.abandon();
+    const again = await reopen();
+    assert.equal(again.revision(), beforeSnapshot, 'a snapshot keeps the counter');
+
+    await again.write(0, Buffer.alloc(4096, 0x43));
+    await again.flush();
+    await again.write(0, Buffer.alloc(4096, 0x44));
+    await again.flush();
+    const beforeExpand = again.revision();
+    assert.ok((await inKv()) < beforeExpand, 'the commit after the snapshot left LevelDB behind');
+    // The trailer at the old end is now inside the volume: the counter moves with the size.
+    await again.expand(2 * SIZE);
+    assert.equal(await inKv(), beforeExpand);
+    again.abandon();
+    const third = await reopen();
+    assert.equal(third.revision(), beforeExpand, 'an expand keeps the counter');
+    const got = await third.read(0, 8192);
+    assert.ok(got.subarray(0, 4096).every((b) => b === 0x44));
+    assert.ok(got.subarray(4096).every((b) => b === 0x41));
+    assert.ok(
+      (await third.read(SIZE, 4096)).every((b) => b === 0),
+      'the old trailer block reads as the zeros it is to the volume',
+    );
+    await third.close();
+  });
 });
