@@ -31,6 +31,13 @@ export class ByteQueue implements DirectReader {
   #inPlace: InPlace | undefined;
   /** Whether the buffer handed out last by nextBuffer() was the in-place target's. */
   #lastInPlace = false;
+  /**
+   * Slab reads still to keep small (Slab.space) after an in-place read
+   * completed: two, because where the next read lands is decided as soon as
+   * a read is handled, before the consumer has parsed the header that read
+   * brought and asked for its payload in place.
+   */
+  #smallReads = 0;
   readonly #slab = new Slab();
   #direct = false;
   #ended: Error | undefined;
@@ -72,6 +79,9 @@ export class ByteQueue implements DirectReader {
     return this.#length;
   }
 
+  /** Bytes that landed in slabs rather than in place (of a large payload, they are copied once more). */
+  slabBytes = 0;
+
   /** DirectReader: where the next read lands. */
   nextBuffer(): Uint8Array {
     const target = this.#inPlace;
@@ -80,7 +90,9 @@ export class ByteQueue implements DirectReader {
       return target.buf.subarray(target.filled);
     }
     this.#lastInPlace = false;
-    return this.#slab.space();
+    const small = this.#smallReads > 0;
+    if (small) this.#smallReads--;
+    return this.#slab.space(small);
   }
 
   /** DirectReader: `bytes` landed in the buffer nextBuffer() gave last. */
@@ -90,10 +102,12 @@ export class ByteQueue implements DirectReader {
       target.filled += bytes;
       if (target.filled === target.buf.length) {
         this.#inPlace = undefined;
+        this.#smallReads = 2;
         target.resolve(target.buf);
       }
       return;
     }
+    this.slabBytes += bytes;
     let chunk = this.#slab.take(bytes);
     const target = this.#inPlace;
     if (target) {

@@ -402,7 +402,11 @@ export class DirectFrameReader implements DirectReader {
   readonly #onError: (err: Error) => void;
   #inPlace: { buf: Buffer; filled: number } | undefined;
   #lastInPlace = false;
+  /** A frame just completed in place: the next slab read stays small (Slab.space). */
+  #afterInPlace = false;
   #failed = false;
+  /** Bytes that landed in slabs rather than in place (of a large frame, they are copied once more). */
+  slabBytes = 0;
 
   constructor(
     acquire: (n: number) => Buffer,
@@ -417,7 +421,10 @@ export class DirectFrameReader implements DirectReader {
   nextBuffer(): Uint8Array {
     const target = this.#inPlace;
     this.#lastInPlace = target !== undefined;
-    return target ? target.buf.subarray(target.filled) : this.#slab.space();
+    if (target) return target.buf.subarray(target.filled);
+    const afterInPlace = this.#afterInPlace;
+    this.#afterInPlace = false;
+    return this.#slab.space(afterInPlace);
   }
 
   onRead(bytes: number): void {
@@ -427,12 +434,14 @@ export class DirectFrameReader implements DirectReader {
       target.filled += bytes;
       if (target.filled === target.buf.length) {
         this.#inPlace = undefined;
+        this.#afterInPlace = true;
         this.#onFrame(target.buf, true);
       }
       return;
     }
     // nextBuffer() runs after every read, so a read lands in the slab only while no frame is in place.
     assert(!target, 'a read landed in the slab while a frame was being read in place');
+    this.slabBytes += bytes;
     this.#consume(this.#slab.take(bytes));
   }
 

@@ -117,6 +117,28 @@ describe('NBD request reader', () => {
     }
   });
 
+  it('reads a stream of 1 MiB payloads in place, a few KiB of each through a slab', async () => {
+    const s = await serve(8 * 1048576);
+    try {
+      const messages = Array.from({ length: 64 }, () => randomBytes(1048576));
+      const pool = new BufferPool(64 * 1048576);
+      const sending = sendAll(s.client, messages, 5);
+      for (const m of messages) {
+        await s.queue.read(4);
+        const payload = await s.queue.read(m.length, (n) => pool.acquire(n));
+        assert.equal(sha(payload), sha(m));
+        pool.release(payload);
+      }
+      await sending;
+      // Where the read after a payload lands is fixed before the next header is parsed: at
+      // 64 KiB per read, 128 KiB of each MiB went through a slab and was copied over.
+      const perMessage = s.queue.slabBytes / messages.length;
+      assert.ok(perMessage <= 16 * 1024, `${perMessage} bytes of each payload through a slab`);
+    } finally {
+      await s.close();
+    }
+  });
+
   it('keeps unread bytes intact while payloads go back to the pool and are reused', async () => {
     const s = await serve(64 * 1048576);
     try {
@@ -191,6 +213,7 @@ describe('replica stream frame reader', () => {
     frames: Array<{ frame: Buffer; pooled: boolean }>;
     errors: Error[];
     pooledBuffers: WeakSet<object>;
+    reader: () => DirectFrameReader;
     arrived: (n: number) => Promise<void>;
     close: () => Promise<void>;
   }> {
@@ -199,8 +222,9 @@ describe('replica stream frame reader', () => {
     const pooledBuffers = new WeakSet<object>();
     let wake = (): void => undefined;
     let socket: net.Socket | undefined;
+    let reader: DirectFrameReader | undefined;
     const server = net.createServer({ pauseOnConnect: true }, (raw) => {
-      const reader = new DirectFrameReader(
+      reader = new DirectFrameReader(
         (n) => {
           const b = Buffer.alloc(n);
           pooledBuffers.add(b);
@@ -226,6 +250,7 @@ describe('replica stream frame reader', () => {
       frames,
       errors,
       pooledBuffers,
+      reader: () => reader!,
       arrived: async (n) => {
         const deadline = Date.now() + 20_000;
         while (frames.length < n && errors.length === 0) {
@@ -259,6 +284,21 @@ describe('replica stream frame reader', () => {
         s.frames.some((f) => f.pooled && f.frame.length >= 1048576),
         'large frames were read into acquired buffers',
       );
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('reads a stream of 1 MiB frames in place, a few KiB of each through a slab', async () => {
+    const s = await frameServer();
+    try {
+      const messages = Array.from({ length: 64 }, () => randomBytes(1048576));
+      await sendAll(s.client, messages, 11);
+      await s.arrived(messages.length);
+      s.frames.forEach(({ frame }, i) => assert.equal(sha(frame), sha(messages[i]!)));
+      // At 64 KiB per read, the read after each frame took the next one's first 64 KiB.
+      const perFrame = s.reader().slabBytes / messages.length;
+      assert.ok(perFrame <= 16 * 1024, `${perFrame} bytes of each frame through a slab`);
     } finally {
       await s.close();
     }
