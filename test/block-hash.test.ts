@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
-import { hashBlocks } from '../replication/block-hash.ts';
+import * as fs from 'node:fs';
+import { HASH_IMPLEMENTATION, hashBlocks, hashBlocksWasm } from '../replication/block-hash.ts';
 
 /** XXH32 with seed 0, the reference algorithm written plainly, for 4 KiB inputs. */
 function xxh32(data: Uint8Array): number {
@@ -21,19 +22,35 @@ function xxh32(data: Uint8Array): number {
   return (h ^ (h >>> 16)) >>> 0;
 }
 
-describe('block hash (WebAssembly XXH32)', () => {
-  it('matches the reference XXH32 for every block, in batches of any length', () => {
-    for (const blocks of [1, 3, 4, 5, 255, 256, 257, 600]) {
-      const data = randomBytes(blocks * 4096);
-      const out = new Uint32Array(blocks);
-      hashBlocks(data, out);
-      for (let i = 0; i < blocks; i++)
-        assert.equal(
-          out[i],
-          xxh32(data.subarray(i * 4096, (i + 1) * 4096)),
-          `block ${i} of ${blocks}`,
-        );
+describe('block hash (XXH32: native AVX2, else WebAssembly)', () => {
+  it('matches the reference XXH32 for every block, in batches of any length, both ways', () => {
+    for (const blocks of [1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 255, 256, 257, 600]) {
+      // At an odd offset into a larger buffer: neither way may assume alignment.
+      const data = randomBytes(blocks * 4096 + 13).subarray(13);
+      for (const [name, hash] of [
+        ['hashBlocks', hashBlocks],
+        ['wasm', hashBlocksWasm],
+      ] as const) {
+        const out = new Uint32Array(blocks + 2).fill(0xdeadbeef);
+        hash(data, out, 1);
+        assert.equal(out[0], 0xdeadbeef, `${name}: nothing written before outAt`);
+        assert.equal(out[blocks + 1], 0xdeadbeef, `${name}: nothing written past the blocks`);
+        for (let i = 0; i < blocks; i++)
+          assert.equal(
+            out[i + 1],
+            xxh32(data.subarray(i * 4096, (i + 1) * 4096)),
+            `${name}: block ${i} of ${blocks}`,
+          );
+      }
     }
+  });
+
+  it('uses the native addon where the CPU has AVX2, and refuses what is not whole blocks', () => {
+    const avx2 = /\bavx2\b/.test(fs.readFileSync('/proc/cpuinfo', 'utf8'));
+    const expected = avx2 && process.env.CORRAL_NATIVE !== 'off' ? 'native' : 'wasm';
+    assert.equal(HASH_IMPLEMENTATION, expected, 'setup built native/xxh32');
+    assert.throws(() => hashBlocks(new Uint8Array(4095), new Uint32Array(1)));
+    assert.throws(() => hashBlocks(new Uint8Array(8192), new Uint32Array(1)), RangeError);
   });
 
   it('sees a single flipped bit, and a view into a larger buffer hashes its own bytes', () => {
