@@ -199,6 +199,8 @@ export class LocalReplica implements Replica {
   #persistedRevision: bigint;
   /** The revision LevelDB holds: behind the head's trailer after commits' flushes. */
   #kvRevision: bigint;
+  /** The next flush writes the counter in both places (it may have gone down: setRevision). */
+  #revisionBothPlaces = false;
   #unsynced = new Set<OpenLayer>();
   /** Bytes written since the last flush began: past WRITE_BEHIND_BYTES a flush starts on its own. */
   #unsyncedBytes = 0;
@@ -1044,11 +1046,13 @@ export class LocalReplica implements Replica {
       commits.length > 0 ||
       punch !== undefined ||
       chunks.some(({ dirty, sums }) => dirty.length > 0 || sums.length > 0);
+    const both = this.#revisionBothPlaces;
+    this.#revisionBothPlaces = false;
     this.#pending++;
     try {
       const head = this.#head;
       let inTrailer = false;
-      if (!ordered && revision !== this.#persistedRevision) {
+      if ((both || !ordered) && revision !== this.#persistedRevision) {
         // Where the trailer cannot be written (a file size limit, a full disk before its block
         // was ever allocated) the counter goes to LevelDB as it did before trailers.
         inTrailer = await pwriteFull(
@@ -1094,7 +1098,7 @@ export class LocalReplica implements Replica {
       // An ordered batch brings LevelDB's counter up to date on the way; a flush with nothing
       // new to make durable writes nothing.
       const inKv =
-        !inTrailer &&
+        (both || !inTrailer) &&
         revision !== this.#kvRevision &&
         (ordered || revision !== this.#persistedRevision);
       if (inKv) kvBatch.put(this.#spaces.revisions, this.id, revisionBytes(revision));
@@ -1115,6 +1119,7 @@ export class LocalReplica implements Replica {
       }
       // Keep the promise that the next flush retries what this one could not make durable.
       for (const l of layers) this.#unsynced.add(l);
+      if (both) this.#revisionBothPlaces = true;
       for (const { layer, dirty, sums } of chunks) {
         layer.map.markDirty(dirty.map(([i]) => i));
         layer.sums.markDirty(sums.map(([i]) => i));
@@ -1771,7 +1776,10 @@ export class LocalReplica implements Replica {
   /** After a rebuild: the revision of the replica it was copied from, made durable. */
   async setRevision(revision: bigint): Promise<void> {
     this.#revision = revision;
-    await this.flush();
+    // The counter may go down here (a replica rebuilt in place from one that counted fewer
+    // writes), and open takes the larger of trailer and LevelDB: both get it, in order.
+    this.#revisionBothPlaces = true;
+    await this.#commit(() => undefined);
   }
 
   /** SHA-256 per `granuleBytes` of the volume as seen at a snapshot (or now), for verify. */

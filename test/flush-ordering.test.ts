@@ -158,6 +158,27 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
     await third.close();
   });
 
+  it('a counter set lower (a rebuild from a replica that counted fewer writes) is what a reopen finds', async () => {
+    const { replica, reopen } = await world();
+    await replica.write(0, Buffer.alloc(MiB, 0x51));
+    await replica.flush();
+    for (let i = 0; i < 5; i++) {
+      await replica.write(0, Buffer.alloc(4096, 0x52 + i));
+      await replica.flush();
+    }
+    // A snapshot brings LevelDB up to the trailer; one more commit puts the trailer ahead again.
+    await replica.snapshot('s', new Date());
+    await replica.write(0, Buffer.alloc(4096, 0x5f));
+    await replica.flush();
+    const high = replica.revision();
+    // Lower than the trailer's and than LevelDB's: open takes the larger of the two.
+    await replica.setRevision(1n);
+    replica.abandon();
+    const again = await reopen();
+    assert.equal(again.revision(), 1n, `not ${high}, the counter before`);
+    await again.close();
+  });
+
   it("a snapshot and an expand carry the trailer's counter into LevelDB before the head changes or grows", async () => {
     const { replica, reopen, env } = await world();
     const inKv = async () =>
