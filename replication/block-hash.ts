@@ -1,4 +1,4 @@
-import { assert } from '../common/assert.ts';
+import { fail } from '../common/assert.ts';
 import { BLOCK_SIZE } from './block-device.ts';
 import { loadNative } from './native.ts';
 
@@ -68,7 +68,7 @@ export function hashBlocks(data: Uint8Array, out: Uint32Array, outAt = 0): void 
 
 /** `hashBlocks` in WebAssembly, always (the fallback, and what tests hold the addon to). */
 export function hashBlocksWasm(data: Uint8Array, out: Uint32Array, outAt = 0): void {
-  assert(data.length % BLOCK_SIZE === 0, `${data.length} bytes are not whole blocks`);
+  if (data.length % BLOCK_SIZE !== 0) fail(`${data.length} bytes are not whole blocks`);
   const count = data.length / BLOCK_SIZE;
   for (let done = 0; done < count; done += BATCH_BLOCKS) {
     const n = Math.min(BATCH_BLOCKS, count - done);

@@ -1,4 +1,4 @@
-import { assert } from '../common/assert.ts';
+import { assert, fail } from '../common/assert.ts';
 import { BLOCK_SIZE } from './block-device.ts';
 import { hashBlocks } from './block-hash.ts';
 
@@ -59,7 +59,7 @@ export class BlockSums {
   }
 
   set(block: number, sum: number): void {
-    assert(block >= 0 && block < this.blockCount, `block ${block} outside layer`);
+    if (!(block >= 0 && block < this.blockCount)) fail(`block ${block} outside layer`);
     const index = Math.floor(block / SUMS_PER_CHUNK);
     let chunk = this.#chunks[index];
     if (!chunk) {

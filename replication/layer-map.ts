@@ -1,4 +1,4 @@
-import { assert } from '../common/assert.ts';
+import { assert, fail } from '../common/assert.ts';
 
 /** What one layer says about one block. */
 export const ABSENT = 0; // look in the layer below
@@ -44,10 +44,8 @@ export class LayerMap {
   }
 
   set(block: number, state: BlockState): void {
-    assert(
-      block >= 0 && block < this.blockCount,
-      `block ${block} outside layer of ${this.blockCount}`,
-    );
+    if (!(block >= 0 && block < this.blockCount))
+      fail(`block ${block} outside layer of ${this.blockCount}`);
     const index = Math.floor(block / BLOCKS_PER_CHUNK);
     let chunk = this.#chunks[index];
     if (!chunk) {

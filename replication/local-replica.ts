@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
-import { assert } from '../common/assert.ts';
+import { assert, fail } from '../common/assert.ts';
 import { Pacer } from '../common/pacer.ts';
 import { CorralError, ioError } from '../common/errors.ts';
 import { systemClock, type Clock } from '../common/clock.ts';
@@ -407,23 +407,21 @@ export class LocalReplica implements Replica {
   }
 
   #checkRange(offset: number, length: number): void {
-    assert(
+    if (!(
       Number.isSafeInteger(offset) &&
-        Number.isSafeInteger(length) &&
-        offset >= 0 &&
-        length >= 0 &&
-        offset + length <= this.sizeBytes,
-      `range ${offset}+${length} outside replica of ${this.sizeBytes} bytes`,
-    );
-    assert(!this.#closed, `replica ${this.id} is closed`);
+      Number.isSafeInteger(length) &&
+      offset >= 0 &&
+      length >= 0 &&
+      offset + length <= this.sizeBytes
+    ))
+      fail(`range ${offset}+${length} outside replica of ${this.sizeBytes} bytes`);
+    if (this.#closed) fail(`replica ${this.id} is closed`);
   }
 
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#checkRange(offset, length);
-    assert(
-      into === undefined || into.length === length,
-      `read buffer of ${into?.length} bytes for ${length}`,
-    );
+    if (into !== undefined && into.length !== length)
+      fail(`read buffer of ${into.length} bytes for ${length}`);
     const out = into ?? Buffer.allocUnsafe(length);
     this.#pending++;
     try {
@@ -641,7 +639,7 @@ export class LocalReplica implements Replica {
           buf.fill(0, at, at + runLength);
         } else {
           const layer = this.#bySlot[source - 1];
-          assert(layer, `read index points at missing layer slot ${source - 1}`);
+          if (!layer) fail(`read index points at missing layer slot ${source - 1}`);
           pending.push(this.#readRun(layer, buf, at, runLength, runStart, inWrite));
         }
         if (next === -1) break;
@@ -779,7 +777,7 @@ export class LocalReplica implements Replica {
     aligned: boolean,
     hashes: Uint32Array | undefined,
   ): Promise<void> {
-    assert(head === this.#head, `replica ${this.id}'s head changed under a write`);
+    if (head !== this.#head) fail(`replica ${this.id}'s head changed under a write`);
     const unlocked = aligned && this.#mergeInto !== head && this.#punching === 0;
     this.#pending++;
     if (unlocked) this.#unlockedWrites++;
@@ -799,7 +797,7 @@ export class LocalReplica implements Replica {
       } catch (err) {
         throw ioError(`Cannot write replica ${this.id} at ${offset}`, err);
       }
-      assert(!this.#closed, `replica ${this.id} was closed during a write`);
+      if (this.#closed) fail(`replica ${this.id} was closed during a write`);
       this.#markBlocks(startBlock, endBlock, DATA);
     } finally {
       if (unlocked && --this.#unlockedWrites === 0) {
