@@ -21,9 +21,6 @@ import {
   type RebuildProgress,
 } from './rebuild.ts';
 
-/** Writes from this size on carry their block hashes to the replicas (`#withHashes`). */
-const HASHED_WRITE_MIN = 64 * 1024;
-
 function isUserError(err: unknown): boolean {
   return (
     isCorralError(err, 'NOT_FOUND') ||
@@ -530,7 +527,7 @@ export class Engine implements SupervisedEngine {
   }
 
   /**
-   * A large aligned write to several replicas carries the XXH32 of each of its blocks,
+   * An aligned write to several replicas carries the XXH32 of each of its blocks,
    * computed once here: a replica on this host keeps them as its block checksums, and
    * the stream to each other one checksums its payload from them (each hashed it before).
    */
@@ -541,7 +538,7 @@ export class Engine implements SupervisedEngine {
   ): WriteOptions | undefined {
     if (
       this.#members.length < 2 ||
-      data.length < HASHED_WRITE_MIN ||
+      data.length === 0 ||
       offset % BLOCK_SIZE !== 0 ||
       data.length % BLOCK_SIZE !== 0 ||
       options?.hashes

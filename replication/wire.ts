@@ -481,8 +481,9 @@ export function parseRequest(frame: Buffer): Request {
     offset: Number(frame.readBigUInt64BE(6)),
     count: frame.readUInt32BE(14),
     payload,
-    // `crc` left them in blockSums; kept for large writes only (a copy of 1 KiB per MiB).
-    ...(op === Op.WRITE && payload.length >= CRC_MEMO_MIN && payload.length % BLOCK_SIZE === 0
+    // `crc` left them in blockSums: kept for every whole-block write (a 4 KiB one's copy of
+    // 4 bytes costs less than hashing its block again for the replica's checksums).
+    ...(op === Op.WRITE && payload.length > 0 && payload.length % BLOCK_SIZE === 0
       ? { hashes: blockSums.slice(0, payload.length / BLOCK_SIZE) }
       : {}),
   };
