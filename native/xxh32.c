@@ -22,6 +22,7 @@
 #define P2 0x85EBCA77u
 #define P3 0xC2B2AE3Du
 
+#if defined(__x86_64__)
 static inline uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
 
 static inline uint32_t finish(const uint32_t v[4]) {
@@ -46,7 +47,6 @@ static uint32_t block_scalar(const uint8_t *p) {
   return finish(v);
 }
 
-#if defined(__x86_64__)
 #define VECTORS 4
 #define GROUP (2 * VECTORS)
 
@@ -76,7 +76,6 @@ __attribute__((target("avx2"))) static void group_avx2(const uint8_t *p, uint32_
     out[2 * j + 1] = finish(lanes + 4);
   }
 }
-#endif
 
 static napi_value fail(napi_env env, const char *message) {
   napi_throw_range_error(env, NULL, message);
@@ -110,12 +109,12 @@ static napi_value sums(napi_env env, napi_callback_info info) {
   const uint8_t *p = dataPtr;
   uint32_t *o = (uint32_t *)outPtr + outAt;
   size_t b = 0;
-#if defined(__x86_64__)
   for (; b + GROUP <= count; b += GROUP) group_avx2(p + b * BLOCK, o + b);
-#endif
   for (; b < count; b++) o[b] = block_scalar(p + b * BLOCK);
   return NULL;
 }
+
+#endif
 
 static napi_value init(napi_env env, napi_value exports) {
 #if defined(__x86_64__)
@@ -125,6 +124,8 @@ static napi_value init(napi_env env, napi_value exports) {
     napi_create_function(env, "sums", NAPI_AUTO_LENGTH, sums, NULL, &fn);
     napi_set_named_property(env, exports, "sums", fn);
   }
+#else
+  (void)env;
 #endif
   return exports;
 }
