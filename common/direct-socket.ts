@@ -74,13 +74,26 @@ const AFTER_IN_PLACE_READ_BYTES = 4096;
 export class Slab {
   #buf = Buffer.allocUnsafeSlow(0);
   #used = 0;
+  /** Reads still to keep small (AFTER_IN_PLACE_READ_BYTES). */
+  #smallReads = 0;
 
-  /** Where the next read may land; `small` right after a read in place (a stream of large payloads). */
-  space(small = false): Buffer {
+  /**
+   * A read in place just completed: the next `reads` reads here stay small.
+   * A reader whose consumer parses only after the next read is already
+   * placed (the NBD queue) needs two; one that parses as it reads, one.
+   */
+  afterInPlace(reads: number): void {
+    this.#smallReads = reads;
+  }
+
+  /** Where the next read may land. */
+  space(): Buffer {
     if (this.#buf.length - this.#used < 4096) {
       this.#buf = Buffer.allocUnsafeSlow(1024 * 1024);
       this.#used = 0;
     }
+    const small = this.#smallReads > 0;
+    if (small) this.#smallReads--;
     const max = small ? AFTER_IN_PLACE_READ_BYTES : SLAB_READ_BYTES;
     return this.#buf.subarray(this.#used, this.#used + max);
   }

@@ -31,13 +31,6 @@ export class ByteQueue implements DirectReader {
   #inPlace: InPlace | undefined;
   /** Whether the buffer handed out last by nextBuffer() was the in-place target's. */
   #lastInPlace = false;
-  /**
-   * Slab reads still to keep small (Slab.space) after an in-place read
-   * completed: two, because where the next read lands is decided as soon as
-   * a read is handled, before the consumer has parsed the header that read
-   * brought and asked for its payload in place.
-   */
-  #smallReads = 0;
   readonly #slab = new Slab();
   #direct = false;
   #ended: Error | undefined;
@@ -90,9 +83,7 @@ export class ByteQueue implements DirectReader {
       return target.buf.subarray(target.filled);
     }
     this.#lastInPlace = false;
-    const small = this.#smallReads > 0;
-    if (small) this.#smallReads--;
-    return this.#slab.space(small);
+    return this.#slab.space();
   }
 
   /** DirectReader: `bytes` landed in the buffer nextBuffer() gave last. */
@@ -102,7 +93,9 @@ export class ByteQueue implements DirectReader {
       target.filled += bytes;
       if (target.filled === target.buf.length) {
         this.#inPlace = undefined;
-        this.#smallReads = 2;
+        // Two: where the next read lands is decided as soon as this one is handled, before
+        // the consumer has parsed the header it brings and asked for its payload in place.
+        this.#slab.afterInPlace(2);
         target.resolve(target.buf);
       }
       return;

@@ -45,7 +45,7 @@ interface NativeHash {
 }
 
 /**
- * `native/xxh32.c`: the same hashes computed where the bytes lie, sixteen
+ * `native/xxh32.c`: the same hashes computed where the bytes lie, eight
  * blocks at a time in AVX2 — no copy into the module's memory, which was a
  * quarter of the cost here (88 µs per MiB with the copy, 24 µs of it the
  * copy). Absent without the addon, under Deno, and on CPUs without AVX2
@@ -54,7 +54,7 @@ interface NativeHash {
 const addon = loadNative<Partial<NativeHash>>('xxh32');
 const native: NativeHash | undefined = addon?.sums ? (addon as NativeHash) : undefined;
 
-/** Which implementation `hashBlocks` uses (for tests and the bench). */
+/** Which implementation `hashBlocks` uses (the tests check it). */
 export const HASH_IMPLEMENTATION: 'native' | 'wasm' = native ? 'native' : 'wasm';
 
 /**

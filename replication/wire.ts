@@ -402,8 +402,6 @@ export class DirectFrameReader implements DirectReader {
   readonly #onError: (err: Error) => void;
   #inPlace: { buf: Buffer; filled: number } | undefined;
   #lastInPlace = false;
-  /** A frame just completed in place: the next slab read stays small (Slab.space). */
-  #afterInPlace = false;
   #failed = false;
   /** Bytes that landed in slabs rather than in place (of a large frame, they are copied once more). */
   slabBytes = 0;
@@ -421,10 +419,7 @@ export class DirectFrameReader implements DirectReader {
   nextBuffer(): Uint8Array {
     const target = this.#inPlace;
     this.#lastInPlace = target !== undefined;
-    if (target) return target.buf.subarray(target.filled);
-    const afterInPlace = this.#afterInPlace;
-    this.#afterInPlace = false;
-    return this.#slab.space(afterInPlace);
+    return target ? target.buf.subarray(target.filled) : this.#slab.space();
   }
 
   onRead(bytes: number): void {
@@ -434,7 +429,8 @@ export class DirectFrameReader implements DirectReader {
       target.filled += bytes;
       if (target.filled === target.buf.length) {
         this.#inPlace = undefined;
-        this.#afterInPlace = true;
+        // One: the next frame's header is parsed, and its payload placed, as that read lands.
+        this.#slab.afterInPlace(1);
         this.#onFrame(target.buf, true);
       }
       return;
