@@ -595,7 +595,11 @@ export class Engine implements SupervisedEngine {
   ): Promise<void> {
     const targets = this.#members.filter((m) => m.mode !== 'ERR');
     if (!targets.some((m) => m.mode === 'RW')) throw this.#noReplica(what);
-    const results = await Promise.allSettled(targets.map((m) => op(m.replica)));
+    // Remote replicas first: their part only queues bytes on a socket, while a local write
+    // copies into the page cache on this thread (synchronously, up to 1 MiB) and, started
+    // first, would hold the sends back by that long.
+    const remote = targets.map((m) => (m.replica.location === 'local' ? undefined : op(m.replica)));
+    const results = await Promise.allSettled(targets.map((m, i) => remote[i] ?? op(m.replica)));
     const failures = results.flatMap((r, i) =>
       r.status === 'rejected' ? [{ member: targets[i]!, err: r.reason as unknown }] : [],
     );
