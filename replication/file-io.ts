@@ -28,22 +28,33 @@ export const SYNC_IO_MAX_BYTES = Number(process.env.CORRAL_SYNC_IO_MAX_BYTES ?? 
 export const SYNC_WRITE_MAX_BYTES = Number(process.env.CORRAL_SYNC_WRITE_MAX_BYTES ?? 1024 * 1024);
 
 /**
- * What a write can still wait on is the kernel's dirty-page throttling
- * (up to 200 ms a call when the disk falls behind) or a filesystem lock.
- * One synchronous write that took longer than `slowMs` sends the writes of
- * the next `backoffMs` to the thread pool, so a slow disk stalls the event
- * loop (every volume, the API, the replica streams) for one write at a time,
- * at most about once per back-off, instead of for every write.
+ * What a write can still wait on is the kernel's dirty-page throttling (up to
+ * 200 ms a call when the disk falls behind), a frozen filesystem, a lock. Two
+ * synchronous writes in a row that each took longer than `slowMs` send the
+ * writes of the next back-off to the thread pool; two slow writes again right
+ * after it double the back-off (up to `maxBackoffMs`), a fast write resets
+ * it. So a disk that stays slow stalls the event loop (every volume, the API,
+ * the replica streams) for two writes, then ever more rarely, not for every
+ * write. Two in a row over 20 ms, not one over 5: a slow write is most often
+ * this thread preempted on a busy machine (three daemons and fio on two cores:
+ * one 1 MiB write in ~60 took over 5 ms, nearly all under 15, the longest 37),
+ * and a second of pool writes for each gave away what writing on the loop is
+ * for; a throttled writer waits tens of milliseconds on every write.
  */
 export class SyncWriteGate {
   #asyncUntil = -Infinity;
+  #slowInARow = 0;
+  #backoffMs: number;
 
   constructor(
     readonly maxBytes: number,
-    readonly slowMs = 5,
+    readonly slowMs = 20,
     readonly backoffMs = 1000,
+    readonly maxBackoffMs = 60_000,
     readonly now: () => number = () => performance.now(),
-  ) {}
+  ) {
+    this.#backoffMs = backoffMs;
+  }
 
   /** Whether a write of `bytes` goes on the loop now. */
   allows(bytes: number): boolean {
@@ -57,7 +68,14 @@ export class SyncWriteGate {
       return write();
     } finally {
       const end = this.now();
-      if (end - start > this.slowMs) this.#asyncUntil = end + this.backoffMs;
+      if (end - start <= this.slowMs) {
+        this.#slowInARow = 0;
+        this.#backoffMs = this.backoffMs;
+      } else if (++this.#slowInARow === 2) {
+        this.#slowInARow = 0;
+        this.#asyncUntil = end + this.#backoffMs;
+        this.#backoffMs = Math.min(2 * this.#backoffMs, this.maxBackoffMs);
+      }
     }
   }
 }
