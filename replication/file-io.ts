@@ -37,7 +37,7 @@ export const SYNC_WRITE_MAX_BYTES = Number(process.env.CORRAL_SYNC_WRITE_MAX_BYT
  * the replica streams) for two writes, then ever more rarely, not for every
  * write. Two in a row over 20 ms, not one over 5: a slow write is most often
  * this thread preempted on a busy machine (three daemons and fio on two cores:
- * one 1 MiB write in ~60 took over 5 ms, nearly all under 15, the longest 37),
+ * one 1 MiB write in ~60 took over 5 ms, nearly all under 15, a few up to 85),
  * and a second of pool writes for each gave away what writing on the loop is
  * for; a throttled writer waits tens of milliseconds on every write.
  */
