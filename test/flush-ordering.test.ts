@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { LocalReplica } from '../replication/local-replica.ts';
 import { handClock } from './helpers/hand-clock.ts';
 import { closeReplicaEnv, replicaEnv, type ReplicaEnv } from './helpers/replica-env.ts';
-import { waitFor } from './helpers/run.ts';
+import { mustRun, run, waitFor } from './helpers/run.ts';
 
 const MiB = 1024 * 1024;
 /** Two 128 MiB regions. */
@@ -26,9 +27,11 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
     for (const e of envs) await closeReplicaEnv(e);
   });
 
-  async function world() {
+  /** `root`: where the layer files go, when not beside LevelDB. */
+  async function world(root?: string) {
     const env = await replicaEnv();
     envs.push(env);
+    if (root) env.root = root;
     const clock = handClock(Date.parse('2026-12-03T00:00:00Z'));
     const replica = await LocalReplica.create({
       spaces: env.spaces,
@@ -216,5 +219,39 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
       'the old trailer block reads as the zeros it is to the volume',
     );
     await third.close();
+  });
+  it('a commit whose trailer finds the disk full puts the counter in LevelDB: a crash still reopens at it', async () => {
+    // The layer files on a small tmpfs, LevelDB on the disk beside it: the layers' disk fills.
+    const mnt = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-trailer-full-'));
+    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt]);
+    try {
+      const { replica, reopen, env } = await world(path.join(mnt, 'replicas'));
+      const inKv = async () =>
+        Buffer.from((await env.spaces.revisions.get(replica.id))!).readBigUInt64BE(0);
+      await replica.write(0, Buffer.alloc(MiB, 0x61));
+      await replica.flush();
+      // Everything left goes to a ballast: the trailer's block, never written yet, finds no room.
+      const { bavail, bsize } = await fs.promises.statfs(mnt);
+      await mustRun('fallocate', ['-l', String(bavail * bsize), path.join(mnt, 'ballast')]);
+      assert.equal((await fs.promises.statfs(mnt)).bavail, 0);
+      // A commit: an overwrite of a block the file holds (no new space) and a flush.
+      await replica.write(8192, Buffer.alloc(4096, 0x62));
+      await replica.flush();
+      const committed = replica.revision();
+      assert.equal(await inKv(), committed, 'the counter went to LevelDB');
+      replica.abandon();
+      const again = await reopen();
+      assert.equal(again.revision(), committed, 'a crash reopens at the committed counter');
+      const got = await again.read(0, 3 * 4096);
+      assert.ok(got.subarray(0, 8192).every((b) => b === 0x61));
+      assert.ok(
+        got.subarray(8192).every((b) => b === 0x62),
+        'with the commit',
+      );
+      await again.close();
+    } finally {
+      await run('umount', ['-l', mnt]);
+      await fs.promises.rm(mnt, { recursive: true, force: true });
+    }
   });
 });
