@@ -1,5 +1,6 @@
 import { Disks } from './disks.ts';
 import { punchHoles } from '../replication/punch.ts';
+import { syncWrites } from '../replication/file-io.ts';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { systemClock } from '../common/clock.ts';
@@ -117,6 +118,13 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
   const kv = await Kv.open(metaDir, { reserve: true });
   const spaces = openSpaces(kv);
   const events = new EventLog();
+  // Writes that stall the event loop stall every volume and the API: say so when the gate
+  // sends them off the loop (at most once a second, less while the disk stays slow).
+  const onBackoff = (tookMs: number, backoffMs: number): void =>
+    log.warn(
+      `two writes in a row took over ${syncWrites.slowMs} ms on the event loop (the last ${tookMs.toFixed(0)} ms: a disk that falls behind, or a frozen filesystem); writes go to the thread pool for the next ${(backoffMs / 1000).toFixed(0)} s`,
+    );
+  syncWrites.onBackoff = onBackoff;
   // One log line per event: operations with their ids, failures, refusals; never per I/O.
   events.follow((e) => logEvent(log, e));
   let node = await spaces.node.get('self');
@@ -419,6 +427,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
         etcdTokens?.stop();
         await registry?.stop();
         await kv.close();
+        if (syncWrites.onBackoff === onBackoff) syncWrites.onBackoff = undefined;
       })()),
   };
 }

@@ -2,6 +2,7 @@ import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { JobInfo } from './jobs.ts';
 import type { Operation } from './operations.ts';
 import type { IoKind, IoObserver } from '../replication/supervisor.ts';
+import { syncWrites } from '../replication/file-io.ts';
 import type { NodeInfo } from './node-info.ts';
 import type { VolumeInfo } from './volume-info.ts';
 
@@ -167,6 +168,12 @@ export class Metrics {
       'corral_volume_errors_total',
       'Client requests to a volume that failed, by kind',
       (m) => m.errors,
+    );
+    this.#register(
+      'corral_write_backoffs_total',
+      'Times writes were sent off the event loop for a while: two in a row took too long (a disk that falls behind)',
+      'counter',
+      () => [{ value: syncWrites.backoffs, labels: {} }],
     );
     const latency = 'corral_volume_latency_seconds';
     this.#register(

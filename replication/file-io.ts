@@ -45,6 +45,10 @@ export class SyncWriteGate {
   #asyncUntil = -Infinity;
   #slowInARow = 0;
   #backoffMs: number;
+  /** Back-offs so far. */
+  backoffs = 0;
+  /** Told of each back-off: how long the write that tripped it took, and how long it lasts. */
+  onBackoff: ((tookMs: number, backoffMs: number) => void) | undefined;
 
   constructor(
     readonly maxBytes: number,
@@ -74,13 +78,20 @@ export class SyncWriteGate {
       } else if (++this.#slowInARow === 2) {
         this.#slowInARow = 0;
         this.#asyncUntil = end + this.#backoffMs;
+        this.backoffs++;
+        try {
+          this.onBackoff?.(end - start, this.#backoffMs);
+        } catch {
+          // A failing listener must not change the write's outcome.
+        }
         this.#backoffMs = Math.min(2 * this.#backoffMs, this.maxBackoffMs);
       }
     }
   }
 }
 
-const writeGate = new SyncWriteGate(SYNC_WRITE_MAX_BYTES);
+/** The process's gate: every replica's writes pass it (the daemon logs and counts its back-offs). */
+export const syncWrites = new SyncWriteGate(SYNC_WRITE_MAX_BYTES);
 
 export function pread(
   fd: number,
@@ -130,7 +141,7 @@ export async function pwriteFull(
   fd: number,
   buf: Uint8Array,
   position: number,
-  gate: SyncWriteGate = writeGate,
+  gate: SyncWriteGate = syncWrites,
 ): Promise<void> {
   let done = 0;
   if (gate.allows(buf.length)) {

@@ -7,7 +7,9 @@ import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
 import { SyncWriteGate, pwriteFull } from '../replication/file-io.ts';
-import { mustRun, run } from './helpers/run.ts';
+import { DaemonProcess } from './helpers/daemon.ts';
+import { CMD, RawNbd } from './helpers/nbd-client.ts';
+import { mustRun, run, waitFor } from './helpers/run.ts';
 
 describe('writes on the event loop (SyncWriteGate)', () => {
   it('goes to the thread pool after two slow writes in a row, for a back-off that doubles while they stay slow', () => {
@@ -24,8 +26,11 @@ describe('writes on the event loop (SyncWriteGate)', () => {
       true,
       'slow writes apart (preempted, most often) change nothing',
     );
+    const told: Array<[number, number]> = [];
+    gate.onBackoff = (took, backoff) => told.push([took, backoff]);
     write(30);
     assert.equal(gate.allows(4096), false, 'two in a row');
+    assert.deepEqual(told, [[30, 1000]]);
     now += 999;
     assert.equal(gate.allows(4096), false);
     now += 1;
@@ -53,6 +58,11 @@ describe('writes on the event loop (SyncWriteGate)', () => {
       }),
     );
     assert.equal(gate.allows(4096), false, 'a slow write that failed counts too');
+    assert.equal(gate.backoffs, 5);
+    assert.deepEqual(
+      told.map(([, backoff]) => backoff),
+      [1000, 2000, 4000, 1000, 2000],
+    );
   });
 
   // A frozen filesystem blocks every write until it is thawed: a real stall, as
@@ -116,6 +126,84 @@ describe('writes on the event loop (SyncWriteGate)', () => {
       data.forEach((d, i) =>
         assert.ok(back.subarray(i << 20, (i + 1) << 20).equals(d), `write ${i}`),
       );
+    });
+  });
+  // The same through a daemon whose data disk freezes under a client's writes: the API still
+  // answers, the operator is told, and nothing written is lost.
+  describe('a daemon on a disk that freezes', () => {
+    let dir = '';
+    let mnt = '';
+    let daemon: DaemonProcess | undefined;
+    before(async () => {
+      dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-freeze-d-'));
+      mnt = path.join(dir, 'mnt');
+      await fs.promises.mkdir(mnt);
+      const image = path.join(dir, 'fs.img');
+      await fs.promises.writeFile(image, '');
+      await fs.promises.truncate(image, 256 << 20);
+      await mustRun('mkfs.ext4', ['-q', '-F', image]);
+      await mustRun('mount', ['-o', 'loop', image, mnt]);
+      daemon = await DaemonProcess.start({ dataDir: path.join(mnt, 'data') });
+      await daemon.createVolume('f', '16M');
+    });
+    after(async () => {
+      await run('fsfreeze', ['--unfreeze', mnt]);
+      await daemon?.cleanup();
+      await run('umount', [mnt]);
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    });
+
+    it('sends writes off the event loop after two stall, says so, and keeps the API answering', async () => {
+      const d = daemon!;
+      // Bounded: a loop stuck in a frozen write would never answer, and the thaw comes after.
+      const health = async () =>
+        (await fetch(`${d.api}/v1/health`, { signal: AbortSignal.timeout(5000) })).status;
+      const c = await RawNbd.connect({ port: d.nbdPort });
+      await c.greet();
+      await c.go('f');
+      const data = [0, 1, 2, 3].map(() => randomBytes(1 << 20));
+      const write = async (i: number) => {
+        c.request(CMD.WRITE, i << 20, 1 << 20, { payload: data[i]! });
+        assert.equal((await c.reply()).error, 0, `write ${i}`);
+      };
+      // Allocated and flushed before the freeze: what follows is overwrites, data alone.
+      for (const i of [0, 1, 2]) await write(i);
+      c.request(CMD.FLUSH, 0, 0);
+      assert.equal((await c.reply()).error, 0);
+      for (const i of [0, 1]) {
+        await mustRun('fsfreeze', ['--freeze', mnt]);
+        const thaw = run('sh', ['-c', `sleep 0.2; fsfreeze --unfreeze ${mnt}`]);
+        await write(i);
+        await thaw;
+      }
+      await waitFor('the warning', () =>
+        Promise.resolve(d.stderr.includes('two writes in a row took over') ? true : undefined),
+      );
+      const metrics = await fetch(`${d.api}/metrics`, {
+        headers: { authorization: `Bearer ${d.token}` },
+      });
+      assert.match(await metrics.text(), /^corral_write_backoffs_total 1$/m);
+
+      await mustRun('fsfreeze', ['--freeze', mnt]);
+      try {
+        c.request(CMD.WRITE, 2 << 20, 1 << 20, { payload: data[3]! });
+        const pending = c.reply();
+        const answered = await Promise.race([
+          pending.then(() => 'answered'),
+          delay(300, 'waiting'),
+        ]);
+        assert.equal(answered, 'waiting', 'the write waits for the disk');
+        assert.equal(await health(), 200, 'while the API answers');
+        await mustRun('fsfreeze', ['--unfreeze', mnt]);
+        assert.equal((await pending).error, 0);
+      } finally {
+        await run('fsfreeze', ['--unfreeze', mnt]);
+      }
+      c.request(CMD.READ, 0, 3 << 20);
+      const back = await c.reply(3 << 20);
+      assert.equal(back.error, 0);
+      assert.ok(back.data.equals(Buffer.concat([data[0]!, data[1]!, data[3]!])));
+      c.close();
     });
   });
 });
