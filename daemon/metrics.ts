@@ -171,7 +171,7 @@ export class Metrics {
     );
     this.#register(
       'corral_write_backoffs_total',
-      'Times writes were sent off the event loop for a while: two in a row took too long (a disk that falls behind)',
+      'Times writes were sent off the event loop for a while: two took too long within a second (a disk that falls behind)',
       'counter',
       () => [{ value: syncWrites.backoffs, labels: {} }],
     );

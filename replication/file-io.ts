@@ -30,20 +30,25 @@ export const SYNC_WRITE_MAX_BYTES = Number(process.env.CORRAL_SYNC_WRITE_MAX_BYT
 /**
  * What a write can still wait on is the kernel's dirty-page throttling (up to
  * 200 ms a call when the disk falls behind), a frozen filesystem, a lock. Two
- * synchronous writes in a row that each took longer than `slowMs` send the
- * writes of the next back-off to the thread pool; two slow writes again right
- * after it double the back-off (up to `maxBackoffMs`), a fast write resets
- * it. So a disk that stays slow stalls the event loop (every volume, the API,
- * the replica streams) for two writes, then ever more rarely, not for every
- * write. Two in a row over 20 ms, not one over 5: a slow write is most often
- * this thread preempted on a busy machine (three daemons and fio on two cores:
- * one 1 MiB write in ~60 took over 5 ms, nearly all under 15, a few up to 85),
- * and a second of pool writes for each gave away what writing on the loop is
- * for; a throttled writer waits tens of milliseconds on every write.
+ * synchronous writes that each took longer than `slowMs`, less than
+ * `windowMs` apart, send the writes of the next back-off to the thread pool.
+ * A back-off that trips again before the disk has been calm for as long as
+ * it lasted doubles (up to `maxBackoffMs`); after such a calm it starts
+ * over. So a disk that stays slow stalls the event loop (every volume, the
+ * API, the replica streams) for two writes, then ever more rarely, not for
+ * every write.
+ *
+ * Two slow writes over 20 ms, not one over 5: a slow write is most often
+ * this thread preempted on a busy machine (three daemons and fio on two
+ * cores: one 1 MiB write in ~60 took over 5 ms, nearly all under 15), and a
+ * second of pool writes for each gave away what writing on the loop is
+ * for. Within a window, not
+ * in a row: the kernel throttles a writer every so many dirtied pages, not
+ * necessarily on every write, and writes to other disks come in between.
  */
 export class SyncWriteGate {
   #asyncUntil = -Infinity;
-  #slowInARow = 0;
+  #lastSlowAt = -Infinity;
   #backoffMs: number;
   /** Back-offs so far. */
   backoffs = 0;
@@ -53,6 +58,7 @@ export class SyncWriteGate {
   constructor(
     readonly maxBytes: number,
     readonly slowMs = 20,
+    readonly windowMs = 1000,
     readonly backoffMs = 1000,
     readonly maxBackoffMs = 60_000,
     readonly now: () => number = () => performance.now(),
@@ -72,20 +78,25 @@ export class SyncWriteGate {
       return write();
     } finally {
       const end = this.now();
-      if (end - start <= this.slowMs) {
-        this.#slowInARow = 0;
-        this.#backoffMs = this.backoffMs;
-      } else if (++this.#slowInARow === 2) {
-        this.#slowInARow = 0;
-        this.#asyncUntil = end + this.#backoffMs;
-        this.backoffs++;
-        try {
-          this.onBackoff?.(end - start, this.#backoffMs);
-        } catch {
-          // A failing listener must not change the write's outcome.
-        }
-        this.#backoffMs = Math.min(2 * this.#backoffMs, this.maxBackoffMs);
-      }
+      if (end - start > this.slowMs) this.#slow(end, end - start);
+    }
+  }
+
+  #slow(at: number, tookMs: number): void {
+    if (at - this.#lastSlowAt > this.windowMs) {
+      this.#lastSlowAt = at;
+      return;
+    }
+    this.#lastSlowAt = -Infinity;
+    // Calm since the last back-off for at least as long as it lasted: start over.
+    if (at - this.#asyncUntil >= this.#backoffMs) this.#backoffMs = this.backoffMs;
+    else this.#backoffMs = Math.min(2 * this.#backoffMs, this.maxBackoffMs);
+    this.#asyncUntil = at + this.#backoffMs;
+    this.backoffs++;
+    try {
+      this.onBackoff?.(tookMs, this.#backoffMs);
+    } catch {
+      // A failing listener must not change the write's outcome.
     }
   }
 }

@@ -12,44 +12,47 @@ import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
 
 describe('writes on the event loop (SyncWriteGate)', () => {
-  it('goes to the thread pool after two slow writes in a row, for a back-off that doubles while they stay slow', () => {
+  it('goes to the thread pool after two slow writes within a window, for a back-off that doubles while they stay slow', () => {
     let now = 0;
-    const gate = new SyncWriteGate(1 << 20, 20, 1000, 4000, () => now);
+    const gate = new SyncWriteGate(1 << 20, 20, 1000, 1000, 4000, () => now);
+    const told: Array<[number, number]> = [];
+    gate.onBackoff = (took, backoff) => told.push([took, backoff]);
     const write = (ms: number) => gate.run(() => (now += ms));
+    const tripped = (backoff: number, why: string) => {
+      assert.equal(gate.allows(4096), false, why);
+      now += backoff - 1;
+      assert.equal(gate.allows(4096), false, `${why}: for ${backoff} ms`);
+      now += 1;
+      assert.equal(gate.allows(4096), true, `${why}: not longer`);
+    };
     assert.equal(gate.allows(1 << 20), true);
     assert.equal(gate.allows((1 << 20) + 1), false, 'past its size: always the pool');
     write(30);
-    write(1);
+    now += 1500;
     write(30);
     assert.equal(
       gate.allows(4096),
       true,
-      'slow writes apart (preempted, most often) change nothing',
+      'slow writes a window apart (preempted, most often): nothing',
     );
-    const told: Array<[number, number]> = [];
-    gate.onBackoff = (took, backoff) => told.push([took, backoff]);
-    write(30);
-    assert.equal(gate.allows(4096), false, 'two in a row');
-    assert.deepEqual(told, [[30, 1000]]);
-    now += 999;
-    assert.equal(gate.allows(4096), false);
-    now += 1;
-    assert.equal(gate.allows(4096), true);
-    write(30);
-    write(30);
-    now += 1999;
-    assert.equal(gate.allows(4096), false, 'slow again at once: twice the back-off');
-    now += 1;
-    write(30);
-    write(30);
-    now += 3999;
-    assert.equal(gate.allows(4096), false, 'and no more than the longest');
-    now += 1;
+    write(1);
     write(1);
     write(30);
+    assert.deepEqual(told, [[30, 1000]], 'fast writes in between do not hide the second');
+    tripped(1000, 'two slow writes within the window');
     write(30);
-    now += 1000;
-    assert.equal(gate.allows(4096), true, 'a fast write brought the back-off down to its start');
+    write(30);
+    tripped(2000, 'slow again at once: twice the back-off');
+    write(30);
+    write(30);
+    tripped(4000, 'and again');
+    write(30);
+    write(30);
+    tripped(4000, 'no more than the longest');
+    now += 4000;
+    write(30);
+    write(30);
+    tripped(1000, 'calm for as long as the last back-off: back to the start');
     write(30);
     assert.throws(() =>
       gate.run(() => {
@@ -58,10 +61,10 @@ describe('writes on the event loop (SyncWriteGate)', () => {
       }),
     );
     assert.equal(gate.allows(4096), false, 'a slow write that failed counts too');
-    assert.equal(gate.backoffs, 5);
+    assert.equal(gate.backoffs, 6);
     assert.deepEqual(
       told.map(([, backoff]) => backoff),
-      [1000, 2000, 4000, 1000, 2000],
+      [1000, 2000, 4000, 4000, 1000, 2000],
     );
   });
 
@@ -90,7 +93,7 @@ describe('writes on the event loop (SyncWriteGate)', () => {
     });
 
     it('stalls the loop for two writes, then keeps turning while the next ones wait', async () => {
-      const gate = new SyncWriteGate(1 << 20, 20, 60_000);
+      const gate = new SyncWriteGate(1 << 20, 20, 1000, 60_000);
       const data = [randomBytes(1 << 20), randomBytes(1 << 20), randomBytes(1 << 20)] as const;
       const start = performance.now();
       for (const [i, bytes] of data.slice(0, 2).entries()) {
@@ -177,7 +180,7 @@ describe('writes on the event loop (SyncWriteGate)', () => {
         await thaw;
       }
       await waitFor('the warning', () =>
-        Promise.resolve(d.stderr.includes('two writes in a row took over') ? true : undefined),
+        Promise.resolve(d.stderr.includes('two writes took over') ? true : undefined),
       );
       const metrics = await fetch(`${d.api}/metrics`, {
         headers: { authorization: `Bearer ${d.token}` },
