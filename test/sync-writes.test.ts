@@ -11,6 +11,19 @@ import { DaemonProcess } from './helpers/daemon.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
 
+/** A fresh ext4 of `bytes`, loop-mounted at `mnt` inside `dir` (root: tests run as root). */
+async function mountExt4(bytes: number): Promise<{ dir: string; mnt: string }> {
+  const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-freeze-'));
+  const mnt = path.join(dir, 'mnt');
+  await fs.promises.mkdir(mnt);
+  const image = path.join(dir, 'fs.img');
+  await fs.promises.writeFile(image, '');
+  await fs.promises.truncate(image, bytes);
+  await mustRun('mkfs.ext4', ['-q', '-F', image]);
+  await mustRun('mount', ['-o', 'loop', image, mnt]);
+  return { dir, mnt };
+}
+
 describe('writes on the event loop (SyncWriteGate)', () => {
   it('goes to the thread pool after two slow writes within a window, for a back-off that doubles while they stay slow', () => {
     let now = 0;
@@ -75,14 +88,7 @@ describe('writes on the event loop (SyncWriteGate)', () => {
     let mnt = '';
     let fd = -1;
     before(async () => {
-      dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-freeze-'));
-      mnt = path.join(dir, 'mnt');
-      await fs.promises.mkdir(mnt);
-      const image = path.join(dir, 'fs.img');
-      await fs.promises.writeFile(image, '');
-      await fs.promises.truncate(image, 64 << 20);
-      await mustRun('mkfs.ext4', ['-q', '-F', image]);
-      await mustRun('mount', ['-o', 'loop', image, mnt]);
+      ({ dir, mnt } = await mountExt4(64 << 20));
       fd = fs.openSync(path.join(mnt, 'data'), 'w+');
     });
     after(async () => {
@@ -138,14 +144,7 @@ describe('writes on the event loop (SyncWriteGate)', () => {
     let mnt = '';
     let daemon: DaemonProcess | undefined;
     before(async () => {
-      dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-freeze-d-'));
-      mnt = path.join(dir, 'mnt');
-      await fs.promises.mkdir(mnt);
-      const image = path.join(dir, 'fs.img');
-      await fs.promises.writeFile(image, '');
-      await fs.promises.truncate(image, 256 << 20);
-      await mustRun('mkfs.ext4', ['-q', '-F', image]);
-      await mustRun('mount', ['-o', 'loop', image, mnt]);
+      ({ dir, mnt } = await mountExt4(256 << 20));
       daemon = await DaemonProcess.start({ dataDir: path.join(mnt, 'data') });
       await daemon.createVolume('f', '16M');
     });
