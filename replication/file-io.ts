@@ -49,7 +49,8 @@ export const SYNC_WRITE_MAX_BYTES = Number(process.env.CORRAL_SYNC_WRITE_MAX_BYT
 export class SyncWriteGate {
   #asyncUntil = -Infinity;
   #lastSlowAt = -Infinity;
-  #backoffMs: number;
+  /** How long the last back-off lasted: the next one doubles it unless the disk was calm as long. */
+  #lastBackoffMs = 0;
   /** Back-offs so far. */
   backoffs = 0;
   /** Told of each back-off: how long the write that tripped it took, and how long it lasts. */
@@ -62,9 +63,7 @@ export class SyncWriteGate {
     readonly backoffMs = 1000,
     readonly maxBackoffMs = 60_000,
     readonly now: () => number = () => performance.now(),
-  ) {
-    this.#backoffMs = backoffMs;
-  }
+  ) {}
 
   /** Whether a write of `bytes` goes on the loop now. */
   allows(bytes: number): boolean {
@@ -89,12 +88,14 @@ export class SyncWriteGate {
     }
     this.#lastSlowAt = -Infinity;
     // Calm since the last back-off for at least as long as it lasted: start over.
-    if (at - this.#asyncUntil >= this.#backoffMs) this.#backoffMs = this.backoffMs;
-    else this.#backoffMs = Math.min(2 * this.#backoffMs, this.maxBackoffMs);
-    this.#asyncUntil = at + this.#backoffMs;
+    this.#lastBackoffMs =
+      at - this.#asyncUntil >= this.#lastBackoffMs
+        ? this.backoffMs
+        : Math.min(2 * this.#lastBackoffMs, this.maxBackoffMs);
+    this.#asyncUntil = at + this.#lastBackoffMs;
     this.backoffs++;
     try {
-      this.onBackoff?.(tookMs, this.#backoffMs);
+      this.onBackoff?.(tookMs, this.#lastBackoffMs);
     } catch {
       // A failing listener must not change the write's outcome.
     }

@@ -43,6 +43,11 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
     });
     const marks = () => env.spaces.marks.keys(`${replica.id}/`);
     const sums = async () => (await env.spaces.sums.entries()).length;
+    /** The revision counter LevelDB holds for the replica (0 before any). */
+    const inKv = async () => {
+      const bytes = await env.spaces.revisions.get(replica.id);
+      return bytes ? Buffer.from(bytes).readBigUInt64BE(0) : 0n;
+    };
     const reopen = async (): Promise<LocalReplica> => {
       const r = await LocalReplica.open({
         spaces: env.spaces,
@@ -53,7 +58,7 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
       env.open.push(r);
       return r;
     };
-    return { env, clock, replica, marks, sums, reopen };
+    return { env, clock, replica, marks, sums, inKv, reopen };
   }
 
   it('a region written and flushed keeps its mark and defers its sums until quiet, then clears both at once', async () => {
@@ -122,11 +127,7 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
   });
 
   it("a commit's revision rides in the head's trailer: no LevelDB write, a crash reopens at it, a damaged trailer falls back", async () => {
-    const { replica, reopen, env } = await world();
-    const inKv = async () => {
-      const bytes = await env.spaces.revisions.get(replica.id);
-      return bytes ? Buffer.from(bytes).readBigUInt64BE(0) : 0n;
-    };
+    const { replica, reopen, env, inKv } = await world();
     await replica.write(0, Buffer.alloc(MiB, 0x31));
     await replica.flush();
     const first = replica.revision();
@@ -183,9 +184,7 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
   });
 
   it("a snapshot and an expand carry the trailer's counter into LevelDB before the head changes or grows", async () => {
-    const { replica, reopen, env } = await world();
-    const inKv = async () =>
-      Buffer.from((await env.spaces.revisions.get(replica.id))!).readBigUInt64BE(0);
+    const { replica, reopen, inKv } = await world();
     await replica.write(0, Buffer.alloc(MiB, 0x41));
     await replica.flush();
     await replica.write(0, Buffer.alloc(4096, 0x42));
@@ -220,14 +219,13 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
     );
     await third.close();
   });
+
   it('a commit whose trailer finds the disk full puts the counter in LevelDB: a crash still reopens at it', async () => {
     // The layer files on a small tmpfs, LevelDB on the disk beside it: the layers' disk fills.
     const mnt = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-trailer-full-'));
     await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt]);
     try {
-      const { replica, reopen, env } = await world(path.join(mnt, 'replicas'));
-      const inKv = async () =>
-        Buffer.from((await env.spaces.revisions.get(replica.id))!).readBigUInt64BE(0);
+      const { replica, reopen, inKv } = await world(path.join(mnt, 'replicas'));
       await replica.write(0, Buffer.alloc(MiB, 0x61));
       await replica.flush();
       // Everything left goes to a ballast: the trailer's block, never written yet, finds no room.
