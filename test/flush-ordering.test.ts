@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { LocalReplica } from '../replication/local-replica.ts';
 import { handClock } from './helpers/hand-clock.ts';
 import { closeReplicaEnv, replicaEnv, type ReplicaEnv } from './helpers/replica-env.ts';
-import { mustRun, run, waitFor } from './helpers/run.ts';
+import { mustRun, waitFor } from './helpers/run.ts';
+import { mountTmpfs } from './helpers/scratch-fs.ts';
 
 const MiB = 1024 * 1024;
 /** Two 128 MiB regions. */
@@ -222,8 +222,8 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
 
   it('a commit whose trailer finds the disk full puts the counter in LevelDB: a crash still reopens at it', async () => {
     // The layer files on a small tmpfs, LevelDB on the disk beside it: the layers' disk fills.
-    const mnt = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-trailer-full-'));
-    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt]);
+    const disk = await mountTmpfs('trailer-full', '8m');
+    const mnt = disk.mnt;
     try {
       const { replica, reopen, inKv } = await world(path.join(mnt, 'replicas'));
       await replica.write(0, Buffer.alloc(MiB, 0x61));
@@ -248,8 +248,7 @@ describe('flush ordering: marks linger, sums wait, a crash still reads what was 
       );
       await again.close();
     } finally {
-      await run('umount', ['-l', mnt]);
-      await fs.promises.rm(mnt, { recursive: true, force: true });
+      await disk.remove();
     }
   });
 });

@@ -1,26 +1,26 @@
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { CMD, NBD_ENOSPC, RawNbd } from './helpers/nbd-client.ts';
-import { mustRun, run } from './helpers/run.ts';
+import { mustRun } from './helpers/run.ts';
+import { mountTmpfs, type ScratchFs } from './helpers/scratch-fs.ts';
 
 describe('a full disk', () => {
+  let disk: ScratchFs;
   let mnt: string;
   let daemon: DaemonProcess;
 
   before(async () => {
-    mnt = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-full-'));
-    await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mnt]);
+    disk = await mountTmpfs('full', '48m');
+    mnt = disk.mnt;
     daemon = await DaemonProcess.start({ dataDir: path.join(mnt, 'data') });
     await daemon.createVolume('v', '300M'); // sparse: larger than the disk
   });
   after(async () => {
     await daemon.cleanup();
-    await run('umount', [mnt]);
-    await fs.promises.rm(mnt, { recursive: true, force: true });
+    await disk.remove();
   });
 
   it('answers ENOSPC, loses nothing flushed, and writes again once space is back', async () => {

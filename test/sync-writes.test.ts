@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -10,19 +9,7 @@ import { SyncWriteGate, pwriteFull } from '../replication/file-io.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
-
-/** A fresh ext4 of `bytes`, loop-mounted at `mnt` inside `dir` (root: tests run as root). */
-async function mountExt4(bytes: number): Promise<{ dir: string; mnt: string }> {
-  const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'corral-freeze-'));
-  const mnt = path.join(dir, 'mnt');
-  await fs.promises.mkdir(mnt);
-  const image = path.join(dir, 'fs.img');
-  await fs.promises.writeFile(image, '');
-  await fs.promises.truncate(image, bytes);
-  await mustRun('mkfs.ext4', ['-q', '-F', image]);
-  await mustRun('mount', ['-o', 'loop', image, mnt]);
-  return { dir, mnt };
-}
+import { mountExt4, type ScratchFs } from './helpers/scratch-fs.ts';
 
 describe('writes on the event loop (SyncWriteGate)', () => {
   it('goes to the thread pool after two slow writes within a window, for a back-off that doubles while they stay slow', () => {
@@ -84,18 +71,18 @@ describe('writes on the event loop (SyncWriteGate)', () => {
   // A frozen filesystem blocks every write until it is thawed: a real stall, as
   // dirty-page throttling on a slow disk is, without needing a slow disk.
   describe('on a frozen ext4', () => {
-    let dir = '';
+    let disk: ScratchFs | undefined;
     let mnt = '';
     let fd = -1;
     before(async () => {
-      ({ dir, mnt } = await mountExt4(64 << 20));
+      disk = await mountExt4('freeze', 64 << 20);
+      mnt = disk.mnt;
       fd = fs.openSync(path.join(mnt, 'data'), 'w+');
     });
     after(async () => {
       await run('fsfreeze', ['--unfreeze', mnt]);
       if (fd >= 0) fs.closeSync(fd);
-      await run('umount', [mnt]);
-      await fs.promises.rm(dir, { recursive: true, force: true });
+      await disk?.remove();
     });
 
     it('stalls the loop for two writes, then keeps turning while the next ones wait', async () => {
@@ -140,19 +127,19 @@ describe('writes on the event loop (SyncWriteGate)', () => {
   // The same through a daemon whose data disk freezes under a client's writes: the API still
   // answers, the operator is told, and nothing written is lost.
   describe('a daemon on a disk that freezes', () => {
-    let dir = '';
+    let disk: ScratchFs | undefined;
     let mnt = '';
     let daemon: DaemonProcess | undefined;
     before(async () => {
-      ({ dir, mnt } = await mountExt4(256 << 20));
+      disk = await mountExt4('freeze', 256 << 20);
+      mnt = disk.mnt;
       daemon = await DaemonProcess.start({ dataDir: path.join(mnt, 'data') });
       await daemon.createVolume('f', '16M');
     });
     after(async () => {
       await run('fsfreeze', ['--unfreeze', mnt]);
       await daemon?.cleanup();
-      await run('umount', [mnt]);
-      await fs.promises.rm(dir, { recursive: true, force: true });
+      await disk?.remove();
     });
 
     it('sends writes off the event loop after two stall, says so, and keeps the API answering', async () => {
