@@ -6,6 +6,8 @@
  * fio's own; on one 2-core machine throughput mostly measures contention,
  * CPU per byte is what decides it when every host has its own cores. Then
  * 4 KiB QD1 write latency (fio's percentiles), and what idle volumes cost.
+ * Last, the writes again with each measured process alone on a core
+ * (onACoreOfItsOwn), set against the 1-replica daemon at the same rate.
  */
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -19,6 +21,8 @@ interface CpuJob {
   rw: string;
   bs: string;
   iodepth: number;
+  /** fio's rate cap (`--rate=400000000` bytes/s, `--rate_iops=9000`), to compare processes at one load. */
+  rate?: string;
 }
 
 const JOBS: CpuJob[] = [
@@ -52,6 +56,7 @@ async function runJob(
   job: CpuJob,
   processes: Record<string, number>,
   runtimeS: number,
+  fioCpus?: string,
 ): Promise<Sample> {
   await mustRun('sync', []);
   // Every target starts from the same page-cache state (see settle() in run.ts).
@@ -60,20 +65,22 @@ async function runJob(
   const before = Object.fromEntries(
     Object.entries(processes).map(([k, pid]) => [k, cpuSeconds(pid)]),
   );
+  const fio = [
+    `--name=${job.rw}`,
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.iodepth}`,
+    ...(job.rate === undefined ? [] : [job.rate]),
+    '--size=1G',
+    '--time_based',
+    `--runtime=${runtimeS}`,
+    '--output-format=json',
+  ];
   const { stdout } = await mustRun(
-    'fio',
-    [
-      `--name=${job.rw}`,
-      '--ioengine=nbd',
-      `--uri=${uri}`,
-      `--rw=${job.rw}`,
-      `--bs=${job.bs}`,
-      `--iodepth=${job.iodepth}`,
-      '--size=1G',
-      '--time_based',
-      `--runtime=${runtimeS}`,
-      '--output-format=json',
-    ],
+    fioCpus === undefined ? 'fio' : 'taskset',
+    fioCpus === undefined ? fio : ['-c', fioCpus, 'fio', ...fio],
     { timeoutMs: (runtimeS + 120) * 1000 },
   );
   const cpu = Object.fromEntries(
@@ -100,6 +107,11 @@ async function runJob(
 
 const perGB = (s: Sample, who: string): number => s.cpu[who]! / (s.bytes / 1e9);
 const perIo = (s: Sample, who: string): number => (s.cpu[who]! * 1e6) / s.ios;
+
+/** Every thread of a process onto these CPUs; threads it starts later inherit them. */
+async function pin(pid: number, cpus: string): Promise<void> {
+  await mustRun('taskset', ['-a', '-p', '-c', cpus, String(pid)]);
+}
 
 function rss(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -130,12 +142,13 @@ export async function cpuBench(
     );
     for (const [name, replicas] of [
       ['one', 1],
+      ['two', 2],
       ['three', 3],
     ] as const) {
       const r = await d1.api_('POST', '/v1/volumes', { name, size: '1G', replicas });
       if (r.status !== 201) throw new Error(`create ${name}: ${JSON.stringify(r.json)}`);
     }
-    for (const uri of [kit, d1.uri('one'), d1.uri('three')]) await prefill(uri);
+    for (const uri of [kit, d1.uri('one'), d1.uri('two'), d1.uri('three')]) await prefill(uri);
     const pids = {
       nbdkit: nbdkit.pid!,
       d1: d1.child.pid!,
@@ -228,15 +241,112 @@ export async function cpuBench(
       `${(perVolume / 1024).toFixed(0)} KiB RSS each, ${((idleCpu / idleS) * 100).toFixed(2)} % of a core in total`,
       '≤ 2 MiB each, < 1 % of a core',
     ]);
+    for (let i = 0; i < 100; i++) {
+      const r = await d1.api_('DELETE', `/v1/volumes/idle${i}`);
+      if (r.status >= 300) throw new Error(`delete idle${i}: ${JSON.stringify(r.json)}`);
+    }
+    const alone = await onACoreOfItsOwn(pids, runtimeS, [
+      ['nbdkit', 'nbdkit', kit, ''],
+      ['1 replica: its daemon', 'd1', d1.uri('one'), ''],
+      ['2 replicas: engine daemon (sends each byte once)', 'd1', d1.uri('two'), '—'],
+      ['3 replicas: engine daemon', 'd1', d1.uri('three'), '≤ 1.8× / ≤ 1.8×'],
+      ['3 replicas: a replica daemon', 'd2', d1.uri('three'), '≤ 1.0× / ≤ 0.8×'],
+    ]);
     return [
       ...rows,
       '',
       '| figure | measured | target |',
       '| --- | ---: | ---: |',
       ...figures.map(([a, b, c]) => `| ${a} | ${b} | ${c} |`),
+      '',
+      ...alone,
     ].join('\n');
   } finally {
     nbdkit.kill('SIGTERM');
     await cluster.cleanup();
   }
+}
+
+/**
+ * The same writes with the measured process alone on CPU 1 and everything
+ * else (fio, the other daemons, nbdkit) on CPU 0: as near as one 2-core
+ * machine comes to a host of its own, so that its CPU per byte does not
+ * carry the cost of sharing a core with the processes it talks to. A
+ * process's CPU per byte also falls as its load rises (more bytes per
+ * wake-up), and here a replicated layout runs at what the busy other core
+ * lets through: so each layout is set against the 1-replica daemon alone at
+ * the rate that layout reached, the same work at the same load. Loopback
+ * still charges a receiver's TCP processing to the sender's CPU.
+ */
+async function onACoreOfItsOwn(
+  pids: Record<string, number>,
+  runtimeS: number,
+  layouts: Array<[label: string, who: string, uri: string, target: string]>,
+): Promise<string[]> {
+  const [kit, one, ...replicated] = layouts as [
+    (typeof layouts)[0],
+    (typeof layouts)[0],
+    ...typeof layouts,
+  ];
+  const [big, small] = [JOBS[0]!, JOBS[1]!];
+  const measure = async ([, who, uri]: (typeof layouts)[0], job: CpuJob) => {
+    for (const [name, pid] of Object.entries(pids)) await pin(pid, name === who ? '1' : '0');
+    const s = await runJob(uri, job, pids, runtimeS, '0');
+    return { s, cost: job.bs === '1M' ? perGB(s, who) : perIo(s, who) };
+  };
+  const rateOf = (s: Sample, job: CpuJob): CpuJob =>
+    job.bs === '1M'
+      ? { ...job, rate: `--rate=${Math.floor(s.bytes / s.seconds)}` }
+      : { ...job, rate: `--rate_iops=${Math.floor(s.ios / s.seconds)}` };
+  const show = (m: { s: Sample; cost: number }, job: CpuJob) =>
+    job.bs === '1M'
+      ? `${m.cost.toFixed(2)} CPU-s/GB at ${(m.s.bytes / 1e6 / m.s.seconds).toFixed(0)} MB/s`
+      : `${m.cost.toFixed(1)} µs/IO at ${(m.s.ios / m.s.seconds / 1000).toFixed(1)}k IOPS`;
+  const rows = [
+    '| on a core of its own (the rest and fio on the other) | 1M write QD8 | the 1-replica daemon at that rate | 4k randwrite QD32 | the 1-replica daemon at that rate |',
+    '| --- | ---: | ---: | ---: | ---: |',
+  ];
+  const figures: string[] = [];
+  try {
+    const full: Array<{ s: Sample; cost: number }> = [];
+    for (const layout of [kit, one]) {
+      const [a, b] = [await measure(layout, big), await measure(layout, small)];
+      full.push(a, b);
+      rows.push(`| ${layout[0]} | ${show(a, big)} | | ${show(b, small)} | |`);
+      console.error(rows.at(-1));
+    }
+    const [kitBig, kitSmall, oneBig, oneSmall] = full as [
+      { s: Sample; cost: number },
+      { s: Sample; cost: number },
+      { s: Sample; cost: number },
+      { s: Sample; cost: number },
+    ];
+    figures.push(
+      `| 1-replica daemon vs nbdkit, each at full speed | ${(oneBig.cost / kitBig.cost).toFixed(2)}× / ${(oneSmall.cost / kitSmall.cost).toFixed(2)}× | ≤ 1.5× / ≤ 1.3× |`,
+    );
+    for (const layout of replicated) {
+      const cells: string[] = [];
+      const ratios: string[] = [];
+      for (const job of [big, small]) {
+        const it = await measure(layout, job);
+        const base = await measure(one, rateOf(it.s, job));
+        cells.push(show(it, job), show(base, job));
+        ratios.push(`${(it.cost / base.cost).toFixed(2)}×`);
+      }
+      rows.push(`| ${layout[0]} | ${cells.join(' | ')} |`);
+      console.error(rows.at(-1));
+      figures.push(
+        `| ${layout[0]} vs the 1-replica daemon | ${ratios.join(' / ')} | ${layout[3]} |`,
+      );
+    }
+  } finally {
+    for (const pid of Object.values(pids)) await pin(pid, '0,1');
+  }
+  return [
+    ...rows,
+    '',
+    '| figure, each on a core of its own, at the same rate (1M / 4k) | measured | target |',
+    '| --- | ---: | ---: |',
+    ...figures,
+  ];
 }

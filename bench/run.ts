@@ -24,6 +24,7 @@ import { cpuBench } from './cpu.ts';
 import { pgbenchBench } from './pgbench.ts';
 import { commitBench } from './commit.ts';
 import { median } from './proc.ts';
+import { holdFreedMemory } from './memory.ts';
 import { mustRun, waitFor } from '../test/helpers/run.ts';
 
 const RUNTIME_S = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -298,6 +299,7 @@ const ALONE: Record<
 };
 
 async function main(): Promise<void> {
+  await holdFreedMemory();
   const dir = await fs.promises.mkdtemp(path.join(ROOT, '.bench-'));
   const children: ChildProcess[] = [];
   const results = new Map<string, number[]>();
