@@ -37,6 +37,11 @@ export async function holdFreedMemory(): Promise<() => void> {
     }
   };
   process.once('exit', restore);
+  for (const signal of ['SIGINT', 'SIGTERM'] as const)
+    process.once(signal, () => {
+      restore();
+      process.kill(process.pid, signal); // the default action, now that this listener is gone
+    });
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'corral-bench-warm-'));
   const bytes = Math.floor(os.freemem() * 0.8);
   try {
