@@ -267,6 +267,12 @@ export async function cpuBench(
   }
 }
 
+/** A job's sample and the measured process's CPU per GB (1 MiB) or per I/O (4 KiB). */
+interface Measured {
+  s: Sample;
+  cost: number;
+}
+
 /**
  * The same writes with the measured process alone on CPU 1 and everything
  * else (fio, the other daemons, nbdkit) on CPU 0: as near as one 2-core
@@ -289,7 +295,7 @@ async function onACoreOfItsOwn(
     ...typeof layouts,
   ];
   const [big, small] = [JOBS[0]!, JOBS[1]!];
-  const measure = async ([, who, uri]: (typeof layouts)[0], job: CpuJob) => {
+  const measure = async ([, who, uri]: (typeof layouts)[0], job: CpuJob): Promise<Measured> => {
     for (const [name, pid] of Object.entries(pids)) await pin(pid, name === who ? '1' : '0');
     const s = await runJob(uri, job, pids, runtimeS, '0');
     return { s, cost: job.bs === '1M' ? perGB(s, who) : perIo(s, who) };
@@ -298,7 +304,7 @@ async function onACoreOfItsOwn(
     job.bs === '1M'
       ? { ...job, rate: `--rate=${Math.floor(s.bytes / s.seconds)}` }
       : { ...job, rate: `--rate_iops=${Math.floor(s.ios / s.seconds)}` };
-  const show = (m: { s: Sample; cost: number }, job: CpuJob) =>
+  const show = (m: Measured, job: CpuJob) =>
     job.bs === '1M'
       ? `${m.cost.toFixed(2)} CPU-s/GB at ${(m.s.bytes / 1e6 / m.s.seconds).toFixed(0)} MB/s`
       : `${m.cost.toFixed(1)} µs/IO at ${(m.s.ios / m.s.seconds / 1000).toFixed(1)}k IOPS`;
@@ -308,19 +314,14 @@ async function onACoreOfItsOwn(
   ];
   const figures: string[] = [];
   try {
-    const full: Array<{ s: Sample; cost: number }> = [];
+    const full: Measured[] = [];
     for (const layout of [kit, one]) {
       const [a, b] = [await measure(layout, big), await measure(layout, small)];
       full.push(a, b);
       rows.push(`| ${layout[0]} | ${show(a, big)} | | ${show(b, small)} | |`);
       console.error(rows.at(-1));
     }
-    const [kitBig, kitSmall, oneBig, oneSmall] = full as [
-      { s: Sample; cost: number },
-      { s: Sample; cost: number },
-      { s: Sample; cost: number },
-      { s: Sample; cost: number },
-    ];
+    const [kitBig, kitSmall, oneBig, oneSmall] = full as [Measured, Measured, Measured, Measured];
     figures.push(
       `| 1-replica daemon vs nbdkit, each at full speed | ${(oneBig.cost / kitBig.cost).toFixed(2)}× / ${(oneSmall.cost / kitSmall.cost).toFixed(2)}× | ≤ 1.5× / ≤ 1.3× |`,
     );
