@@ -7,6 +7,7 @@ import { Kv } from '../kv/kv.ts';
 import { openSpaces, type Spaces } from '../kv/spaces.ts';
 import { Engine } from '../replication/engine.ts';
 import { LocalReplica } from '../replication/local-replica.ts';
+import type { Replica } from '../replication/replica.ts';
 import type { Subject } from './conformance/block-device.ts';
 
 const SIZE = 256 * 1024;
@@ -199,6 +200,42 @@ describe('a replica failure', () => {
       assert.ok(engine.fenced);
     } finally {
       e.open.push(a, b);
+      await teardown();
+    }
+  });
+});
+
+describe('a mirrored write', () => {
+  it('starts on the replicas across the network before the local one', async () => {
+    const { e, replica, b } = await twoReplicas();
+    // The local write copies up to 1 MiB on the event loop before it returns: started first,
+    // it would hold back the sends that the other hosts are waiting for.
+    const started: string[] = [];
+    const as = (r: LocalReplica, location: string): Replica =>
+      new Proxy(r, {
+        get(target, key) {
+          if (key === 'location') return location;
+          if (key === 'write')
+            return (...args: Parameters<Replica['write']>) => {
+              started.push(location);
+              return target.write(...args);
+            };
+          const value: unknown = Reflect.get(target, key, target);
+          return typeof value === 'function' ? (value as () => unknown).bind(target) : value;
+        },
+      });
+    // The local replica first in the engine's list, as a daemon orders them.
+    const engine = new Engine({
+      volume: 'v',
+      sizeBytes: SIZE,
+      replicas: [as(replica, 'local'), as(b, 'http://peer:9500')],
+    });
+    e.open.push(engine);
+    try {
+      await engine.write(0, Buffer.alloc(8192, 0x5a));
+      assert.deepEqual(started, ['http://peer:9500', 'local']);
+      for (const r of [replica, b]) assert.ok((await r.read(0, 8192)).every((x) => x === 0x5a));
+    } finally {
       await teardown();
     }
   });
