@@ -6,11 +6,13 @@
 import * as fs from 'node:fs';
 import { NbdServer } from '../nbd/server.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
-import { pwriteFull } from '../replication/file-io.ts';
+import * as path from 'node:path';
+import { pwriteFull, syncWrites } from '../replication/file-io.ts';
 
 const port = Number(process.argv[2] ?? 10897);
 const file = process.argv[3];
 const fd = file ? fs.openSync(file, 'r+') : undefined;
+const gate = syncWrites.for(path.dirname(file ?? '.'));
 const size = 1024 ** 3;
 const device: BlockDevice = {
   sizeBytes: size,
@@ -24,7 +26,8 @@ const device: BlockDevice = {
     multiConn: true,
   }),
   read: (_o, length, into) => Promise.resolve(into ?? new Uint8Array(length)),
-  write: (offset, data) => (fd === undefined ? Promise.resolve() : pwriteFull(fd, data, offset)),
+  write: (offset, data) =>
+    fd === undefined ? Promise.resolve() : pwriteFull(fd, data, offset, gate),
   flush: () => Promise.resolve(),
   trim: () => Promise.resolve(),
   zero: () => Promise.resolve(),

@@ -86,8 +86,8 @@ export interface VolumeStats {
  * bytes and errors by kind as counters and latency as histograms (what
  * Prometheus rates and quantiles are made from), its state and replicas'
  * modes as gauges read when scraped; per node, capacity and free space;
- * the process's CPU and memory. Labels are volume, kind, replica and
- * state only: a bounded set, never per request or per block.
+ * the process's CPU and memory. Labels are volume, kind, replica, state
+ * and a disk's replica root only: a bounded set, never per request or per block.
  */
 export class Metrics {
   readonly registry = new Registry();
@@ -171,9 +171,9 @@ export class Metrics {
     );
     this.#register(
       'corral_write_backoffs_total',
-      'Times writes were sent off the event loop for a while: two took too long within a second (a disk that falls behind)',
+      'Times a disk’s writes were sent off the event loop for a while: two took too long within a second (a disk that falls behind), by replica root',
       'counter',
-      () => [{ value: syncWrites.backoffs, labels: {} }],
+      () => syncWrites.backoffs().map(([root, value]) => ({ value, labels: { root } })),
     );
     const latency = 'corral_volume_latency_seconds';
     this.#register(

@@ -102,8 +102,42 @@ export class SyncWriteGate {
   }
 }
 
-/** The process's gate: every replica's writes pass it (the daemon logs and counts its back-offs). */
-export const syncWrites = new SyncWriteGate(SYNC_WRITE_MAX_BYTES);
+/**
+ * A gate per disk (a replica root): a disk that falls behind sends its own
+ * writes to the thread pool, while writes to the daemon's other disks stay
+ * on the loop. The daemon logs and counts every disk's back-offs.
+ */
+export class SyncWriteGates {
+  readonly #gates = new Map<string, SyncWriteGate>();
+  /** Told of each back-off of any disk's gate. */
+  onBackoff: ((root: string, tookMs: number, backoffMs: number) => void) | undefined;
+
+  constructor(
+    readonly maxBytes: number,
+    readonly slowMs = 20,
+    readonly windowMs = 1000,
+    readonly now: () => number = () => performance.now(),
+  ) {}
+
+  /** The gate of the disk whose replicas live under `root`. */
+  for(root: string): SyncWriteGate {
+    let gate = this.#gates.get(root);
+    if (!gate) {
+      gate = new SyncWriteGate(this.maxBytes, this.slowMs, this.windowMs, 1000, 60_000, this.now);
+      gate.onBackoff = (tookMs, backoffMs) => this.onBackoff?.(root, tookMs, backoffMs);
+      this.#gates.set(root, gate);
+    }
+    return gate;
+  }
+
+  /** Back-offs so far, by replica root. */
+  backoffs(): Array<[root: string, backoffs: number]> {
+    return [...this.#gates].map(([root, gate]) => [root, gate.backoffs]);
+  }
+}
+
+/** The process's gates: every replica's writes pass its disk's. */
+export const syncWrites = new SyncWriteGates(SYNC_WRITE_MAX_BYTES);
 
 export function pread(
   fd: number,
@@ -153,7 +187,7 @@ export async function pwriteFull(
   fd: number,
   buf: Uint8Array,
   position: number,
-  gate: SyncWriteGate = syncWrites,
+  gate: SyncWriteGate,
 ): Promise<void> {
   let done = 0;
   if (gate.allows(buf.length)) {

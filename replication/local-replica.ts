@@ -8,7 +8,15 @@ import { systemClock, type Clock } from '../common/clock.ts';
 import type { KvBatch } from '../kv/kv.ts';
 import { bitmapKey, type LayerRecord, type ReplicaRecord, type Spaces } from '../kv/spaces.ts';
 import { BLOCK_SIZE, type Extent, type WriteOptions, type ZeroOptions } from './block-device.ts';
-import { closeFd, fdatasync, fsyncDir, preadFull, pwriteFull } from './file-io.ts';
+import {
+  closeFd,
+  fdatasync,
+  fsyncDir,
+  preadFull,
+  pwriteFull,
+  syncWrites,
+  type SyncWriteGate,
+} from './file-io.ts';
 import {
   ABSENT,
   BLOCKS_PER_CHUNK,
@@ -235,6 +243,9 @@ export class LocalReplica implements Replica {
   /** Why punching stopped (a filesystem without holes), once. */
   #punchFailure: string | undefined;
 
+  /** Its disk's: a disk that falls behind sends only its own writes off the event loop. */
+  readonly #gate: SyncWriteGate;
+
   private constructor(
     spaces: Spaces,
     dir: string,
@@ -245,6 +256,7 @@ export class LocalReplica implements Replica {
   ) {
     this.#spaces = spaces;
     this.#dir = dir;
+    this.#gate = syncWrites.for(path.dirname(dir));
     this.#record = record;
     this.id = record.id;
     this.sizeBytes = record.sizeBytes;
@@ -784,7 +796,7 @@ export class LocalReplica implements Replica {
     try {
       try {
         if (unlocked) {
-          await pwriteFull(head.fd, data, offset);
+          await pwriteFull(head.fd, data, offset, this.#gate);
           head.sums.setFrom(startBlock, data, endBlock - startBlock, hashes);
         } else {
           const release = await this.#locks.acquire(startBlock, endBlock);
@@ -829,7 +841,7 @@ export class LocalReplica implements Replica {
       );
     }
     buf.set(data, offset - alignedStart);
-    await pwriteFull(head.fd, buf, alignedStart);
+    await pwriteFull(head.fd, buf, alignedStart, this.#gate);
     head.sums.setFrom(startBlock, buf, endBlock - startBlock);
   }
 
@@ -1057,6 +1069,7 @@ export class LocalReplica implements Replica {
           head.fd,
           encodeTrailer(head.record.id, revision),
           this.sizeBytes,
+          this.#gate,
         ).then(
           () => true,
           () => false,
@@ -1425,7 +1438,7 @@ export class LocalReplica implements Replica {
       const buf = Buffer.allocUnsafe((e - b) * BLOCK_SIZE);
       // Checked on the way: a bad block must not move into the child under a good checksum.
       await this.#readRun(gone, buf, 0, buf.length, b * BLOCK_SIZE);
-      await pwriteFull(into.fd, buf, b * BLOCK_SIZE);
+      await pwriteFull(into.fd, buf, b * BLOCK_SIZE, this.#gate);
       into.sums.setFrom(b, buf, e - b);
       for (let x = b; x < e; x++) {
         into.map.set(x, DATA);
@@ -1712,7 +1725,7 @@ export class LocalReplica implements Replica {
       await forEachRun(states.length, wanted, async (i, j) => {
         const run = data.subarray(at, at + (j - i) * BLOCK_SIZE);
         assert(run.length === (j - i) * BLOCK_SIZE, 'layer chunk data shorter than its states');
-        await pwriteFull(layer.fd, run, (first + i) * BLOCK_SIZE);
+        await pwriteFull(layer.fd, run, (first + i) * BLOCK_SIZE, this.#gate);
         layer.sums.setFrom(first + i, run, j - i);
         at += run.length;
       });

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
-import { SyncWriteGate, pwriteFull } from '../replication/file-io.ts';
+import { SyncWriteGate, SyncWriteGates, pwriteFull } from '../replication/file-io.ts';
 import { DaemonProcess } from './helpers/daemon.ts';
 import { CMD, RawNbd } from './helpers/nbd-client.ts';
 import { mustRun, run, waitFor } from './helpers/run.ts';
@@ -66,6 +66,23 @@ describe('writes on the event loop (SyncWriteGate)', () => {
       told.map(([, backoff]) => backoff),
       [1000, 2000, 4000, 4000, 1000, 2000],
     );
+  });
+
+  it('backs off per disk: a slow disk sends its own writes to the pool, not the others', () => {
+    let now = 0;
+    const gates = new SyncWriteGates(1 << 20, 20, 1000, () => now);
+    const told: Array<[string, number]> = [];
+    gates.onBackoff = (root, took) => told.push([root, took]);
+    const [slow, fast] = [gates.for('/disk/a/replicas'), gates.for('/disk/b/replicas')];
+    assert.equal(gates.for('/disk/a/replicas'), slow, 'one gate per root');
+    for (const took of [30, 1, 30]) slow.run(() => (now += took));
+    assert.equal(slow.allows(4096), false, 'the slow disk backs off');
+    assert.equal(fast.allows(4096), true, 'the other disk writes on the loop still');
+    assert.deepEqual(told, [['/disk/a/replicas', 30]]);
+    assert.deepEqual(gates.backoffs(), [
+      ['/disk/a/replicas', 1],
+      ['/disk/b/replicas', 0],
+    ]);
   });
 
   // A frozen filesystem blocks every write until it is thawed: a real stall, as
@@ -165,13 +182,23 @@ describe('writes on the event loop (SyncWriteGate)', () => {
         await write(i);
         await thaw;
       }
+      const root = path.join(mnt, 'data');
       await waitFor('the warning', () =>
-        Promise.resolve(d.stderr.includes('two writes took over') ? true : undefined),
+        Promise.resolve(d.stderr.includes(`two writes under ${root}`) ? true : undefined),
       );
       const metrics = await fetch(`${d.api}/metrics`, {
         headers: { authorization: `Bearer ${d.token}` },
       });
-      assert.match(await metrics.text(), /^corral_write_backoffs_total 1$/m);
+      const counted = [
+        ...(await metrics.text()).matchAll(
+          /^corral_write_backoffs_total\{root="([^"]*)"\} (\d+)$/gm,
+        ),
+      ];
+      assert.deepEqual(
+        counted.filter(([, , n]) => n !== '0').map(([, at, n]) => [at!.startsWith(root), n]),
+        [[true, '1']],
+        'one back-off, counted for the frozen disk',
+      );
 
       await mustRun('fsfreeze', ['--freeze', mnt]);
       try {
