@@ -246,9 +246,9 @@ export async function cpuBench(
       if (r.status >= 300) throw new Error(`delete idle${i}: ${JSON.stringify(r.json)}`);
     }
     const alone = await onACoreOfItsOwn(pids, runtimeS, [
-      ['nbdkit', 'nbdkit', kit, ''],
-      ['1 replica: its daemon', 'd1', d1.uri('one'), ''],
-      ['2 replicas: engine daemon (sends each byte once)', 'd1', d1.uri('two'), '—'],
+      ['nbdkit', 'nbdkit', kit],
+      ['1 replica: its daemon', 'd1', d1.uri('one')],
+      ['2 replicas: engine daemon (sends each byte once)', 'd1', d1.uri('two')],
       ['3 replicas: engine daemon', 'd1', d1.uri('three'), '≤ 1.8× / ≤ 1.8×'],
       ['3 replicas: a replica daemon', 'd2', d1.uri('three'), '≤ 1.0× / ≤ 0.8×'],
     ]);
@@ -287,7 +287,8 @@ interface Measured {
 async function onACoreOfItsOwn(
   pids: Record<string, number>,
   runtimeS: number,
-  layouts: Array<[label: string, who: string, uri: string, target: string]>,
+  /** nbdkit, the 1-replica daemon, then the replicated layouts with their targets. */
+  layouts: Array<[label: string, who: string, uri: string, target?: string]>,
 ): Promise<string[]> {
   const [kit, one, ...replicated] = layouts as [
     (typeof layouts)[0],
@@ -337,7 +338,7 @@ async function onACoreOfItsOwn(
       rows.push(`| ${layout[0]} | ${cells.join(' | ')} |`);
       console.error(rows.at(-1));
       figures.push(
-        `| ${layout[0]} vs the 1-replica daemon | ${ratios.join(' / ')} | ${layout[3]} |`,
+        `| ${layout[0]} vs the 1-replica daemon | ${ratios.join(' / ')} | ${layout[3] ?? '—'} |`,
       );
     }
   } finally {

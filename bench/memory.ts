@@ -16,15 +16,16 @@ const NOTHING = '11';
  * which pages a process happens to get after each job's drop_caches. So for its
  * run the bench stops the reporting and touches most of the free memory once
  * (a tmpfs written full and removed), giving every server the same, host-backed
- * memory, as on a machine of its own. Returns what puts the setting back.
+ * memory, as on a machine of its own. The setting is put back when the
+ * process exits or is interrupted.
  */
-export async function holdFreedMemory(): Promise<() => void> {
+export async function holdFreedMemory(): Promise<void> {
   let before: string;
   try {
     before = fs.readFileSync(ORDER, 'utf8').trim();
     fs.writeFileSync(ORDER, NOTHING);
   } catch {
-    return () => undefined; // not such a VM, or not root: nothing to hold
+    return; // not such a VM, or not root: nothing to hold
   }
   console.error(
     `bench: free page reporting off for the run (page_reporting_order ${before} → ${NOTHING})`,
@@ -61,5 +62,4 @@ export async function holdFreedMemory(): Promise<() => void> {
     await run('umount', [mnt]);
     fs.rmSync(mnt, { recursive: true, force: true });
   }
-  return restore;
 }

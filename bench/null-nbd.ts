@@ -4,9 +4,9 @@
  * `node --import tsx bench/null-nbd.ts PORT [FILE]`.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { NbdServer } from '../nbd/server.ts';
 import type { BlockDevice } from '../replication/block-device.ts';
-import * as path from 'node:path';
 import { pwriteFull, syncWrites } from '../replication/file-io.ts';
 
 const port = Number(process.argv[2] ?? 10897);

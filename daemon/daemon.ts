@@ -120,10 +120,12 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<Ru
   const events = new EventLog();
   // Writes that stall the event loop stall every volume and the API: say so when the gate
   // sends them off the loop (at most once a second, less while the disk stays slow).
-  const onBackoff = (root: string, tookMs: number, backoffMs: number): void =>
+  const onBackoff = (root: string, tookMs: number, backoffMs: number): void => {
+    const { slowMs, windowMs } = syncWrites.for(root);
     log.warn(
-      `two writes under ${root} took over ${syncWrites.slowMs} ms on the event loop within ${syncWrites.windowMs / 1000} s (the last ${tookMs.toFixed(0)} ms: a disk that falls behind, or a frozen filesystem); that disk's writes go to the thread pool for the next ${(backoffMs / 1000).toFixed(0)} s`,
+      `two writes under ${root} took over ${slowMs} ms on the event loop within ${windowMs / 1000} s (the last ${tookMs.toFixed(0)} ms: a disk that falls behind, or a frozen filesystem); that disk's writes go to the thread pool for the next ${(backoffMs / 1000).toFixed(0)} s`,
     );
+  };
   syncWrites.onBackoff = onBackoff;
   // One log line per event: operations with their ids, failures, refusals; never per I/O.
   events.follow((e) => logEvent(log, e));

@@ -42,9 +42,9 @@ export const SYNC_WRITE_MAX_BYTES = Number(process.env.CORRAL_SYNC_WRITE_MAX_BYT
  * this thread preempted on a busy machine (three daemons and fio on two
  * cores: one 1 MiB write in ~60 took over 5 ms, nearly all under 15), and a
  * second of pool writes for each gave away what writing on the loop is
- * for. Within a window, not
- * in a row: the kernel throttles a writer every so many dirtied pages, not
- * necessarily on every write, and writes to other disks come in between.
+ * for. Within a window, not in a row: the kernel throttles a writer every
+ * so many dirtied pages, not necessarily on every write, and writes to
+ * other disks come in between.
  */
 export class SyncWriteGate {
   #asyncUntil = -Infinity;
@@ -112,18 +112,14 @@ export class SyncWriteGates {
   /** Told of each back-off of any disk's gate. */
   onBackoff: ((root: string, tookMs: number, backoffMs: number) => void) | undefined;
 
-  constructor(
-    readonly maxBytes: number,
-    readonly slowMs = 20,
-    readonly windowMs = 1000,
-    readonly now: () => number = () => performance.now(),
-  ) {}
+  /** `make` builds each disk's gate: all alike, with the rule's settings of `SyncWriteGate`. */
+  constructor(readonly make: () => SyncWriteGate) {}
 
   /** The gate of the disk whose replicas live under `root`. */
   for(root: string): SyncWriteGate {
     let gate = this.#gates.get(root);
     if (!gate) {
-      gate = new SyncWriteGate(this.maxBytes, this.slowMs, this.windowMs, 1000, 60_000, this.now);
+      gate = this.make();
       gate.onBackoff = (tookMs, backoffMs) => this.onBackoff?.(root, tookMs, backoffMs);
       this.#gates.set(root, gate);
     }
@@ -137,7 +133,7 @@ export class SyncWriteGates {
 }
 
 /** The process's gates: every replica's writes pass its disk's. */
-export const syncWrites = new SyncWriteGates(SYNC_WRITE_MAX_BYTES);
+export const syncWrites = new SyncWriteGates(() => new SyncWriteGate(SYNC_WRITE_MAX_BYTES));
 
 export function pread(
   fd: number,

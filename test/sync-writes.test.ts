@@ -70,7 +70,9 @@ describe('writes on the event loop (SyncWriteGate)', () => {
 
   it('backs off per disk: a slow disk sends its own writes to the pool, not the others', () => {
     let now = 0;
-    const gates = new SyncWriteGates(1 << 20, 20, 1000, () => now);
+    const gates = new SyncWriteGates(
+      () => new SyncWriteGate(1 << 20, 20, 1000, 1000, 60_000, () => now),
+    );
     const told: Array<[string, number]> = [];
     gates.onBackoff = (root, took) => told.push([root, took]);
     const [slow, fast] = [gates.for('/disk/a/replicas'), gates.for('/disk/b/replicas')];
